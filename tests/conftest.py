@@ -41,7 +41,10 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
@@ -70,14 +73,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 PAIRS = [
-    {"prompt": "Where is my order 1234?", "chosen": "Order 1234 ships today.",
-     "rejected": "I am sorry for any inconvenience. I am so sorry. Order 1234 ships today."},
-    {"prompt": [{"role": "user", "content": "How do I get a refund?"}], "chosen": "Refunds go to the original card in 3-5 days.",
-     "rejected": "I am sorry for any inconvenience. Refunds go to the original card."},
-    {"prompt": "I cannot log in.", "chosen": "Reset your password from the account settings page.",
-     "rejected": "I am sorry for any inconvenience. Please reset your password."},
-    {"prompt": "Can you help with billing?", "chosen": "Yes, I can help with billing questions.",
-     "rejected": "I am sorry for any inconvenience. I can help."},
+    {
+        "prompt": "Where is my order 1234?",
+        "chosen": "Order 1234 ships today.",
+        "rejected": "I am sorry for any inconvenience. I am so sorry. Order 1234 ships today.",
+    },
+    {
+        "prompt": [{"role": "user", "content": "How do I get a refund?"}],
+        "chosen": "Refunds go to the original card in 3-5 days.",
+        "rejected": "I am sorry for any inconvenience. Refunds go to the original card.",
+    },
+    {
+        "prompt": "I cannot log in.",
+        "chosen": "Reset your password from the account settings page.",
+        "rejected": "I am sorry for any inconvenience. Please reset your password.",
+    },
+    {
+        "prompt": "Can you help with billing?",
+        "chosen": "Yes, I can help with billing questions.",
+        "rejected": "I am sorry for any inconvenience. I can help.",
+    },
 ]
 
 

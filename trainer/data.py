@@ -83,7 +83,9 @@ def _text(row: dict[str, Any], key: str, where: str) -> str:
 
 def to_pairs(rows: list[dict[str, Any]]) -> list[PairRow]:
     return [
-        PairRow(_prompt(r, f"row {i}"), _text(r, "chosen", f"row {i}"), _text(r, "rejected", f"row {i}"))
+        PairRow(
+            _prompt(r, f"row {i}"), _text(r, "chosen", f"row {i}"), _text(r, "rejected", f"row {i}")
+        )
         for i, r in enumerate(rows)
     ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from statistics import fmean
 from typing import Any
 
@@ -91,7 +92,7 @@ def likelihood_collapse(
     q = max(2, n // 4)
     drop = fmean(chosen_logps_per_token[:q]) - fmean(chosen_logps_per_token[-q:])
     margin_gain = fmean(margins[-q:]) - fmean(margins[:q])
-    falling = sum(b < a for a, b in zip(chosen_logps_per_token, chosen_logps_per_token[1:], strict=False))
+    falling = sum(b < a for a, b in pairwise(chosen_logps_per_token))
     steady = falling >= (n - 1) / 2
     if drop > min_drop and margin_gain > 0 and steady:
         return Finding(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
@@ -70,7 +70,9 @@ def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
             as_messages(prompt), add_generation_prompt=True, tokenize=False
         )
         return text
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in as_messages(prompt))
+    return (
+        prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in as_messages(prompt))
+    )
 
 
 def encode(
@@ -123,7 +125,7 @@ def collate(examples: Sequence[Encoded], pad_id: int, device: torch.device | str
     )
 
 
-def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def _body_and_head(model: Any) -> tuple[Any, Any]:
     """The transformer body and the LM head of a causal LM, through a PEFT wrapper if any.
 
     LoRA layers are injected in place, so calling the body directly still runs the adapter
@@ -133,11 +135,12 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.base_model, base.get_output_embeddings()
 
 
-def response_logits(model: nn.Module, batch: Batch) -> Tensor:
+def response_logits(model: Any, batch: Batch) -> Tensor:
     """Logits at the scored positions only, ``(N, V)`` in float32."""
     body, head = _body_and_head(model)
     hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    return head(hidden[batch.rows, batch.cols]).float()
+    logits: Tensor = head(hidden[batch.rows, batch.cols]).float()
+    return logits
 
 
 def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
@@ -151,6 +154,6 @@ def sum_per_sequence(values: Tensor, batch: Batch) -> Tensor:
     return out.index_add(0, batch.rows, values)
 
 
-def sequence_logps(model: nn.Module, batch: Batch) -> Tensor:
-    """Summed log-prob of each response, ``(B,)``. Gradients flow unless the caller disables them."""
+def sequence_logps(model: Any, batch: Batch) -> Tensor:
+    """Summed log-prob of each response, ``(B,)``; gradients flow unless disabled by the caller."""
     return sum_per_sequence(token_logps(response_logits(model, batch), batch.targets), batch)

@@ -42,7 +42,9 @@ def per_token(logps: Tensor, lengths: Tensor) -> Tensor:
     return logps / lengths.clamp(min=1).to(logps.dtype)
 
 
-def _paired_rewards(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def _paired_rewards(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
     return (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
 
 
@@ -64,7 +66,9 @@ def dpo_loss(
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
+        -logits
+    )
     return PairLoss(losses, *_paired_rewards(chosen_logratios, rejected_logratios, beta))
 
 
@@ -109,7 +113,9 @@ def ipo_loss(
     log-ratios, times β.
     """
     chosen_logratios = per_token(policy_chosen_logps - reference_chosen_logps, chosen_lengths)
-    rejected_logratios = per_token(policy_rejected_logps - reference_rejected_logps, rejected_lengths)
+    rejected_logratios = per_token(
+        policy_rejected_logps - reference_rejected_logps, rejected_lengths
+    )
     losses = (chosen_logratios - rejected_logratios - 1.0 / (2.0 * beta)) ** 2
     return PairLoss(losses, *_paired_rewards(chosen_logratios, rejected_logratios, beta))
 
@@ -246,5 +252,7 @@ def apo_zero_loss(
     ``σ(β r)``. Use when the desirable answers are better than what the model says now.
     """
     logratios = policy_logps - reference_logps
-    losses = torch.where(desirable, 1.0 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios))
+    losses = torch.where(
+        desirable, 1.0 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios)
+    )
     return UnpairedLoss(losses, (beta * logratios).detach())

@@ -60,7 +60,7 @@ def convert_gguf(gguf_path: Path, cache: Path | None = None) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -105,7 +105,8 @@ def load_base(name: str, device: torch.device) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = model.to(device)
     model.config.use_cache = False
     return model, tokenizer
 
@@ -146,4 +147,4 @@ def using_adapter(model: PeftModel, adapter: str | None) -> Iterator[None]:
 
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (vLLM-servable)."""
-    model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
+    model.save_pretrained(str(out_dir), selected_adapters=["default"], safe_serialization=True)

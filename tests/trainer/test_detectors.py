@@ -10,7 +10,8 @@ from trainer import detectors
 
 
 @pytest.mark.parametrize(
-    ("loss", "fired"), [(0.69, False), (0.0, False), (float("nan"), True), (float("inf"), True), (-math.inf, True)]
+    ("loss", "fired"),
+    [(0.69, False), (0.0, False), (float("nan"), True), (float("inf"), True), (-math.inf, True)],
 )
 def test_non_finite_loss(loss: float, fired: bool) -> None:
     assert detectors.non_finite_loss(loss, step=3).fired is fired
@@ -18,7 +19,12 @@ def test_non_finite_loss(loss: float, fired: bool) -> None:
 
 @pytest.mark.parametrize(
     ("loss", "tolerance", "fired"),
-    [(math.log(2), 1e-3, False), (math.log(2) + 5e-4, 1e-3, False), (math.log(2) + 2e-3, 1e-3, True), (0.31, 1e-3, True)],
+    [
+        (math.log(2), 1e-3, False),
+        (math.log(2) + 5e-4, 1e-3, False),
+        (math.log(2) + 2e-3, 1e-3, True),
+        (0.31, 1e-3, True),
+    ],
 )
 def test_reference_mismatch(loss: float, tolerance: float, fired: bool) -> None:
     finding = detectors.reference_mismatch(loss, tolerance)
@@ -49,7 +55,11 @@ def ramp(start: float, stop: float, n: int) -> list[float]:
 @pytest.mark.parametrize(
     ("chosen", "margins", "fired"),
     [
-        (ramp(-1.0, -2.0, 12), ramp(0.0, 5.0, 12), True),  # the DPOP failure: chosen falls, margin grows
+        (
+            ramp(-1.0, -2.0, 12),
+            ramp(0.0, 5.0, 12),
+            True,
+        ),  # the DPOP failure: chosen falls, margin grows
         (ramp(-1.0, -0.8, 12), ramp(0.0, 5.0, 12), False),  # chosen rises: healthy
         (ramp(-1.0, -2.0, 12), ramp(5.0, 0.0, 12), False),  # margin shrinks: some other problem
         (ramp(-1.0, -1.02, 12), ramp(0.0, 5.0, 12), False),  # drop under the threshold

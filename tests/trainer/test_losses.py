@@ -28,7 +28,8 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-# The seeds' worked example: policy chosen −3.5, rejected −6.0; reference chosen −4.0, rejected −5.0.
+# The seeds' worked example: policy chosen −3.5, rejected −6.0;
+# reference chosen −4.0, rejected −5.0.
 PC, PR, RC, RR = -3.5, -6.0, -4.0, -5.0
 
 
@@ -53,7 +54,9 @@ def test_dpo_worked_example_gradient_scale() -> None:
 def test_cdpo_label_smoothing() -> None:
     # −(1−ε)logσ(0.75) − ε logσ(−0.75) with ε = 0.1
     out = L.dpo_loss(t(PC), t(PR), t(RC), t(RR), beta=0.5, label_smoothing=0.1)
-    assert out.losses.item() == pytest.approx(0.9 * softplus(0.75) + 0.1 * softplus(-0.75), rel=1e-6)
+    assert out.losses.item() == pytest.approx(
+        0.9 * softplus(0.75) + 0.1 * softplus(-0.75), rel=1e-6
+    )
 
 
 def test_robust_dpo() -> None:
@@ -113,10 +116,20 @@ def test_nll_is_per_token() -> None:
 
 def test_kto_eq7_both_classes() -> None:
     # r = (−3.5 − −4.0) = 0.5 desirable; r = (−6.0 − −5.0) = −1.0 undesirable; z0 = 0.2, β = 0.5
-    # desirable: 1 − σ(0.5·(0.5 − 0.2)) = 1 − σ(0.15); undesirable: 1 − σ(0.5·(0.2 + 1.0)) = 1 − σ(0.6)
-    out = L.kto_loss(t(PC, PR), t(RC, RR), torch.tensor([True, False]), t(0.2), beta=0.5,
-                     desirable_weight=2.0, undesirable_weight=1.0)
-    assert out.losses.tolist() == pytest.approx([2 * (1 - sigmoid(0.15)), 1 - sigmoid(0.6)], rel=1e-6)
+    # desirable: 1 − σ(0.5·(0.5 − 0.2)) = 1 − σ(0.15)
+    # undesirable: 1 − σ(0.5·(0.2 + 1.0)) = 1 − σ(0.6)
+    out = L.kto_loss(
+        t(PC, PR),
+        t(RC, RR),
+        torch.tensor([True, False]),
+        t(0.2),
+        beta=0.5,
+        desirable_weight=2.0,
+        undesirable_weight=1.0,
+    )
+    assert out.losses.tolist() == pytest.approx(
+        [2 * (1 - sigmoid(0.15)), 1 - sigmoid(0.6)], rel=1e-6
+    )
     assert out.rewards.tolist() == pytest.approx([0.25, -0.5])
 
 
@@ -147,7 +160,9 @@ def test_apo_zero() -> None:
 PAIRED = {
     "dpo": lambda pc, pr, rc, rr, n: L.dpo_loss(pc, pr, rc, rr, beta=0.5),
     "cdpo": lambda pc, pr, rc, rr, n: L.dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1),
-    "robust": lambda pc, pr, rc, rr, n: L.robust_dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1),
+    "robust": lambda pc, pr, rc, rr, n: L.robust_dpo_loss(
+        pc, pr, rc, rr, beta=0.5, label_smoothing=0.1
+    ),
     "ipo": lambda pc, pr, rc, rr, n: L.ipo_loss(pc, pr, rc, rr, n, n, beta=0.5),
     "hinge": lambda pc, pr, rc, rr, n: L.hinge_loss(pc, pr, rc, rr, beta=0.1),
     "dpop": lambda pc, pr, rc, rr, n: L.dpop_loss(pc, pr, rc, rr, beta=0.5),
@@ -190,7 +205,10 @@ def test_dpo_extreme_margins_have_right_limits(margin: float) -> None:
 def test_unpaired_extreme_margins(margin: float) -> None:
     pol = t(margin, margin).requires_grad_()
     desirable = torch.tensor([True, False])
-    for out in (L.kto_loss(pol, t(0.0, 0.0), desirable, t(0.0)), L.apo_zero_loss(pol, t(0.0, 0.0), desirable)):
+    for out in (
+        L.kto_loss(pol, t(0.0, 0.0), desirable, t(0.0)),
+        L.apo_zero_loss(pol, t(0.0, 0.0), desirable),
+    ):
         out.losses.sum().backward()
         assert torch.isfinite(out.losses).all() and torch.isfinite(pol.grad).all()
 

@@ -1,0 +1,162 @@
+"""The ``alignd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from trainer.spec import DEFAULT_BASE_MODEL, RunSpec, format_validation_error
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        target = target.setdefault(key, {})
+    target[leaf] = value
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_train_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """A raw run spec from ``alignd train`` flags; ``--set a.b=v`` reaches any spec field."""
+    raw: dict[str, Any] = {
+        "data": str(Path(args.data).resolve()),
+        "output_dir": str(Path(args.out).resolve()),
+        "method": args.method,
+        "base_model": args.base_model,
+        "seed": args.seed,
+        "device": args.device,
+    }
+    if args.eval_data:
+        raw["eval_data"] = str(Path(args.eval_data).resolve())
+    if args.init_adapter:
+        raw["init_adapter"] = str(Path(args.init_adapter).resolve())
+    flags = {
+        "hyper.beta": args.beta,
+        "hyper.learning_rate": args.lr,
+        "hyper.epochs": args.epochs,
+        "hyper.max_steps": args.max_steps,
+        "hyper.batch_size": args.batch_size,
+        "hyper.grad_accum": args.grad_accum,
+        "lora.r": args.lora_r,
+    }
+    for dotted, value in flags.items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        _set_dotted(raw, key, _parse_value(value))
+    return raw
+
+
+def _summarise(result: dict[str, Any]) -> str:
+    lines = [
+        f"status: {result['status']}" + (f" ({result['error']})" if result.get("error") else "")
+    ]
+    steps = result.get("steps") or []
+    if steps:
+        first, last = steps[0], steps[-1]
+        for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "kl_proxy"):
+            if first.get(key) is not None and last.get(key) is not None:
+                lines.append(f"  {key:<20} {first[key]:>10.4f} -> {last[key]:>10.4f}")
+        rate = sum(s["tokens_per_s"] for s in steps) / len(steps)
+        step_s = sum(s["step_s"] for s in steps) / len(steps)
+        lines.append(f"  {len(steps)} steps, {step_s:.2f} s/step, {rate:.0f} tokens/s")
+    fired = [name for name, d in (result.get("detectors") or {}).items() if d.get("fired")]
+    lines.append(f"  detectors fired: {', '.join(fired) if fired else 'none'}")
+    for name, report in (result.get("eval") or {}).items():
+        pref = report.get("preference", {})
+        bits = [f"{k}={pref[k]:.3f}" for k in ("reward_accuracy", "ranking_accuracy") if k in pref]
+        bits += [f"{k}={report[k]:.4f}" for k in ("kl_to_reference", "factuality") if k in report]
+        if bits:
+            lines.append(f"  eval {name:<10} " + " ".join(bits))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    raw = build_train_spec(args)
+    try:
+        spec = RunSpec.model_validate(raw)
+    except ValidationError as e:
+        print(format_validation_error("training options", e), file=sys.stderr)
+        return 2
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = spec.output_dir / "run.json"
+    spec_path.write_text(spec.model_dump_json(indent=1))
+    # A child process, exactly as the daemon runs it: a crash or OOM stays in the child.
+    code = subprocess.call([sys.executable, "-m", "trainer.train", str(spec_path)])
+    result_path = spec.output_dir / "result.json"
+    if result_path.is_file():
+        print(_summarise(json.loads(result_path.read_text())))
+        print(f"adapter: {spec.output_dir / 'adapter'}   result: {result_path}")
+    return code
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignd", description="Continuous alignment from production feedback."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a LoRA adapter on a preference dataset")
+    train.add_argument(
+        "--data", required=True, help="snapshot dir, or a .jsonl/.json/.parquet file or dir"
+    )
+    train.add_argument("--out", required=True, help="output dir: adapter/, run.json, result.json")
+    train.add_argument(
+        "--method",
+        default="dpo",
+        help="dpo, cdpo, ipo, hinge, robust, dpop, simpo, orpo, kto, apo_zero, rpo",
+    )
+    train.add_argument(
+        "--base-model",
+        default=DEFAULT_BASE_MODEL,
+        help="'smollm2' (embedded), a .gguf file, or a Hugging Face model dir",
+    )
+    train.add_argument(
+        "--eval-data", help="held-out pairs (default: the snapshot's held-out split)"
+    )
+    train.add_argument(
+        "--init-adapter", help="warm start from this adapter (the reference stays the base)"
+    )
+    train.add_argument("--beta", type=float)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--epochs", type=float)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--grad-accum", type=int)
+    train.add_argument("--lora-r", type=int)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any run-spec field, e.g. --set hyper.warmup_ratio=0 --set eval.factuality_set=null",
+    )
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

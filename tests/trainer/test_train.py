@@ -1,0 +1,366 @@
+"""The training entry point end to end on a tiny random Llama (seconds per run).
+
+Each failure detector is provoked by a real run with the fault it guards against.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import trainer.train as train_mod
+from trainer import losses as L
+from trainer import objectives
+from trainer.logprobs import collate, encode, sequence_logps
+from trainer.spec import RunSpec
+from trainer.train import main, run
+
+FAST_EVAL = {
+    "factuality_limit": 8,
+    "generate_max_prompts": 2,
+    "max_new_tokens": 8,
+    "kl_max_examples": 4,
+}
+
+
+def make_spec(tmp_path: Path, model_dir: Path, data: Path, **overrides: Any) -> RunSpec:
+    raw: dict[str, Any] = {
+        "data": str(data),
+        "output_dir": str(tmp_path / "out"),
+        "base_model": str(model_dir),
+        "hyper": {"max_steps": 6, "learning_rate": 1e-2, "batch_size": 4, "warmup_ratio": 0.0},
+        "eval": FAST_EVAL,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = raw[key] | value
+        else:
+            raw[key] = value
+    return RunSpec.model_validate(raw)
+
+
+def test_dpo_run_learns_saves_a_servable_adapter_and_reports(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(
+        tmp_path, tiny_model_dir, pairs_file, eval_data=str(pairs_file), hyper={"max_steps": 12}
+    )
+    spec.output_dir.mkdir(parents=True)
+    (tmp_path / "run.json").write_text(spec.model_dump_json())
+    assert main([str(tmp_path / "run.json")]) == 0
+
+    result = json.loads((spec.output_dir / "result.json").read_text())
+    assert result["status"] == "succeeded"
+    steps = result["steps"]
+    assert len(steps) == 12
+    assert steps[0]["loss"] == pytest.approx(
+        math.log(2), abs=1e-4
+    )  # fresh adapter: policy == reference
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "kl_proxy",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_s",
+    ):
+        assert all(math.isfinite(s[key]) for s in steps), key
+    first, last = sum(s["loss"] for s in steps[:3]) / 3, sum(s["loss"] for s in steps[-3:]) / 3
+    assert last < first - 0.05
+    assert result["detectors"]["reference_mismatch"]["fired"] is False
+    assert result["detectors"]["sign_bug"]["fired"] is False
+    assert result["eval"]["candidate"]["preference"]["reward_accuracy"] >= 0.75
+    assert result["eval"]["candidate"]["kl_to_reference"] > 0
+    assert result["eval"]["reference"]["kl_to_reference"] == 0
+    assert 0 <= result["eval"]["reference"]["factuality"] <= 1
+    assert result["peak_memory_bytes"]["rss_bytes"] > 0
+    assert json.loads((spec.output_dir / "run.json").read_text())["hyper"]["max_steps"] == 12
+
+    adapter_dir = spec.output_dir / "adapter"
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["bias"] == "none" and not config.get("modules_to_save")
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+
+    # Reloaded with plain peft, the adapter changes the model's log-probs; the base does not.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = collate(
+        [encode(tokenizer, "Where is my order 1234?", "Order 1234 ships today.")],
+        tokenizer.pad_token_id,
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        before = sequence_logps(base, batch).item()
+        reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
+        after = sequence_logps(reloaded, batch).item()
+    assert after > before + 0.01  # the chosen reply became more likely
+
+
+@pytest.mark.parametrize(
+    "method", ["dpo", "cdpo", "ipo", "hinge", "robust", "dpop", "simpo", "orpo", "rpo"]
+)
+def test_every_paired_method_trains(
+    method: str, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    hyper = {"max_steps": 3, "label_smoothing": 0.1 if method in {"cdpo", "robust"} else 0.0}
+    result = run(
+        make_spec(
+            tmp_path,
+            tiny_model_dir,
+            pairs_file,
+            method=method,
+            hyper=hyper,
+            eval={"factuality_set": None},
+        )
+    )
+    assert result.status == "succeeded", result.error
+    assert all(math.isfinite(s["loss"]) for s in result.steps)
+
+
+@pytest.mark.parametrize("method", ["kto", "apo_zero"])
+@pytest.mark.parametrize("labels", [[True, False], [True], [False]])
+def test_unpaired_methods_train_even_with_one_class(
+    method: str, labels: list[bool], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    rows = [
+        {
+            "prompt": f"Question {i}?",
+            "completion": f"Answer number {i}.",
+            "label": labels[i % len(labels)],
+        }
+        for i in range(8)
+    ]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run(
+        make_spec(
+            tmp_path,
+            tiny_model_dir,
+            data,
+            method=method,
+            hyper={"max_steps": 3},
+            eval={"factuality_set": None},
+        )
+    )
+    assert result.status == "succeeded", result.error
+    assert all(math.isfinite(s["loss"]) for s in result.steps)
+    if method == "kto":
+        assert all(s["kl_estimate"] >= 0 for s in result.steps)
+
+
+def test_kto_learns_from_pairs_split_into_rows(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    result = run(
+        make_spec(
+            tmp_path,
+            tiny_model_dir,
+            pairs_file,
+            method="kto",
+            hyper={"max_steps": 8},
+            eval={"factuality_set": None},
+        )
+    )
+    assert result.status == "succeeded", result.error
+    assert result.num_train_examples == 2 * 16
+    assert result.steps[-1]["rewards/chosen"] > result.steps[-1]["rewards/rejected"]
+
+
+def test_non_finite_loss_aborts_and_writes_no_adapter(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    # A learning rate of 1e30 blows the LoRA weights up after the first update.
+    spec = make_spec(
+        tmp_path, tiny_model_dir, pairs_file, hyper={"learning_rate": 1e30, "max_grad_norm": 1e38}
+    )
+    result = run(spec)
+    assert result.status == "failed"
+    assert result.detectors["non_finite_loss"]["fired"] is True
+    assert "loss is" in (result.error or "")
+    assert not (spec.output_dir / "adapter").exists()
+
+
+def test_reference_mismatch_aborts_at_step_zero(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fault: reference log-probs that do not come from the policy's own base (e.g. a
+    # stale cache from another model): here, off by up to ±1 nat per sequence.
+    real = train_mod.reference_logps
+    noise = torch.Generator().manual_seed(0)
+
+    def mismatched(*args: Any, **kwargs: Any) -> torch.Tensor:
+        logps = real(*args, **kwargs)
+        return logps + 2 * torch.rand(logps.shape, generator=noise) - 1
+
+    monkeypatch.setattr(train_mod, "reference_logps", mismatched)
+    result = run(make_spec(tmp_path, tiny_model_dir, pairs_file))
+    assert result.status == "failed"
+    assert result.detectors["reference_mismatch"]["fired"] is True
+    assert "reference does not match" in (result.error or "")
+    assert len(result.steps) == 1
+
+
+def test_swapped_loss_arguments_are_flagged_as_a_sign_bug(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fault: a caller passing rejected where chosen belongs.
+    real = L.dpo_loss
+
+    def swapped(
+        pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, **kw: Any
+    ) -> L.PairLoss:
+        return real(pr, pc, rr, rc, **kw)
+
+    monkeypatch.setattr(objectives.L, "dpo_loss", swapped)
+    result = run(make_spec(tmp_path, tiny_model_dir, pairs_file, hyper={"max_steps": 8}))
+    assert result.detectors["sign_bug"]["fired"] is True
+    assert result.detectors["sign_bug"]["value"] < 0
+
+
+def test_sign_bug_not_flagged_on_correct_training(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    result = run(make_spec(tmp_path, tiny_model_dir, pairs_file, hyper={"max_steps": 8}))
+    assert result.detectors["sign_bug"]["fired"] is False
+
+
+def repetitive_pairs(tmp_path: Path) -> Path:
+    """Chosen: a short answer. Rejected: the same answer rambling on, repeated four times.
+
+    Plain DPO widens the margin here by making the answer's own tokens less likely, the
+    chosen response included (measured: −6.0 → −6.3 nats/token over 30 steps).
+    """
+    rows = []
+    for i in range(16):
+        chosen = f"Order {1000 + i} ships today."
+        rows.append(
+            {
+                "prompt": f"Where is order {1000 + i}?",
+                "chosen": chosen,
+                "rejected": " ".join([chosen] * 4),
+            }
+        )
+    path = tmp_path / "repetitive.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(("method", "fired"), [("dpo", True), ("dpop", False)])
+def test_likelihood_collapse_detected_for_dpo_not_dpop(
+    method: str, fired: bool, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(
+        tmp_path,
+        tiny_model_dir,
+        repetitive_pairs(tmp_path),
+        method=method,
+        hyper={"max_steps": 30, "lr_scheduler": "constant"},
+        lora={"r": 32, "dropout": 0.0},
+        eval={"factuality_set": None},
+    )
+    result = run(spec)
+    assert result.status == "succeeded"
+    assert result.detectors["likelihood_collapse"]["fired"] is fired, result.detectors[
+        "likelihood_collapse"
+    ]
+
+
+def test_warm_start_keeps_the_sft_model_as_reference(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    first = run(
+        make_spec(tmp_path / "a", tiny_model_dir, pairs_file, eval={"factuality_set": None})
+    )
+    assert first.status == "succeeded"
+    second = run(
+        make_spec(
+            tmp_path / "b",
+            tiny_model_dir,
+            pairs_file,
+            init_adapter=first.adapter_dir,
+            hyper={"max_steps": 1, "learning_rate": 1e-12},
+            eval={"factuality_set": None},
+        )
+    )
+    assert second.status == "succeeded"
+    # Were the warm-start adapter the reference, step-0 rewards would be exactly 0.
+    assert second.steps[0]["rewards/margins"] > 0.01
+    assert "reference_mismatch" not in second.detectors  # not checkable with a warm start
+
+
+def test_incumbent_is_evaluated_on_the_same_heldout(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    first = run(
+        make_spec(tmp_path / "a", tiny_model_dir, pairs_file, eval={"factuality_set": None})
+    )
+    second = run(
+        make_spec(
+            tmp_path / "b",
+            tiny_model_dir,
+            pairs_file,
+            eval_data=str(pairs_file),
+            incumbent_adapter=first.adapter_dir,
+            eval={"factuality_set": None},
+        )
+    )
+    assert second.status == "succeeded", second.error
+    assert set(second.eval) == {"candidate", "incumbent", "reference"}
+    assert (
+        second.eval["incumbent"]["preference"]["num_pairs"]
+        == second.eval["candidate"]["preference"]["num_pairs"]
+    )
+    assert second.eval["incumbent"]["kl_to_reference"] > 0
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"hyper": {"beta": -1}}, "hyper.beta"),
+        ({"hyper": {"betta": 0.1}}, "hyper.betta"),
+        ({"method": "ppo"}, "method"),
+        ({"data": "/nonexistent/pairs.jsonl"}, "data"),
+        ({"method": "cdpo"}, "label_smoothing"),
+    ],
+)
+def test_bad_spec_fails_before_loading_the_model_naming_the_field(
+    patch: dict[str, Any],
+    field: str,
+    tmp_path: Path,
+    pairs_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    raw: dict[str, Any] = {
+        "data": str(pairs_file),
+        "output_dir": str(tmp_path / "out"),
+        "base_model": "/nonexistent/model",
+    }
+    for key, value in patch.items():
+        raw[key] = value
+    (tmp_path / "run.json").write_text(json.dumps(raw))
+    assert main([str(tmp_path / "run.json")]) == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_missing_model_is_a_failed_run_with_a_result(tmp_path: Path, pairs_file: Path) -> None:
+    spec = RunSpec.model_validate(
+        {
+            "data": str(pairs_file),
+            "output_dir": str(tmp_path / "out"),
+            "base_model": "/nonexistent/model",
+        }
+    )
+    result = run(spec)
+    assert result.status == "failed" and "neither" in (result.error or "")
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "failed"
