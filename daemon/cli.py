@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from daemon.config import AligndConfig, ConfigError, load_config
 from trainer.spec import DEFAULT_BASE_MODEL, RunSpec, format_validation_error
 
 
@@ -106,6 +108,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     return code
 
 
+def _config(args: argparse.Namespace) -> AligndConfig:
+    try:
+        return load_config(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from feedback.consumer import FeedbackConsumer
+    from feedback.store import FeedbackStore
+
+    config = _config(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    store = FeedbackStore(config.store.url)
+    consumer = FeedbackConsumer(config.kafka, store, config.limits)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())  # only flip state; the loop drains
+    try:
+        totals = consumer.run(stop, until_idle_s=args.until_idle)
+    finally:
+        consumer.close()
+        store.close()
+    print(json.dumps({
+        "consumed": totals.consumed, "stored": totals.stored, "duplicates": totals.duplicates,
+        "conflicts": totals.conflicts, "dead_lettered": dict(totals.dead_lettered),
+        "failures": totals.failures,
+    }))  # fmt: skip
+    return 0
+
+
+def cmd_dataset_build(args: argparse.Namespace) -> int:
+    from feedback.snapshot import build_snapshot
+    from feedback.store import FeedbackStore
+
+    config = _config(args)
+    store = FeedbackStore(config.store.url)
+    try:
+        manifest = build_snapshot(store, Path(args.out), config.dataset)
+    finally:
+        store.close()
+    print(json.dumps({k: manifest[k] for k in ("sha256", "counts", "pair_sources", "filtered", "kto_balance")}, indent=1))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(json.dumps(_config(args).redacted(), indent=1, default=str))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignd", description="Continuous alignment from production feedback."
@@ -149,6 +206,26 @@ def make_parser() -> argparse.ArgumentParser:
         help="any run-spec field, e.g. --set hyper.warmup_ratio=0 --set eval.factuality_set=null",
     )
     train.set_defaults(func=cmd_train)
+
+    config_help = "YAML config file (default: $ALIGND_CONFIG; env ALIGND_* overrides it)"
+    ingest = sub.add_parser("ingest", help="consume feedback events from Kafka into the store")
+    ingest.add_argument("--config", help=config_help)
+    ingest.add_argument("--until-idle", type=float, metavar="SECONDS",
+                        help="stop once the topic has been drained for this long (backfills)")
+    ingest.set_defaults(func=cmd_ingest)
+
+    dataset = sub.add_parser("dataset", help="build training snapshots from stored feedback")
+    dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
+    build = dataset_sub.add_parser("build", help="write a snapshot (parquet + manifest.json)")
+    build.add_argument("--config", help=config_help)
+    build.add_argument("--out", required=True, help="snapshot directory to write (replaced atomically)")
+    build.set_defaults(func=cmd_dataset_build)
+
+    config = sub.add_parser("config", help="configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config (secrets redacted)")
+    show.add_argument("--config", help=config_help)
+    show.set_defaults(func=cmd_config_show)
     return parser
 
 

@@ -101,3 +101,22 @@ def pairs_file(tmp_path: Path) -> Path:
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS * 4))
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory):
+    import tempfile
+
+    from services import postgres_server
+
+    # Outside pytest's tmp dir: that one is private to root, and PostgreSQL runs as `postgres`.
+    base = Path(tempfile.mkdtemp(prefix="alignd-pg-"))
+    yield from postgres_server(base)
+
+
+@pytest.fixture()
+def broker():
+    from feedback.embedded_broker import EmbeddedBroker
+
+    with EmbeddedBroker() as b:
+        yield b

@@ -1,0 +1,89 @@
+"""Typed, frozen settings for the feedback side: broker, store, event limits, dataset rules.
+
+The daemon composes these into its own settings (environment + YAML); ``feedback`` never
+reads the environment itself. Unknown keys are errors, so a typo fails at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Frozen):
+    """Where feedback comes from. Security options pass straight through to kafka-python."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "alignd.feedback"
+    dlq_topic: str = "alignd.feedback.dlq"
+    group_id: str = "alignd"
+    client_id: str = "alignd"
+    max_poll_records: int = Field(500, gt=0, description="events per stored batch")
+    poll_timeout_ms: int = Field(1000, gt=0)
+    # Short group timeouts so a (re)joining consumer gets partitions in seconds, not ~25 s.
+    session_timeout_ms: int = Field(10_000, gt=0)
+    heartbeat_interval_ms: int = Field(2_000, gt=0)
+    retry_backoff_max_s: float = Field(30.0, gt=0, description="cap of the outage back-off")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        """Connection and security options shared by the consumer and the DLQ producer."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_plain_username,
+            "sasl_plain_password": (
+                self.sasl_plain_password.get_secret_value() if self.sasl_plain_password else None
+            ),
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
+        options.update({k: v for k, v in optional.items() if v is not None})
+        return options
+
+
+class StoreConfig(_Frozen):
+    """The feedback store: a SQLite file by default, PostgreSQL by URL."""
+
+    url: str = Field(
+        "sqlite:///alignd-data/feedback.db",
+        description="sqlite:///PATH or postgresql+psycopg://USER:PASS@HOST/DB",
+    )
+    retention_days: int | None = Field(None, gt=0, description="drop events older than this")
+
+
+class EventLimits(_Frozen):
+    """Size limits an event must respect; anything bigger goes to the dead-letter topic."""
+
+    max_message_bytes: int = Field(262_144, gt=0)
+    max_text_chars: int = Field(32_000, gt=0, description="per prompt message or reply")
+    max_prompt_messages: int = Field(64, gt=0)
+    max_tags: int = Field(16, ge=0)
+
+
+class DatasetConfig(_Frozen):
+    """How stored events become training rows (see ``feedback.dataset``)."""
+
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_salt: str = Field("alignd-v1", description="changing it reshuffles the held-out split")
+    max_length_ratio: float = Field(2.0, gt=1.0, description="drop pairs whose chosen is k× longer")
+    max_chars: int = Field(8_000, gt=0, description="drop rows with a longer text")
+    recency_days: int | None = Field(None, gt=0, description="only events this recent")
+    mine_rating_pairs: bool = Field(True, description="an up and a down on one prompt → a pair")
+    max_mined_pairs_per_prompt: int = Field(4, gt=0)

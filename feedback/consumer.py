@@ -1,0 +1,285 @@
+"""The Kafka feedback consumer: poll → validate → store → dead-letter → commit.
+
+At-least-once, made harmless by the idempotent store: offsets are committed only after the
+batch's valid events are durably written *and* its invalid ones are acknowledged by the
+dead-letter topic. If either fails, nothing is committed, the consumer seeks back to the
+batch's first offsets and retries with back-off, and it reports not-ready meanwhile. It
+never exits on its own; only ``stop`` (or ``until_idle_s`` for backfills) ends the loop,
+after finishing the batch in hand and committing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+from sqlalchemy.exc import SQLAlchemyError
+
+from feedback.config import EventLimits, KafkaConfig
+from feedback.events import Rejection, parse_event
+from feedback.store import FeedbackStore, Incoming, WriteOutcome
+
+log = logging.getLogger("alignd.feedback.consumer")
+
+REASON_HEADER = "alignd-reason"
+DETAIL_HEADER = "alignd-detail"
+
+
+@dataclass
+class BatchReport:
+    """What one polled batch turned into."""
+
+    consumed: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    stored_by_type: dict[str, int] = field(default_factory=dict)
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class IngestTotals:
+    consumed: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    failures: int = 0
+
+    def add(self, report: BatchReport) -> None:
+        self.consumed += report.consumed
+        self.stored += report.stored
+        self.duplicates += report.duplicates
+        self.conflicts += report.conflicts
+        self.dead_lettered.update(report.dead_lettered)
+        self.batches += 1
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: FeedbackConsumer) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        # Batches are handled synchronously between polls, so nothing is in flight here;
+        # offsets of partitions we lose are simply not committed by us any more.
+        log.info("partitions revoked: %s", sorted(str(tp) for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions assigned: %s", sorted(str(tp) for tp in assigned))
+        self.owner.last_assigned = time.monotonic()
+
+
+class StoreUnavailable(RuntimeError):
+    pass
+
+
+class DeadLetterUnavailable(RuntimeError):
+    pass
+
+
+class FeedbackConsumer:
+    """Runs the ingestion loop in the calling thread; ``ready`` is safe to read from others."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        store: FeedbackStore,
+        limits: EventLimits | None = None,
+        *,
+        on_batch: Callable[[BatchReport], None] | None = None,
+        ping_interval_s: float = 5.0,
+    ) -> None:
+        self.kafka, self.store, self.limits = kafka, store, limits or EventLimits()
+        self.on_batch = on_batch
+        self.ping_interval_s = ping_interval_s
+        self.totals = IngestTotals()
+        self.ready = False
+        self.last_error: str | None = None
+        self.last_assigned: float | None = None
+        self._consumer: KafkaConsumer | None = None
+        self._producer: KafkaProducer | None = None
+
+    # --- connection -------------------------------------------------------------------------
+    def _connect(self) -> KafkaConsumer:
+        options = self.kafka.client_options()
+        # The DLQ producer first: if it cannot be built, no consumer is left half-joined.
+        self._producer = self._producer or KafkaProducer(acks="all", retries=5, **options)
+        consumer = KafkaConsumer(
+            group_id=self.kafka.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self.kafka.session_timeout_ms,
+            heartbeat_interval_ms=self.kafka.heartbeat_interval_ms,
+            max_poll_records=self.kafka.max_poll_records,
+            **options,
+        )
+        consumer.subscribe([self.kafka.topic], listener=_Rebalance(self))
+        self._consumer = consumer
+        return consumer
+
+    def lag(self) -> dict[int, int]:
+        """Records behind the latest known high-water mark, per assigned partition."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        out: dict[int, int] = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is not None:
+                out[tp.partition] = max(0, high - consumer.position(tp))
+        return out
+
+    # --- one batch ----------------------------------------------------------------------------
+    def handle(self, records: dict[TopicPartition, list[Any]]) -> BatchReport:
+        """Validate, store, dead-letter and commit one polled batch (raises on failure)."""
+        report = BatchReport()
+        valid: list[Incoming] = []
+        invalid: list[tuple[Any, Rejection]] = []
+        for tp, batch in records.items():
+            for record in batch:
+                report.consumed += 1
+                parsed = parse_event(record.value, self.limits)
+                if isinstance(parsed, Rejection):
+                    invalid.append((record, parsed))
+                else:
+                    valid.append(Incoming(parsed, f"{tp.topic}/{tp.partition}/{record.offset}"))
+        try:
+            outcome: WriteOutcome = self.store.write_batch(valid)
+        except SQLAlchemyError as e:
+            raise StoreUnavailable(f"store write failed: {type(e).__name__}: {e}") from e
+        report.stored, report.duplicates, report.conflicts = outcome.stored, outcome.duplicates, outcome.conflicts
+        report.stored_by_type = outcome.stored_by_type
+        self._dead_letter(invalid)
+        report.dead_lettered.update(rejection.reason for _, rejection in invalid)
+        self._commit(records)
+        return report
+
+    def _dead_letter(self, invalid: list[tuple[Any, Rejection]]) -> None:
+        if not invalid:
+            return
+        assert self._producer is not None
+        futures = []
+        for record, rejection in invalid:
+            headers = [
+                (REASON_HEADER, rejection.reason.encode()),
+                (DETAIL_HEADER, rejection.detail[:1000].encode("utf-8", "replace")),
+                ("alignd-source-topic", record.topic.encode()),
+                ("alignd-source-partition", str(record.partition).encode()),
+                ("alignd-source-offset", str(record.offset).encode()),
+            ]
+            value = record.value if record.value is not None else b""
+            futures.append(self._producer.send(self.kafka.dlq_topic, value=value, key=record.key, headers=headers))
+        self._producer.flush(timeout=30)
+        for future in futures:
+            try:
+                future.get(timeout=30)
+            except KafkaError as e:
+                raise DeadLetterUnavailable(f"dead-letter send failed: {e}") from e
+
+    def _commit(self, records: dict[TopicPartition, list[Any]]) -> None:
+        assert self._consumer is not None
+        owned = self._consumer.assignment()
+        offsets = {
+            tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1)
+            for tp, batch in records.items()
+            if batch and tp in owned  # never commit for partitions we no longer own
+        }
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets)
+        except CommitFailedError as e:
+            # The group rebalanced under us; the new owner re-reads these records and the
+            # store counts them as duplicates. Nothing is lost.
+            log.warning("commit failed after a rebalance, records will be redelivered: %s", e)
+
+    def _rewind(self, records: dict[TopicPartition, list[Any]]) -> None:
+        """Seek back so a batch that could not be stored is polled again."""
+        if self._consumer is None:
+            return
+        owned = self._consumer.assignment()
+        for tp, batch in records.items():
+            if batch and tp in owned:
+                self._consumer.seek(tp, batch[0].offset)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self, stop: threading.Event, *, until_idle_s: float | None = None) -> IngestTotals:
+        """Consume until ``stop`` is set (or, with ``until_idle_s``, the topic stays drained)."""
+        backoff = 0.5
+        last_records = last_ping = time.monotonic()
+        started = last_records
+        while not stop.is_set():
+            records: dict[TopicPartition, list[Any]] = {}
+            try:
+                consumer = self._consumer or self._connect()
+                records = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms, max_records=self.kafka.max_poll_records)
+                now = time.monotonic()
+                if records:
+                    report = self.handle(records)
+                    self.totals.add(report)
+                    if self.on_batch:
+                        self.on_batch(report)
+                    last_records = now
+                    self._set_ready(True)
+                elif now - last_ping >= self.ping_interval_s:
+                    consumer.topics()  # a real round trip: is the broker there?
+                    self.store.ping()
+                    last_ping = now
+                    self._set_ready(True)
+                backoff = 0.5
+            except (KafkaError, OSError, StoreUnavailable, DeadLetterUnavailable, SQLAlchemyError) as e:
+                self.totals.failures += 1
+                self._set_ready(False, f"{type(e).__name__}: {e}")
+                self._rewind(records)
+                log.warning("ingestion paused (%s); retrying in %.1fs", self.last_error, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, self.kafka.retry_backoff_max_s)
+                continue
+            if until_idle_s is not None and self._drained(now, last_records, started, until_idle_s):
+                break
+        return self.totals
+
+    def _drained(self, now: float, last_records: float, started: float, until_idle_s: float) -> bool:
+        if now - last_records < until_idle_s:
+            return False
+        if self.last_assigned is None:  # still joining the group: give it a while longer
+            return now - started > until_idle_s + 30
+        return all(v == 0 for v in self.lag().values())
+
+    def _set_ready(self, ready: bool, error: str | None = None) -> None:
+        if ready != self.ready:
+            log.info("consumer %s", "ready" if ready else f"not ready: {error}")
+        self.ready, self.last_error = ready, error
+
+    def close(self) -> None:
+        """Leave the group cleanly (offsets were committed batch by batch)."""
+        self.ready = False
+        if self._producer is not None:
+            self._producer.close(timeout=10)
+            self._producer = None
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+            self._consumer = None
+
+
+def produce_events(bootstrap_servers: str, topic: str, values: Iterable[bytes], **options: Any) -> int:
+    """Send raw message values to ``topic`` and wait for every acknowledgement."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers.split(","), acks="all", linger_ms=5, **options)
+    try:
+        futures = [producer.send(topic, value=v) for v in values]
+        producer.flush(timeout=60)
+        for f in futures:
+            f.get(timeout=60)
+        return len(futures)
+    finally:
+        producer.close(timeout=10)

@@ -1,0 +1,258 @@
+"""Feedback event schema v1 and its validation.
+
+One JSON object per Kafka message. Every event carries the envelope (``schema_version``,
+``event_id``, ``type``, ``occurred_at``, ``prompt``, optional ``trace_id``,
+``served_adapter``, ``actor``, ``tags``) and, by ``type``:
+
+- ``rating``: ``completion`` and ``rating`` (``up`` | ``down``) — a user's thumbs;
+- ``edit``: ``completion`` (what the model said) and ``edited_completion`` (what the agent sent);
+- ``comparison``: ``chosen`` and ``rejected`` — an annotator's preference.
+
+Validation is strict: unknown fields, wrong types (no coercion of ``"1"`` to ``1``), blank
+texts, control characters and anything over the configured limits are rejected with a
+:class:`Rejection` whose ``reason`` is a short stable code (it becomes a metric label and a
+DLQ header) and whose ``detail`` names the field. ``python -m feedback.events`` regenerates
+the published JSON Schema in ``feedback/schema/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from feedback.config import EventLimits
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / "feedback-event-v1.schema.json"
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_DEFAULT_LIMITS = EventLimits()
+
+
+def _limits(info: ValidationInfo) -> EventLimits:
+    context = info.context or {}
+    limits = context.get("limits", _DEFAULT_LIMITS)
+    assert isinstance(limits, EventLimits)
+    return limits
+
+
+def _check_text(value: str, info: ValidationInfo) -> str:
+    if not value.strip():
+        raise ValueError("empty_text: must not be empty or whitespace")
+    if _CONTROL.search(value):
+        raise ValueError("control_character: contains a control character")
+    limit = _limits(info).max_text_chars
+    if len(value) > limit:
+        raise ValueError(f"text_too_long: {len(value)} characters, limit {limit}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+    _content = field_validator("content")(_check_text)
+
+
+class Actor(_Strict):
+    kind: Literal["user", "agent", "annotator", "system"]
+    id: str = Field(min_length=1, max_length=256)
+
+
+class _Envelope(_Strict):
+    schema_version: Literal[1]
+    event_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")
+    occurred_at: AwareDatetime
+    prompt: list[ChatMessage] = Field(min_length=1)
+    trace_id: str | None = Field(None, max_length=128)
+    served_adapter: str | None = Field(None, max_length=128)
+    actor: Actor | None = None
+    tags: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: list[ChatMessage], info: ValidationInfo) -> list[ChatMessage]:
+        limit = _limits(info).max_prompt_messages
+        if len(value) > limit:
+            raise ValueError(f"too_many_messages: {len(value)} messages, limit {limit}")
+        if value[-1].role == "assistant":
+            raise ValueError("bad_prompt: the prompt ends with an assistant turn (the reply goes elsewhere)")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        limit = _limits(info).max_tags
+        if len(value) > limit:
+            raise ValueError(f"too_many_tags: {len(value)} tags, limit {limit}")
+        if any(not 0 < len(k) <= 64 for k in value):
+            raise ValueError("bad_tag: tag keys must be 1 to 64 characters")
+        return value
+
+
+class RatingEvent(_Envelope):
+    type: Literal["rating"]
+    completion: str
+    rating: Literal["up", "down"]
+
+    _texts = field_validator("completion")(_check_text)
+
+
+class EditEvent(_Envelope):
+    type: Literal["edit"]
+    completion: str
+    edited_completion: str
+
+    _texts = field_validator("completion", "edited_completion")(_check_text)
+
+
+class ComparisonEvent(_Envelope):
+    type: Literal["comparison"]
+    chosen: str
+    rejected: str
+
+    _texts = field_validator("chosen", "rejected")(_check_text)
+
+
+FeedbackEvent = Annotated[RatingEvent | EditEvent | ComparisonEvent, Field(discriminator="type")]
+EVENT_ADAPTER: TypeAdapter[RatingEvent | EditEvent | ComparisonEvent] = TypeAdapter(FeedbackEvent)
+
+Event = RatingEvent | EditEvent | ComparisonEvent
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a message is not a valid event. ``reason`` is a small fixed vocabulary."""
+
+    reason: str
+    detail: str
+
+
+# pydantic error types → our reason codes (custom ValueErrors carry "code: message").
+_REASONS = {
+    "extra_forbidden": "unknown_field",
+    "missing": "missing_field",
+    "union_tag_invalid": "unknown_type",
+    "union_tag_not_found": "missing_type",
+    "json_invalid": "invalid_json",
+    "json_type": "invalid_json",
+    "model_type": "not_an_object",
+    "model_attributes_type": "not_an_object",
+}
+CUSTOM_REASONS = frozenset(
+    {"empty_text", "control_character", "text_too_long", "too_many_messages", "bad_prompt",
+     "too_many_tags", "bad_tag"}
+)  # fmt: skip
+REASONS = frozenset(
+    {*_REASONS.values(), *CUSTOM_REASONS, "wrong_type", "invalid_value", "unsupported_version",
+     "oversize", "invalid_utf8"}
+)  # fmt: skip
+
+
+_TYPE_TAGS = frozenset({"rating", "edit", "comparison"})
+
+
+def _rejection(err: ValidationError) -> Rejection:
+    first = err.errors()[0]
+    loc = first["loc"]
+    if loc[:1] and loc[0] in _TYPE_TAGS:  # the union's tag is not a field
+        loc = loc[1:]
+    where = ".".join(str(p) for p in loc) or "(event)"
+    message = str(first["msg"])
+    kind = str(first["type"])
+    if kind == "value_error":
+        code, _, rest = message.removeprefix("Value error, ").partition(": ")
+        if code in CUSTOM_REASONS:
+            return Rejection(code, f"{where}: {rest}")
+    if loc[:1] == ("schema_version",):
+        return Rejection("unsupported_version", f"schema_version: {message}")
+    if kind in _REASONS:
+        return Rejection(_REASONS[kind], f"{where}: {message}")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return Rejection("wrong_type", f"{where}: {message}")
+    return Rejection("invalid_value", f"{where}: {message}")
+
+
+def parse_event(raw: bytes | None, limits: EventLimits = _DEFAULT_LIMITS) -> Event | Rejection:
+    """Validate one Kafka message value. Never raises on bad input."""
+    if raw is None:
+        return Rejection("invalid_json", "(event): empty message (tombstone)")
+    if len(raw) > limits.max_message_bytes:
+        return Rejection("oversize", f"(event): {len(raw)} bytes, limit {limits.max_message_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Rejection("invalid_utf8", f"(event): byte {e.start}: {e.reason}")
+    try:
+        return EVENT_ADAPTER.validate_json(text, context={"limits": limits})
+    except ValidationError as e:
+        return _rejection(e)
+    except RecursionError:  # pathologically deep JSON nesting
+        return Rejection("invalid_json", "(event): nesting too deep")
+
+
+_NO_LIMITS = EventLimits(
+    max_message_bytes=2**62, max_text_chars=2**62, max_prompt_messages=2**31, max_tags=2**31
+)
+
+
+def load_stored(text: str) -> Event:
+    """Re-read an event this store accepted earlier; limits were applied at ingestion."""
+    return EVENT_ADAPTER.validate_json(text, context={"limits": _NO_LIMITS})
+
+
+def canonical_json(event: Event) -> str:
+    """The event as sorted, compact JSON: equal events give equal strings."""
+    return json.dumps(event.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def content_sha256(event: Event) -> str:
+    return hashlib.sha256(canonical_json(event).encode()).hexdigest()
+
+
+def prompt_key(prompt: list[dict[str, str]] | list[ChatMessage]) -> str:
+    """A stable hash of a prompt's messages (role and content only)."""
+    messages = [m.model_dump() if isinstance(m, ChatMessage) else m for m in prompt]
+    payload = json.dumps([[m["role"], m["content"]] for m in messages], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def occurred(event: Event) -> datetime:
+    return event.occurred_at
+
+
+def json_schema() -> dict[str, Any]:
+    schema = EVENT_ADAPTER.json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "alignd feedback event v1"
+    return schema
+
+
+def main() -> int:
+    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
+    SCHEMA_PATH.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {SCHEMA_PATH}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

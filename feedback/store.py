@@ -1,0 +1,217 @@
+"""The durable feedback store: SQLite by default, PostgreSQL by URL (SQLAlchemy Core).
+
+Every valid event is kept as its canonical JSON plus a few indexed columns, so datasets can be
+rebuilt from the raw events whenever the rules change. Writes are idempotent on ``event_id``:
+a redelivered event is counted as a duplicate; an event that reuses an id with *different*
+content is counted as a conflict and kept out (recorded in ``feedback_conflicts``), never
+overwriting what was stored first. One batch is one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+)
+
+from feedback.events import Event, canonical_json, content_sha256, load_stored, prompt_key
+
+metadata = MetaData()
+
+events_table = Table(
+    "feedback_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(128), nullable=False, unique=True),
+    Column("type", String(16), nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("ingested_at", DateTime(timezone=True), nullable=False),
+    Column("prompt_sha256", String(64), nullable=False, index=True),
+    Column("content_sha256", String(64), nullable=False),
+    Column("served_adapter", String(128)),
+    Column("source", String(256), doc="topic/partition/offset it was read from"),
+    Column("event", Text, nullable=False, doc="canonical JSON of the validated event"),
+)
+
+conflicts_table = Table(
+    "feedback_conflicts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(128), nullable=False, index=True),
+    Column("content_sha256", String(64), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("source", String(256)),
+    Column("event", Text, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A validated event and where it came from."""
+
+    event: Event
+    source: str = ""
+
+
+@dataclass
+class WriteOutcome:
+    stored: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    stored_by_type: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    seq: int
+    event: Event
+    ingested_at: datetime
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (dataset builds) never block the writer
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each commit in WAL mode
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite returns naive datetimes; everything is stored in UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class FeedbackStore:
+    """One small interface over SQLite or PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///"):
+            path = Path(url.removeprefix("sqlite:///"))
+            if str(path) not in {"", ":memory:"}:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def write_batch(self, items: Sequence[Incoming], now: datetime | None = None) -> WriteOutcome:
+        """Store a batch in one transaction; idempotent on ``event_id``."""
+        outcome = WriteOutcome()
+        if not items:
+            return outcome
+        now = now or datetime.now(UTC)
+        ids = list({item.event.event_id for item in items})
+        with self.engine.begin() as conn:
+            known: dict[str, str] = {}
+            for start in range(0, len(ids), 500):  # keep IN (...) lists within driver limits
+                chunk = ids[start : start + 500]
+                rows = conn.execute(
+                    select(events_table.c.event_id, events_table.c.content_sha256).where(
+                        events_table.c.event_id.in_(chunk)
+                    )
+                )
+                known.update({r.event_id: r.content_sha256 for r in rows})
+            new_rows, conflict_rows = [], []
+            for item in items:
+                ev, digest = item.event, content_sha256(item.event)
+                previous = known.get(ev.event_id)
+                if previous == digest:
+                    outcome.duplicates += 1
+                    continue
+                if previous is not None:
+                    outcome.conflicts += 1
+                    conflict_rows.append(
+                        {"event_id": ev.event_id, "content_sha256": digest, "received_at": now,
+                         "source": item.source, "event": canonical_json(ev)}
+                    )  # fmt: skip
+                    continue
+                known[ev.event_id] = digest
+                new_rows.append(
+                    {"event_id": ev.event_id, "type": ev.type, "occurred_at": ev.occurred_at,
+                     "ingested_at": now, "prompt_sha256": prompt_key(ev.prompt),
+                     "content_sha256": digest, "served_adapter": ev.served_adapter,
+                     "source": item.source, "event": canonical_json(ev)}
+                )  # fmt: skip
+                outcome.stored_by_type[ev.type] = outcome.stored_by_type.get(ev.type, 0) + 1
+            if new_rows:
+                conn.execute(insert(events_table), new_rows)
+            if conflict_rows:
+                conn.execute(insert(conflicts_table), conflict_rows)
+            outcome.stored = len(new_rows)
+        return outcome
+
+    def ping(self) -> None:
+        """Raise unless the store answers a query (used for readiness)."""
+        with self.engine.connect() as conn:
+            conn.execute(select(func.count()).select_from(events_table).limit(1))
+
+    def count(self, *, since_seq: int = 0, types: Sequence[str] | None = None) -> int:
+        query = select(func.count()).select_from(events_table).where(events_table.c.seq > since_seq)
+        if types:
+            query = query.where(events_table.c.type.in_(list(types)))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def counts_by_type(self, *, since_seq: int = 0) -> dict[str, int]:
+        query = (
+            select(events_table.c.type, func.count())
+            .where(events_table.c.seq > since_seq)
+            .group_by(events_table.c.type)
+        )
+        with self.engine.connect() as conn:
+            return {str(t): int(n) for t, n in conn.execute(query)}
+
+    def conflicts(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(conflicts_table)).scalar_one())
+
+    def max_seq(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(events_table.c.seq), 0))).scalar_one())
+
+    def iter_events(self, *, since_seq: int = 0, batch: int = 2000) -> Iterator[StoredEvent]:
+        """Every stored event in ingestion order, read in batches (bounded memory)."""
+        last = since_seq
+        while True:
+            query = (
+                select(events_table.c.seq, events_table.c.event, events_table.c.ingested_at)
+                .where(events_table.c.seq > last)
+                .order_by(events_table.c.seq)
+                .limit(batch)
+            )
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            for row in rows:
+                ev = load_stored(row.event)
+                yield StoredEvent(int(row.seq), ev, _aware(row.ingested_at))
+            last = int(rows[-1].seq)
+
+    def delete_older_than(self, cutoff: datetime) -> int:
+        """Retention: drop events that occurred before ``cutoff``; returns how many."""
+        with self.engine.begin() as conn:
+            result = conn.execute(delete(events_table).where(events_table.c.occurred_at < cutoff))
+            return int(result.rowcount or 0)
