@@ -124,7 +124,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from feedback.store import FeedbackStore
 
     config = _config(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("kafka").setLevel(logging.ERROR)
     store = FeedbackStore(config.store.url)
     consumer = FeedbackConsumer(config.kafka, store, config.limits)
@@ -154,7 +156,15 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
         manifest = build_snapshot(store, Path(args.out), config.dataset)
     finally:
         store.close()
-    print(json.dumps({k: manifest[k] for k in ("sha256", "counts", "pair_sources", "filtered", "kto_balance")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: manifest[k]
+                for k in ("sha256", "counts", "pair_sources", "filtered", "kto_balance")
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -210,15 +220,21 @@ def make_parser() -> argparse.ArgumentParser:
     config_help = "YAML config file (default: $ALIGND_CONFIG; env ALIGND_* overrides it)"
     ingest = sub.add_parser("ingest", help="consume feedback events from Kafka into the store")
     ingest.add_argument("--config", help=config_help)
-    ingest.add_argument("--until-idle", type=float, metavar="SECONDS",
-                        help="stop once the topic has been drained for this long (backfills)")
+    ingest.add_argument(
+        "--until-idle",
+        type=float,
+        metavar="SECONDS",
+        help="stop once the topic has been drained for this long (backfills)",
+    )
     ingest.set_defaults(func=cmd_ingest)
 
     dataset = sub.add_parser("dataset", help="build training snapshots from stored feedback")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
     build = dataset_sub.add_parser("build", help="write a snapshot (parquet + manifest.json)")
     build.add_argument("--config", help=config_help)
-    build.add_argument("--out", required=True, help="snapshot directory to write (replaced atomically)")
+    build.add_argument(
+        "--out", required=True, help="snapshot directory to write (replaced atomically)"
+    )
     build.set_defaults(func=cmd_dataset_build)
 
     config = sub.add_parser("config", help="configuration")

@@ -11,6 +11,7 @@ after finishing the batch in hand and committing it.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -157,7 +158,11 @@ class FeedbackConsumer:
             outcome: WriteOutcome = self.store.write_batch(valid)
         except SQLAlchemyError as e:
             raise StoreUnavailable(f"store write failed: {type(e).__name__}: {e}") from e
-        report.stored, report.duplicates, report.conflicts = outcome.stored, outcome.duplicates, outcome.conflicts
+        report.stored, report.duplicates, report.conflicts = (
+            outcome.stored,
+            outcome.duplicates,
+            outcome.conflicts,
+        )
         report.stored_by_type = outcome.stored_by_type
         self._dead_letter(invalid)
         report.dead_lettered.update(rejection.reason for _, rejection in invalid)
@@ -178,7 +183,11 @@ class FeedbackConsumer:
                 ("alignd-source-offset", str(record.offset).encode()),
             ]
             value = record.value if record.value is not None else b""
-            futures.append(self._producer.send(self.kafka.dlq_topic, value=value, key=record.key, headers=headers))
+            futures.append(
+                self._producer.send(
+                    self.kafka.dlq_topic, value=value, key=record.key, headers=headers
+                )
+            )
         self._producer.flush(timeout=30)
         for future in futures:
             try:
@@ -222,7 +231,9 @@ class FeedbackConsumer:
             records: dict[TopicPartition, list[Any]] = {}
             try:
                 consumer = self._consumer or self._connect()
-                records = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms, max_records=self.kafka.max_poll_records)
+                records = consumer.poll(
+                    timeout_ms=self.kafka.poll_timeout_ms, max_records=self.kafka.max_poll_records
+                )
                 now = time.monotonic()
                 if records:
                     report = self.handle(records)
@@ -232,12 +243,17 @@ class FeedbackConsumer:
                     last_records = now
                     self._set_ready(True)
                 elif now - last_ping >= self.ping_interval_s:
-                    consumer.topics()  # a real round trip: is the broker there?
-                    self.store.ping()
+                    self._ping()
                     last_ping = now
                     self._set_ready(True)
                 backoff = 0.5
-            except (KafkaError, OSError, StoreUnavailable, DeadLetterUnavailable, SQLAlchemyError) as e:
+            except (
+                KafkaError,
+                OSError,
+                StoreUnavailable,
+                DeadLetterUnavailable,
+                SQLAlchemyError,
+            ) as e:
                 self.totals.failures += 1
                 self._set_ready(False, f"{type(e).__name__}: {e}")
                 self._rewind(records)
@@ -249,7 +265,29 @@ class FeedbackConsumer:
                 break
         return self.totals
 
-    def _drained(self, now: float, last_records: float, started: float, until_idle_s: float) -> bool:
+    def _ping(self) -> None:
+        """Raise unless a bootstrap broker accepts connections and the store answers.
+
+        kafka-python retries a lost broker silently inside ``poll()`` (and its metadata calls
+        can block without a deadline), so an idle consumer checks reachability itself. A TCP
+        connect proves the broker is up, not that credentials still work; an auth failure
+        surfaces as an error from ``poll()`` instead.
+        """
+        errors = []
+        for address in self.kafka.bootstrap_servers.split(","):
+            host, _, port = address.strip().rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+                    break
+            except OSError as e:
+                errors.append(f"{address}: {e}")
+        else:
+            raise KafkaConnectionError("no bootstrap broker reachable: " + "; ".join(errors))
+        self.store.ping()
+
+    def _drained(
+        self, now: float, last_records: float, started: float, until_idle_s: float
+    ) -> bool:
         if now - last_records < until_idle_s:
             return False
         if self.last_assigned is None:  # still joining the group: give it a while longer
@@ -272,9 +310,13 @@ class FeedbackConsumer:
             self._consumer = None
 
 
-def produce_events(bootstrap_servers: str, topic: str, values: Iterable[bytes], **options: Any) -> int:
+def produce_events(
+    bootstrap_servers: str, topic: str, values: Iterable[bytes], **options: Any
+) -> int:
     """Send raw message values to ``topic`` and wait for every acknowledgement."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers.split(","), acks="all", linger_ms=5, **options)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap_servers.split(","), acks="all", linger_ms=5, **options
+    )
     try:
         futures = [producer.send(topic, value=v) for v in values]
         producer.flush(timeout=60)

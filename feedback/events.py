@@ -95,7 +95,9 @@ class _Envelope(_Strict):
         if len(value) > limit:
             raise ValueError(f"too_many_messages: {len(value)} messages, limit {limit}")
         if value[-1].role == "assistant":
-            raise ValueError("bad_prompt: the prompt ends with an assistant turn (the reply goes elsewhere)")
+            raise ValueError(
+                "bad_prompt: the prompt ends with an assistant turn (the reply goes elsewhere)"
+            )
         return value
 
     @field_validator("tags")

@@ -29,7 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feedback.config import DatasetConfig
-from feedback.dataset import FILTERS, Examples, KTOExample, PairExample, build_examples, is_heldout, kto_balance
+from feedback.dataset import (
+    FILTERS,
+    Examples,
+    KTOExample,
+    PairExample,
+    build_examples,
+    is_heldout,
+    kto_balance,
+)
 from feedback.store import FeedbackStore
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -59,20 +67,35 @@ def _pair_row(p: PairExample) -> dict[str, Any]:
 
 
 def _kto_row(k: KTOExample) -> dict[str, Any]:
-    return {"prompt": k.prompt, "completion": k.completion, "label": k.label, "event_id": k.event_id}
+    return {
+        "prompt": k.prompt,
+        "completion": k.completion,
+        "label": k.label,
+        "event_id": k.event_id,
+    }
 
 
-def split_rows(examples: Examples, config: DatasetConfig) -> dict[str, dict[str, list[dict[str, Any]]]]:
+def split_rows(
+    examples: Examples, config: DatasetConfig
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """``{"pairs": {"train": [...], "heldout": [...]}, "kto": {...}}``, split by prompt hash."""
     out: dict[str, dict[str, list[dict[str, Any]]]] = {
         "pairs": {s: [] for s in SPLITS},
         "kto": {s: [] for s in SPLITS},
     }
     for p in examples.pairs:
-        split = "heldout" if is_heldout(p.prompt_sha256, config.heldout_fraction, config.split_salt) else "train"
+        split = (
+            "heldout"
+            if is_heldout(p.prompt_sha256, config.heldout_fraction, config.split_salt)
+            else "train"
+        )
         out["pairs"][split].append(_pair_row(p))
     for k in examples.kto:
-        split = "heldout" if is_heldout(k.prompt_sha256, config.heldout_fraction, config.split_salt) else "train"
+        split = (
+            "heldout"
+            if is_heldout(k.prompt_sha256, config.heldout_fraction, config.split_salt)
+            else "train"
+        )
         out["kto"][split].append(_kto_row(k))
     return out
 
@@ -105,7 +128,8 @@ def write_snapshot(
         "sha256": content_sha256(rows),
         "counts": {kind: {s: len(rows[kind][s]) for s in SPLITS} for kind in rows},
         "pair_sources": {
-            s: sum(1 for p in examples.pairs if p.source == s) for s in ("edit", "comparison", "mined")
+            s: sum(1 for p in examples.pairs if p.source == s)
+            for s in ("edit", "comparison", "mined")
         },
         "filtered": {name: examples.filtered.get(name, 0) for name in FILTERS},
         "kto_balance": {
@@ -153,4 +177,10 @@ def build_snapshot(
         first_occurred_at=occurred[0].isoformat() if occurred else None,
         last_occurred_at=occurred[-1].isoformat() if occurred else None,
     )
-    return write_snapshot(build_examples(events, config, now), out_dir, config=config, event_range=event_range, built_at=now)
+    return write_snapshot(
+        build_examples(events, config, now),
+        out_dir,
+        config=config,
+        event_range=event_range,
+        built_at=now,
+    )

@@ -189,7 +189,9 @@ class FeedbackStore:
 
     def max_seq(self) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(select(func.coalesce(func.max(events_table.c.seq), 0))).scalar_one())
+            return int(
+                conn.execute(select(func.coalesce(func.max(events_table.c.seq), 0))).scalar_one()
+            )
 
     def iter_events(self, *, since_seq: int = 0, batch: int = 2000) -> Iterator[StoredEvent]:
         """Every stored event in ingestion order, read in batches (bounded memory)."""

@@ -19,9 +19,13 @@ from feedback.embedded_broker import free_port
 
 
 def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([shutil.which(name)] if shutil.which(name) else [])
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or (
+        [shutil.which(name)] if shutil.which(name) else []
+    )
     if not found:
-        raise RuntimeError(f"PostgreSQL's {name} not found: install Debian's postgresql package (make test does)")
+        raise RuntimeError(
+            f"PostgreSQL's {name} not found: install Debian's postgresql package (make test does)"
+        )
     return str(found[-1])
 
 

@@ -29,23 +29,67 @@ CASES: list[tuple[str, list[dict[str, Any]], int, int, dict[str, int]]] = [
     ("edit becomes a pair", [edit("e1")], 1, 0, {}),
     ("comparison becomes a pair", [comparison("c1")], 1, 0, {}),
     ("rating becomes a KTO row", [rating("r1")], 0, 1, {}),
-    ("up and down on one prompt: mined pair", [rating("r1", "Ships today."), rating("r2", "No idea.", "down")], 1, 2, {}),
-    ("up and down on different prompts: no pair",
-     [rating("r1", "Ships today."), rating("r2", "No idea.", "down", prompt="Refund?")], 0, 2, {}),
-    ("whitespace/case-only edit", [edit("e1", "It ships  today.", "it ships today.")], 0, 0, {"trivial_edit": 1}),
-    ("chosen 3x longer than rejected", [edit("e1", "Ships.", "It ships today from the warehouse.")], 0, 0,
-     {"length_ratio": 1}),
-    ("chosen exactly 2x is kept", [edit("e1", "Ships today.", "It ships today, Monday.")], 1, 0, {}),
+    (
+        "up and down on one prompt: mined pair",
+        [rating("r1", "Ships today."), rating("r2", "No idea.", "down")],
+        1,
+        2,
+        {},
+    ),
+    (
+        "up and down on different prompts: no pair",
+        [rating("r1", "Ships today."), rating("r2", "No idea.", "down", prompt="Refund?")],
+        0,
+        2,
+        {},
+    ),
+    (
+        "whitespace/case-only edit",
+        [edit("e1", "It ships  today.", "it ships today.")],
+        0,
+        0,
+        {"trivial_edit": 1},
+    ),
+    (
+        "chosen 3x longer than rejected",
+        [edit("e1", "Ships.", "It ships today from the warehouse.")],
+        0,
+        0,
+        {"length_ratio": 1},
+    ),
+    (
+        "chosen exactly 2x is kept",
+        [edit("e1", "Ships today.", "It ships today, Monday.")],
+        1,
+        0,
+        {},
+    ),
     ("duplicate pair", [edit("e1"), edit("e2")], 1, 0, {"duplicate_pair": 1}),
     ("duplicate rating", [rating("r1"), rating("r2")], 0, 1, {"duplicate_example": 1}),
-    ("contradictory ratings", [rating("r1"), rating("r2", value="down")], 0, 0, {"contradictory_label": 2}),
+    (
+        "contradictory ratings",
+        [rating("r1"), rating("r2", value="down")],
+        0,
+        0,
+        {"contradictory_label": 2},
+    ),
     ("text over the cap", [edit("e1", "x " * 5000, "y " * 4999)], 0, 0, {"too_long": 1}),
-    ("outside the window", [edit("e1") | {"occurred_at": "2025-01-01T00:00:00Z"}], 0, 0, {"outside_window": 1}),
+    (
+        "outside the window",
+        [edit("e1") | {"occurred_at": "2025-01-01T00:00:00Z"}],
+        0,
+        0,
+        {"outside_window": 1},
+    ),
 ]
 
 
-@pytest.mark.parametrize(("name", "raw", "n_pairs", "n_kto", "filtered"), CASES, ids=[c[0] for c in CASES])
-def test_rules(name: str, raw: list[dict[str, Any]], n_pairs: int, n_kto: int, filtered: dict[str, int]) -> None:
+@pytest.mark.parametrize(
+    ("name", "raw", "n_pairs", "n_kto", "filtered"), CASES, ids=[c[0] for c in CASES]
+)
+def test_rules(
+    name: str, raw: list[dict[str, Any]], n_pairs: int, n_kto: int, filtered: dict[str, int]
+) -> None:
     config = DatasetConfig(recency_days=365)
     built = build_examples(events(*raw), config, NOW)
     assert len(built.pairs) == n_pairs
@@ -54,13 +98,17 @@ def test_rules(name: str, raw: list[dict[str, Any]], n_pairs: int, n_kto: int, f
 
 
 def test_edit_orientation_is_edited_chosen_original_rejected() -> None:
-    [pair] = build_examples(events(edit("e1", "Sorry!! It ships today.", "It ships today.")), DatasetConfig(), NOW).pairs
+    [pair] = build_examples(
+        events(edit("e1", "Sorry!! It ships today.", "It ships today.")), DatasetConfig(), NOW
+    ).pairs
     assert pair.chosen == "It ships today." and pair.rejected == "Sorry!! It ships today."
     assert pair.source == "edit" and pair.event_ids == ("e1",)
 
 
 def test_mined_pair_orientation() -> None:
-    built = build_examples(events(rating("r1", "No idea.", "down"), rating("r2", "Ships today.")), DatasetConfig(), NOW)
+    built = build_examples(
+        events(rating("r1", "No idea.", "down"), rating("r2", "Ships today.")), DatasetConfig(), NOW
+    )
     [pair] = built.pairs
     assert (pair.chosen, pair.rejected, pair.source) == ("Ships today.", "No idea.", "mined")
     assert sorted(k.label for k in built.kto) == [False, True]
@@ -72,7 +120,9 @@ def test_mining_can_be_turned_off() -> None:
 
 
 def test_same_events_any_order_same_rows() -> None:
-    raw = events(edit("e1"), comparison("c1", prompt="Refund?"), rating("r1"), rating("r2", "No.", "down"))
+    raw = events(
+        edit("e1"), comparison("c1", prompt="Refund?"), rating("r1"), rating("r2", "No.", "down")
+    )
     a = build_examples(raw, DatasetConfig(), NOW)
     b = build_examples(list(reversed(raw)), DatasetConfig(), NOW)
     assert a.pairs == b.pairs and a.kto == b.kto

@@ -10,10 +10,20 @@ import pytest
 from events_support import comparison, edit, encode, rating
 
 from feedback.config import EventLimits
-from feedback.events import SCHEMA_PATH, EditEvent, RatingEvent, Rejection, content_sha256, json_schema, parse_event
+from feedback.events import (
+    SCHEMA_PATH,
+    EditEvent,
+    RatingEvent,
+    Rejection,
+    content_sha256,
+    json_schema,
+    parse_event,
+)
 
 
-@pytest.mark.parametrize("event", [rating("r1"), rating("r2", value="down"), edit("e1"), comparison("c1")])
+@pytest.mark.parametrize(
+    "event", [rating("r1"), rating("r2", value="down"), edit("e1"), comparison("c1")]
+)
 def test_valid_events_parse(event: dict[str, Any]) -> None:
     parsed = parse_event(encode(event))
     assert not isinstance(parsed, Rejection), parsed
@@ -25,7 +35,11 @@ def test_optional_envelope_fields() -> None:
                  tags={"channel": "email"})  # fmt: skip
     parsed = parse_event(encode(event))
     assert isinstance(parsed, EditEvent)
-    assert parsed.actor is not None and parsed.actor.kind == "agent" and parsed.tags == {"channel": "email"}
+    assert (
+        parsed.actor is not None
+        and parsed.actor.kind == "agent"
+        and parsed.tags == {"channel": "email"}
+    )
 
 
 BAD: list[tuple[str, bytes, str, str]] = [
@@ -36,23 +50,58 @@ BAD: list[tuple[str, bytes, str, str]] = [
     ("unknown field", encode(rating("x") | {"mood": "happy"}), "unknown_field", "mood"),
     ("unknown type", encode(rating("x") | {"type": "like"}), "unknown_type", ""),
     ("no type", encode({k: v for k, v in rating("x").items() if k != "type"}), "missing_type", ""),
-    ("missing field", encode({k: v for k, v in rating("x").items() if k != "completion"}), "missing_field", "completion"),
-    ("version 2", encode(rating("x") | {"schema_version": 2}), "unsupported_version", "schema_version"),
-    ("version as string", encode(rating("x") | {"schema_version": "1"}), "unsupported_version", "schema_version"),
+    (
+        "missing field",
+        encode({k: v for k, v in rating("x").items() if k != "completion"}),
+        "missing_field",
+        "completion",
+    ),
+    (
+        "version 2",
+        encode(rating("x") | {"schema_version": 2}),
+        "unsupported_version",
+        "schema_version",
+    ),
+    (
+        "version as string",
+        encode(rating("x") | {"schema_version": "1"}),
+        "unsupported_version",
+        "schema_version",
+    ),
     ("rating 5", encode(rating("x") | {"rating": 5}), "invalid_value", "rating"),
     ("empty completion", encode(rating("x", completion="   ")), "empty_text", "completion"),
     ("empty edit", encode(edit("x", edited="")), "empty_text", "edited_completion"),
     ("NUL byte", encode(rating("x", completion="a\x00b")), "control_character", "completion"),
-    ("bad role", encode(rating("x") | {"prompt": [{"role": "bot", "content": "hi"}]}), "invalid_value", "prompt.0.role"),
+    (
+        "bad role",
+        encode(rating("x") | {"prompt": [{"role": "bot", "content": "hi"}]}),
+        "invalid_value",
+        "prompt.0.role",
+    ),
     ("empty prompt", encode(rating("x") | {"prompt": []}), "invalid_value", "prompt"),
     ("prompt as string", encode(rating("x") | {"prompt": "hi"}), "wrong_type", "prompt"),
-    ("ends with reply", encode(rating("x") | {"prompt": [{"role": "assistant", "content": "hi"}]}), "bad_prompt", "prompt"),
-    ("naive time", encode(rating("x") | {"occurred_at": "2026-11-20T10:00:00"}), "invalid_value", "occurred_at"),
+    (
+        "ends with reply",
+        encode(rating("x") | {"prompt": [{"role": "assistant", "content": "hi"}]}),
+        "bad_prompt",
+        "prompt",
+    ),
+    (
+        "naive time",
+        encode(rating("x") | {"occurred_at": "2026-11-20T10:00:00"}),
+        "invalid_value",
+        "occurred_at",
+    ),
     ("bad time", encode(rating("x") | {"occurred_at": "yesterday"}), "wrong_type", "occurred_at"),
     ("bad event id", encode(rating("a b/c")), "invalid_value", "event_id"),
     ("event id number", encode(rating("x") | {"event_id": 7}), "wrong_type", "event_id"),
     ("text too long", encode(rating("x", completion="a" * 32_001)), "text_too_long", "completion"),
-    ("too many tags", encode(rating("x", tags={f"k{i}": "v" for i in range(17)})), "too_many_tags", "tags"),
+    (
+        "too many tags",
+        encode(rating("x", tags={f"k{i}": "v" for i in range(17)})),
+        "too_many_tags",
+        "tags",
+    ),
     ("huge and deep", b"[" * 150_000 + b"]" * 150_000, "oversize", ""),
     ("deep but small", b'{"a":' * 5000 + b"1" + b"}" * 5000, "invalid_json", ""),
 ]
@@ -69,7 +118,9 @@ def test_bad_events_rejected_with_reason(name: str, raw: bytes, reason: str, fie
 def test_limits_are_configurable() -> None:
     raw = encode(rating("x", completion="a" * 100))
     assert not isinstance(parse_event(raw), Rejection)
-    assert parse_event(raw, EventLimits(max_text_chars=50)) == Rejection("text_too_long", "completion: 100 characters, limit 50")
+    assert parse_event(raw, EventLimits(max_text_chars=50)) == Rejection(
+        "text_too_long", "completion: 100 characters, limit 50"
+    )
     oversize = parse_event(raw, EventLimits(max_message_bytes=64))
     assert isinstance(oversize, Rejection) and oversize.reason == "oversize"
 
