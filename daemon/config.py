@@ -56,7 +56,8 @@ class AligndConfig(BaseSettings):
 
     def redacted(self) -> dict[str, Any]:
         """The resolved config as plain data, secrets shown as '**********'."""
-        return _redact(self.model_dump(mode="python"))
+        redacted: dict[str, Any] = _redact(self.model_dump(mode="python"))
+        return redacted
 
 
 def _redact(value: Any) -> Any:

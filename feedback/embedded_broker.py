@@ -6,6 +6,7 @@ is in memory: a restarted broker is empty. Production uses the operator's Kafka 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import socket
@@ -83,12 +84,10 @@ class EmbeddedBroker:
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
         try:
             for name in names:
-                try:
+                with contextlib.suppress(TopicAlreadyExistsError):
                     admin.create_topics(
                         [NewTopic(name, num_partitions=partitions, replication_factor=1)]
                     )
-                except TopicAlreadyExistsError:
-                    pass
         except KafkaError as e:
             raise RuntimeError(f"could not create topics {names} on {self.bootstrap}: {e}") from e
         finally:
