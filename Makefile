@@ -13,9 +13,21 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 STAMP := $(VENV)/.alignd-setup
 
-.PHONY: setup test test-fast lint typecheck demo clean
+.PHONY: setup system-deps test test-fast lint typecheck demo bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# Integration tests use a real PostgreSQL server (Debian's postgresql package); later issues
+# add Prometheus. Installed with apt when missing and we are root (CI, these machines);
+# elsewhere this says what to install.
+SYSTEM_BINARIES := /usr/lib/postgresql/*/bin/initdb
+system-deps:
+	@if ls $(SYSTEM_BINARIES) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else \
+		echo "integration tests need PostgreSQL: sudo apt-get install postgresql" >&2; exit 1; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -18,24 +18,26 @@ class _Frozen(BaseModel):
 class KafkaConfig(_Frozen):
     """Where feedback comes from. Security options pass straight through to kafka-python."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    topic: str = "alignd.feedback"
-    dlq_topic: str = "alignd.feedback.dlq"
-    group_id: str = "alignd"
-    client_id: str = "alignd"
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port list")
+    topic: str = Field("alignd.feedback", description="feedback events (schema v1)")
+    dlq_topic: str = Field("alignd.feedback.dlq", description="rejected messages, with reasons")
+    group_id: str = Field("alignd", description="consumer group")
+    client_id: str = Field("alignd", description="client id reported to the broker")
     max_poll_records: int = Field(500, gt=0, description="events per stored batch")
-    poll_timeout_ms: int = Field(1000, gt=0)
+    poll_timeout_ms: int = Field(1000, gt=0, description="longest wait in one poll")
     # Short group timeouts so a (re)joining consumer gets partitions in seconds, not ~25 s.
-    session_timeout_ms: int = Field(10_000, gt=0)
-    heartbeat_interval_ms: int = Field(2_000, gt=0)
+    session_timeout_ms: int = Field(10_000, gt=0, description="group session timeout")
+    heartbeat_interval_ms: int = Field(2_000, gt=0, description="group heartbeat")
     retry_backoff_max_s: float = Field(30.0, gt=0, description="cap of the outage back-off")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="passed to kafka-python"
+    )
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
+    sasl_plain_username: str | None = Field(None, description="SASL user")
+    sasl_plain_password: SecretStr | None = Field(None, description="SASL password (redacted)")
+    ssl_cafile: str | None = Field(None, description="CA bundle for SSL")
+    ssl_certfile: str | None = Field(None, description="client certificate for SSL")
+    ssl_keyfile: str | None = Field(None, description="client key for SSL")
 
     def client_options(self) -> dict[str, Any]:
         """Connection and security options shared by the consumer and the DLQ producer."""
@@ -71,19 +73,19 @@ class StoreConfig(_Frozen):
 class EventLimits(_Frozen):
     """Size limits an event must respect; anything bigger goes to the dead-letter topic."""
 
-    max_message_bytes: int = Field(262_144, gt=0)
+    max_message_bytes: int = Field(262_144, gt=0, description="larger messages are dead-lettered")
     max_text_chars: int = Field(32_000, gt=0, description="per prompt message or reply")
-    max_prompt_messages: int = Field(64, gt=0)
-    max_tags: int = Field(16, ge=0)
+    max_prompt_messages: int = Field(64, gt=0, description="chat messages per prompt")
+    max_tags: int = Field(16, ge=0, description="entries in an event's tags map")
 
 
 class DatasetConfig(_Frozen):
     """How stored events become training rows (see ``feedback.dataset``)."""
 
-    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts held out")
     split_salt: str = Field("alignd-v1", description="changing it reshuffles the held-out split")
     max_length_ratio: float = Field(2.0, gt=1.0, description="drop pairs whose chosen is k× longer")
     max_chars: int = Field(8_000, gt=0, description="drop rows with a longer text")
     recency_days: int | None = Field(None, gt=0, description="only events this recent")
     mine_rating_pairs: bool = Field(True, description="an up and a down on one prompt → a pair")
-    max_mined_pairs_per_prompt: int = Field(4, gt=0)
+    max_mined_pairs_per_prompt: int = Field(4, gt=0, description="cap on up × down combinations")

@@ -1,0 +1,91 @@
+"""Generated reference sections of README.md, so they never drift from the code.
+
+    python -m daemon.docs          rewrite the generated sections in README.md
+    python -m daemon.docs --check  exit 1 if README.md is out of date (a test runs this)
+
+A section lives between ``<!-- BEGIN GENERATED: name -->`` and ``<!-- END GENERATED: name -->``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from daemon.config import AligndConfig
+from trainer.spec import RunSpec
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _default(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        value: Any = field.default_factory()  # type: ignore[call-arg]
+    else:
+        value = field.default
+    if isinstance(value, BaseModel):
+        return ""
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    return f"`{json.dumps(value, default=str)}`"
+
+
+def _rows(model: type[BaseModel], prefix: str, env: bool) -> Iterator[str]:
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _rows(annotation, f"{key}.", env)
+            continue
+        description = (field.description or "").replace("|", "\\|")
+        env_name = f" `ALIGND_{key.upper().replace('.', '__')}`" if env else ""
+        yield f"| `{key}`{env_name} | {_default(field)} | {description} |"
+
+
+def config_table() -> str:
+    header = "| key / environment variable | default | meaning |\n|---|---|---|"
+    return header + "\n" + "\n".join(_rows(AligndConfig, "", env=True))
+
+
+def run_spec_table() -> str:
+    header = "| run-spec key | default | meaning |\n|---|---|---|"
+    return header + "\n" + "\n".join(_rows(RunSpec, "", env=False))
+
+
+SECTIONS: dict[str, Callable[[], str]] = {"config": config_table, "run-spec": run_spec_table}
+
+
+def render(text: str) -> str:
+    for name, make in SECTIONS.items():
+        pattern = re.compile(
+            rf"(<!-- BEGIN GENERATED: {name} -->\n).*?(<!-- END GENERATED: {name} -->)", re.S
+        )
+        if not pattern.search(text):
+            raise ValueError(f"README.md has no generated section {name!r}")
+        text = pattern.sub(lambda m, make=make: m.group(1) + make() + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    current = README.read_text()
+    wanted = render(current)
+    if "--check" in args:
+        if current != wanted:
+            print("README.md is out of date: run `python -m daemon.docs`", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The README's generated reference is current; config loading names bad keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon import docs
+from daemon.config import ConfigError, load_config
+
+
+def test_readme_reference_tables_are_current() -> None:
+    assert docs.main(["--check"]) == 0, "run: python -m daemon.docs"
+
+
+def test_every_config_key_is_documented() -> None:
+    text = docs.README.read_text()
+    for key in (
+        "kafka.bootstrap_servers",
+        "store.url",
+        "limits.max_message_bytes",
+        "dataset.max_length_ratio",
+    ):
+        assert f"`{key}`" in text
+
+
+def test_env_overrides_yaml_overrides_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "alignd.yaml"
+    path.write_text("kafka:\n  topic: from-yaml\n  group_id: yaml-group\n")
+    monkeypatch.setenv("ALIGND_KAFKA__GROUP_ID", "env-group")
+    config = load_config(path)
+    assert config.kafka.topic == "from-yaml"
+    assert config.kafka.group_id == "env-group"
+    assert config.store.url.startswith("sqlite:///")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "named"),
+    [
+        ("kafka:\n  topc: x\n", {}, "kafka.topc"),
+        ("dataset:\n  heldout_fraction: 2\n", {}, "dataset.heldout_fraction"),
+        ("", {"ALIGND_KAFKA__MAX_POLL_RECORDS": "many"}, "kafka.max_poll_records"),
+        ("- a list\n", {}, "top level must be a mapping"),
+    ],
+)
+def test_bad_config_fails_naming_the_key(yaml_text: str, env: dict[str, str], named: str, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    path = tmp_path / "alignd.yaml"
+    path.write_text(yaml_text)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(path)
+
+
+def test_secrets_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALIGND_KAFKA__SASL_PLAIN_PASSWORD", "hunter2")
+    config = load_config(None)
+    assert config.kafka.client_options()["sasl_plain_password"] == "hunter2"
+    assert "hunter2" not in str(config.redacted())
