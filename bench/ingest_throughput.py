@@ -74,10 +74,16 @@ def make_events(n: int, seed: int = 0) -> list[bytes]:
 
 
 def raw_read(bootstrap: str, n: int) -> float:
-    consumer = KafkaConsumer(TOPIC, bootstrap_servers=bootstrap, group_id="bench-raw",
-                             auto_offset_reset="earliest", enable_auto_commit=False,
-                             session_timeout_ms=6000, heartbeat_interval_ms=1000,
-                             max_poll_records=500)  # fmt: skip
+    consumer = KafkaConsumer(
+        TOPIC,
+        bootstrap_servers=bootstrap,
+        group_id="bench-raw",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        max_poll_records=500,
+    )
     seen, start = 0, None
     while seen < n:
         for batch in consumer.poll(timeout_ms=1000).values():
@@ -91,8 +97,14 @@ def raw_read(bootstrap: str, n: int) -> float:
 
 def alignd_read(bootstrap: str, n: int, db: Path) -> float:
     store = FeedbackStore(f"sqlite:///{db}")
-    config = KafkaConfig(bootstrap_servers=bootstrap, topic=TOPIC, group_id="bench-alignd",
-                         session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_records=500)  # fmt: skip
+    config = KafkaConfig(
+        bootstrap_servers=bootstrap,
+        topic=TOPIC,
+        group_id="bench-alignd",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        max_poll_records=500,
+    )
     consumer = FeedbackConsumer(config, store)
     stop = threading.Event()
     first: list[float] = []
@@ -123,8 +135,12 @@ def main() -> int:
         broker.create_topics("alignd.feedback.dlq")
         t = time.perf_counter()
         produce_events(broker.bootstrap, TOPIC, values)
-        print(f"produced {args.events} events ({size_mb:.1f} MB, {size_mb * 1e6 / args.events:.0f} B avg) "
-              f"in {time.perf_counter() - t:.1f}s", file=sys.stderr)  # fmt: skip
+        print(
+            f"produced {args.events} events ({size_mb:.1f} MB, "
+            f"{size_mb * 1e6 / args.events:.0f} B avg) "
+            f"in {time.perf_counter() - t:.1f}s",
+            file=sys.stderr,
+        )
         raw_s = raw_read(broker.bootstrap, args.events)
         alignd_s = alignd_read(broker.bootstrap, args.events, Path(tmp) / "feedback.db")
     print(f"{'consumer':<34}{'events/s':>12}{'MB/s':>10}{'seconds':>10}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -138,11 +139,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     finally:
         consumer.close()
         store.close()
-    print(json.dumps({
-        "consumed": totals.consumed, "stored": totals.stored, "duplicates": totals.duplicates,
-        "conflicts": totals.conflicts, "dead_lettered": dict(totals.dead_lettered),
-        "failures": totals.failures,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "consumed": totals.consumed,
+                "stored": totals.stored,
+                "duplicates": totals.duplicates,
+                "conflicts": totals.conflicts,
+                "dead_lettered": dict(totals.dead_lettered),
+                "failures": totals.failures,
+            }
+        )
+    )
     return 0
 
 
@@ -166,6 +174,149 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.logs import setup_logging
+    from daemon.service import serve
+
+    config = _config(args)
+    setup_logging(json_lines=config.admin.json_logs)
+    return serve(config)
+
+
+# --- the operator client: talks to a running daemon's admin API ------------------------------
+class ApiError(RuntimeError):
+    pass
+
+
+def _api(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
+    import httpx
+
+    headers = {"x-alignd-actor": os.environ.get("USER", "operator")}
+    token = args.token or os.environ.get("ALIGND_ADMIN__TOKEN")
+    if not token and args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    try:
+        response = httpx.request(
+            method, args.url.rstrip("/") + path, json=body, headers=headers, timeout=30
+        )
+    except httpx.HTTPError as e:
+        raise ApiError(f"cannot reach alignd at {args.url}: {e}") from e
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text
+        raise ApiError(f"{method} {path}: HTTP {response.status_code}: {detail}")
+    return response.json()
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return "-" if value is None else str(value)
+
+    widths = {
+        c: max(len(c), *(len(cell(r.get(c))) for r in rows)) if rows else len(c) for c in columns
+    }
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(cell(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _print(args: argparse.Namespace, data: Any, human: str) -> None:
+    print(json.dumps(data, indent=1, default=str) if args.json else human)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    try:
+        return _client(args)
+    except ApiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _client(args: argparse.Namespace) -> int:
+    action = args.action
+    if action == "status":
+        data = _api(args, "GET", "/v1/status")
+        last = data.get("last_run") or {}
+        consumer = data["consumer"]
+        ready = "ready" if consumer["ready"] else f"NOT READY: {consumer['error']}"
+        human = "\n".join(
+            [
+                f"active adapter:   {data['active_adapter'] or 'none (serving the SFT base)'}",
+                f"refresh running:  {data['refresh_running']}",
+                f"last run:         {last.get('run_id', '-')} {last.get('outcome', '')} "
+                f"{last.get('reason', '')}",
+                f"consumer:         {ready}, lag {consumer['lag']}, stored {consumer['stored']}, "
+                f"dead-lettered {consumer['dead_lettered']}",
+                f"store:            {data['store']['events']} events, new since last snapshot "
+                f"{data['store']['new_since_last_snapshot']}",
+            ]
+        )
+        _print(args, data, human)
+    elif action == "list":
+        rows = _api(args, "GET", "/v1/adapters")
+        cols = [
+            "version",
+            "state",
+            "method",
+            "heldout_accuracy",
+            "kl_to_reference",
+            "factuality",
+            "parent",
+            "created_at",
+        ]
+        _print(args, rows, _table(rows, cols))
+    elif action == "show":
+        data = _api(args, "GET", f"/v1/adapters/{args.version}")
+        gate = data["manifest"].get("gate") or {}
+        checks = [
+            {
+                "check": c["name"],
+                "passed": c["passed"],
+                "value": c["value"],
+                "threshold": c["threshold"],
+            }
+            for c in gate.get("checks", [])
+        ]
+        human = f"{data['version']} ({data['state']})\n" + _table(
+            checks, ["check", "passed", "value", "threshold"]
+        )
+        _print(args, data, human)
+    elif action == "promote":
+        data = _api(
+            args,
+            "POST",
+            f"/v1/adapters/{args.version}/promote",
+            {"reason": args.reason, "force": args.force},
+        )
+        _print(args, data, f"active: {data['active']}" + _hook_note(data))
+    elif action == "rollback":
+        data = _api(args, "POST", "/v1/rollback", {"to": args.to, "reason": args.reason})
+        _print(args, data, f"rolled back; active: {data['active']}" + _hook_note(data))
+    elif action == "reject":
+        data = _api(args, "POST", f"/v1/adapters/{args.version}/reject", {"reason": args.reason})
+        _print(args, data, f"rejected: {data['rejected']}")
+    elif action == "refresh":
+        data = _api(args, "POST", "/v1/refresh")
+        _print(args, data, data["message"])
+    elif action == "run":
+        data = _api(args, "GET", f"/v1/runs/{args.run_id}")
+        _print(args, data, json.dumps(data, indent=1, default=str))
+    return 0
+
+
+def _hook_note(data: dict[str, Any]) -> str:
+    failures = data.get("serving_hook_failures") or []
+    return "" if not failures else "\nWARNING: serving hooks failed: " + "; ".join(failures)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -236,6 +387,58 @@ def make_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="snapshot directory to write (replaced atomically)"
     )
     build.set_defaults(func=cmd_dataset_build)
+
+    serve_cmd = sub.add_parser(
+        "serve", help="run the daemon: ingest, refresh, gate, serve the admin API"
+    )
+    serve_cmd.add_argument("--config", help=config_help)
+    serve_cmd.set_defaults(func=cmd_serve)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--url",
+        default=os.environ.get("ALIGND_URL", "http://127.0.0.1:8080"),
+        help="admin API of the running daemon (env ALIGND_URL)",
+    )
+    client.add_argument("--token", help="admin bearer token (env ALIGND_ADMIN__TOKEN)")
+    client.add_argument("--token-file", help="file holding the admin token")
+    client.add_argument("--json", action="store_true", help="machine-readable output")
+    status = sub.add_parser("status", parents=[client], help="what the daemon is doing")
+    status.set_defaults(func=cmd_client, action="status")
+    refresh = sub.add_parser("refresh", parents=[client], help="ask for a refresh now")
+    refresh.set_defaults(func=cmd_client, action="refresh")
+    runs = sub.add_parser("runs", help="refresh runs")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    run_show = runs_sub.add_parser("show", parents=[client], help="one run's status")
+    run_show.add_argument("run_id")
+    run_show.set_defaults(func=cmd_client, action="run")
+    adapters = sub.add_parser("adapters", help="the adapter registry")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    adapters_sub.add_parser("list", parents=[client], help="every version").set_defaults(
+        func=cmd_client, action="list"
+    )
+    show_cmd = adapters_sub.add_parser(
+        "show", parents=[client], help="a version and its gate checks"
+    )
+    show_cmd.add_argument("version")
+    show_cmd.set_defaults(func=cmd_client, action="show")
+    promote = adapters_sub.add_parser("promote", parents=[client], help="make a version active")
+    promote.add_argument("version")
+    promote.add_argument("--reason", default="operator promotion")
+    promote.add_argument("--force", action="store_true", help="even if the gate rejected it")
+    promote.set_defaults(func=cmd_client, action="promote")
+    rollback = adapters_sub.add_parser(
+        "rollback", parents=[client], help="back to the previous active version"
+    )
+    rollback.add_argument("--to", help="a specific earlier active version")
+    rollback.add_argument("--reason", default="operator rollback")
+    rollback.set_defaults(func=cmd_client, action="rollback")
+    reject = adapters_sub.add_parser(
+        "reject", parents=[client], help="mark a held candidate rejected"
+    )
+    reject.add_argument("version")
+    reject.add_argument("--reason", default="operator rejection")
+    reject.set_defaults(func=cmd_client, action="reject")
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from daemon.gate import GateConfig
 from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig
 
 
@@ -23,10 +24,80 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every bad key."""
 
 
-class PathsConfig(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class PathsConfig(_Section):
     data_dir: Path = Field(Path("alignd-data"), description="registry, snapshots, runs, caches")
+
+
+class ScheduleConfig(_Section):
+    """When a refresh runs (see ``daemon.scheduler.refresh_due``)."""
+
+    cron: str | None = Field(
+        "0 3 * * *", description="crontab expression (UTC); null = counts only"
+    )
+    min_new_pairs: int | None = Field(
+        200, gt=0, description="new edits+comparisons that trigger a run"
+    )
+    min_new_ratings: int | None = Field(1000, gt=0, description="new thumbs that trigger a run")
+    min_interval_s: float = Field(3600.0, ge=0, description="never start runs closer than this")
+    tick_s: float = Field(30.0, gt=0, description="how often the decision is re-evaluated")
+    drift_probe_cron: str | None = Field("*/30 * * * *", description="KL drift probe schedule")
+    drift_probe_prompts: int = Field(32, gt=0, description="recent production replies per probe")
+    retention_cron: str | None = Field("17 4 * * *", description="when store retention runs")
+
+    @field_validator("cron", "drift_probe_cron", "retention_cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(value, timezone="UTC")
+            except ValueError as e:
+                raise ValueError(f"not a crontab expression: {e}") from e
+        return value
+
+
+class TrainingConfig(_Section):
+    """What a refresh trains and how the child process is bounded."""
+
+    base_model: str = Field("smollm2", description="'smollm2', a .gguf file or a model directory")
+    pair_method: Literal[
+        "dpo", "cdpo", "ipo", "hinge", "robust", "dpop", "simpo", "orpo", "rpo"
+    ] = Field("dpo", description="loss when the snapshot has pairs")
+    both_policy: Literal["pairs", "kto_union"] = Field(
+        "pairs", description="pairs and thumbs: DPO-family on pairs, or KTO on all (pairs split)"
+    )
+    warm_start: bool = Field(False, description="initialise LoRA from the active adapter")
+    min_pairs: int = Field(8, gt=0, description="fewer training pairs: no paired run")
+    min_kto_rows: int = Field(16, gt=0, description="fewer thumbs: no KTO run")
+    run_spec: dict[str, Any] = Field(
+        default_factory=dict, description="run-spec overrides (hyper, lora, eval, detectors)"
+    )
+    timeout_s: float = Field(6 * 3600.0, gt=0, description="a run past this is stopped, failed")
+    memory_limit_mb: int | None = Field(None, gt=0, description="address-space limit of the child")
+    stop_grace_s: float = Field(20.0, ge=0, description="SIGTERM → SIGKILL grace for the child")
+
+
+class AdminConfig(_Section):
+    host: str = Field("127.0.0.1", description="admin API / metrics bind address")
+    port: int = Field(8080, ge=0, le=65535, description="admin API / metrics port")
+    token: SecretStr | None = Field(None, description="bearer token for mutating endpoints")
+    token_file: Path | None = Field(None, description="file holding the bearer token")
+    max_body_bytes: int = Field(16_384, gt=0, description="request bodies larger are refused")
+    drain_s: float = Field(25.0, gt=0, description="SIGTERM → exit bound (< pod grace period)")
+    json_logs: bool = Field(False, description="structured JSON-lines logs")
+
+
+class ServingConfig(_Section):
+    current_pointer: bool = Field(True, description="keep registry/current → active version")
+    vllm_endpoints: list[str] = Field(
+        default_factory=list, description="vLLM servers to hot-load into"
+    )
+    vllm_adapter_prefix: str = Field("alignd", description="served LoRA name: PREFIX-VERSION")
 
 
 class AligndConfig(BaseSettings):
@@ -41,6 +112,11 @@ class AligndConfig(BaseSettings):
     limits: EventLimits = EventLimits()
     dataset: DatasetConfig = DatasetConfig()
     paths: PathsConfig = PathsConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    training: TrainingConfig = TrainingConfig()
+    gate: GateConfig = GateConfig()
+    admin: AdminConfig = AdminConfig()
+    serving: ServingConfig = ServingConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,6 @@ A section lives between ``<!-- BEGIN GENERATED: name -->`` and ``<!-- END GENERA
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,14 +62,18 @@ def run_spec_table() -> str:
 SECTIONS: dict[str, Callable[[], str]] = {"config": config_table, "run-spec": run_spec_table}
 
 
+def _replace(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- BEGIN GENERATED: {name} -->\n", f"<!-- END GENERATED: {name} -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"README.md has no generated section {name!r}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + body + "\n" + end + tail
+
+
 def render(text: str) -> str:
     for name, make in SECTIONS.items():
-        pattern = re.compile(
-            rf"(<!-- BEGIN GENERATED: {name} -->\n).*?(<!-- END GENERATED: {name} -->)", re.S
-        )
-        if not pattern.search(text):
-            raise ValueError(f"README.md has no generated section {name!r}")
-        text = pattern.sub(lambda m, make=make: m.group(1) + make() + "\n" + m.group(2), text)
+        text = _replace(text, name, make())
     return text
 
 

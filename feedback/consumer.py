@@ -107,6 +107,7 @@ class FeedbackConsumer:
         self.ready = False
         self.last_error: str | None = None
         self.last_assigned: float | None = None
+        self.partition_lag: dict[int, int] = {}  # updated by the loop; safe to read elsewhere
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
 
@@ -235,6 +236,7 @@ class FeedbackConsumer:
                     timeout_ms=self.kafka.poll_timeout_ms, max_records=self.kafka.max_poll_records
                 )
                 now = time.monotonic()
+                self.partition_lag = self.lag()  # the consumer is not thread-safe: read it here
                 if records:
                     report = self.handle(records)
                     self.totals.add(report)

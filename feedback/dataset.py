@@ -31,9 +31,14 @@ from feedback.events import ComparisonEvent, EditEvent, Event, RatingEvent, prom
 
 Messages = list[dict[str, str]]
 FILTERS = (
-    "trivial_edit", "length_ratio", "duplicate_pair", "duplicate_example",
-    "contradictory_label", "too_long", "outside_window",
-)  # fmt: skip
+    "trivial_edit",
+    "length_ratio",
+    "duplicate_pair",
+    "duplicate_example",
+    "contradictory_label",
+    "too_long",
+    "outside_window",
+)
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,14 @@ def _ratings_to_examples(
         first = group[0]
         filtered["duplicate_example"] += len(group) - 1
         kto.append(
-            KTOExample(_messages(first), first.completion, first.rating == "up", first.event_id,
-                       prompt_key(first.prompt))
-        )  # fmt: skip
+            KTOExample(
+                _messages(first),
+                first.completion,
+                first.rating == "up",
+                first.event_id,
+                prompt_key(first.prompt),
+            )
+        )
     mined: list[PairExample] = []
     if config.mine_rating_pairs:
         by_prompt: dict[str, list[KTOExample]] = defaultdict(list)
@@ -123,9 +133,15 @@ def _ratings_to_examples(
             downs = [e for e in examples if not e.label]
             for up, down in list(product(ups, downs))[: config.max_mined_pairs_per_prompt]:
                 mined.append(
-                    PairExample(up.prompt, up.completion, down.completion, "mined",
-                                (up.event_id, down.event_id), up.prompt_sha256)
-                )  # fmt: skip
+                    PairExample(
+                        up.prompt,
+                        up.completion,
+                        down.completion,
+                        "mined",
+                        (up.event_id, down.event_id),
+                        up.prompt_sha256,
+                    )
+                )
     return kto, mined
 
 

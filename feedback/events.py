@@ -161,13 +161,27 @@ _REASONS = {
     "model_attributes_type": "not_an_object",
 }
 CUSTOM_REASONS = frozenset(
-    {"empty_text", "control_character", "text_too_long", "too_many_messages", "bad_prompt",
-     "too_many_tags", "bad_tag"}
-)  # fmt: skip
+    {
+        "empty_text",
+        "control_character",
+        "text_too_long",
+        "too_many_messages",
+        "bad_prompt",
+        "too_many_tags",
+        "bad_tag",
+    }
+)
 REASONS = frozenset(
-    {*_REASONS.values(), *CUSTOM_REASONS, "wrong_type", "invalid_value", "unsupported_version",
-     "oversize", "invalid_utf8"}
-)  # fmt: skip
+    {
+        *_REASONS.values(),
+        *CUSTOM_REASONS,
+        "wrong_type",
+        "invalid_value",
+        "unsupported_version",
+        "oversize",
+        "invalid_utf8",
+    }
+)
 
 
 _TYPE_TAGS = frozenset({"rating", "edit", "comparison"})

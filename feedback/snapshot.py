@@ -42,13 +42,22 @@ from feedback.store import FeedbackStore
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 PAIR_SCHEMA = pa.schema(
-    [("prompt", pa.list_(MESSAGE)), ("chosen", pa.string()), ("rejected", pa.string()),
-     ("source", pa.string()), ("event_ids", pa.list_(pa.string()))]
-)  # fmt: skip
+    [
+        ("prompt", pa.list_(MESSAGE)),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("source", pa.string()),
+        ("event_ids", pa.list_(pa.string())),
+    ]
+)
 KTO_SCHEMA = pa.schema(
-    [("prompt", pa.list_(MESSAGE)), ("completion", pa.string()), ("label", pa.bool_()),
-     ("event_id", pa.string())]
-)  # fmt: skip
+    [
+        ("prompt", pa.list_(MESSAGE)),
+        ("completion", pa.string()),
+        ("label", pa.bool_()),
+        ("event_id", pa.string()),
+    ]
+)
 SPLITS = ("train", "heldout")
 
 
@@ -62,8 +71,13 @@ class EventRange:
 
 
 def _pair_row(p: PairExample) -> dict[str, Any]:
-    return {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "source": p.source,
-            "event_ids": list(p.event_ids)}  # fmt: skip
+    return {
+        "prompt": p.prompt,
+        "chosen": p.chosen,
+        "rejected": p.rejected,
+        "source": p.source,
+        "event_ids": list(p.event_ids),
+    }
 
 
 def _kto_row(k: KTOExample) -> dict[str, Any]:

@@ -143,17 +143,29 @@ class FeedbackStore:
                 if previous is not None:
                     outcome.conflicts += 1
                     conflict_rows.append(
-                        {"event_id": ev.event_id, "content_sha256": digest, "received_at": now,
-                         "source": item.source, "event": canonical_json(ev)}
-                    )  # fmt: skip
+                        {
+                            "event_id": ev.event_id,
+                            "content_sha256": digest,
+                            "received_at": now,
+                            "source": item.source,
+                            "event": canonical_json(ev),
+                        }
+                    )
                     continue
                 known[ev.event_id] = digest
                 new_rows.append(
-                    {"event_id": ev.event_id, "type": ev.type, "occurred_at": ev.occurred_at,
-                     "ingested_at": now, "prompt_sha256": prompt_key(ev.prompt),
-                     "content_sha256": digest, "served_adapter": ev.served_adapter,
-                     "source": item.source, "event": canonical_json(ev)}
-                )  # fmt: skip
+                    {
+                        "event_id": ev.event_id,
+                        "type": ev.type,
+                        "occurred_at": ev.occurred_at,
+                        "ingested_at": now,
+                        "prompt_sha256": prompt_key(ev.prompt),
+                        "content_sha256": digest,
+                        "served_adapter": ev.served_adapter,
+                        "source": item.source,
+                        "event": canonical_json(ev),
+                    }
+                )
                 outcome.stored_by_type[ev.type] = outcome.stored_by_type.get(ev.type, 0) + 1
             if new_rows:
                 conn.execute(insert(events_table), new_rows)

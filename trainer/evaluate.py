@@ -32,6 +32,7 @@ from trainer.data import PairRow
 from trainer.logprobs import (
     Encoded,
     Prompt,
+    as_messages,
     collate,
     encode,
     render_prompt,
@@ -262,13 +263,85 @@ def is_repetitive(text: str) -> bool:
     return len(set(grams)) / len(grams) < 0.4
 
 
-def generation_stats(replies: Sequence[str], *, short_words: int = 5) -> dict[str, float]:
-    """Degeneracy statistics of a set of replies to *different* prompts."""
+_STOP = frozenset(
+    [
+        "about",
+        "after",
+        "again",
+        "also",
+        "because",
+        "before",
+        "being",
+        "could",
+        "would",
+        "should",
+        "their",
+        "there",
+        "these",
+        "those",
+        "thanks",
+        "thank",
+        "please",
+        "hello",
+        "which",
+        "while",
+        "where",
+        "what",
+        "when",
+        "with",
+        "your",
+        "yours",
+        "have",
+        "from",
+        "this",
+        "that",
+        "just",
+        "some",
+        "will",
+        "into",
+        "them",
+        "they",
+        "been",
+        "were",
+    ]
+)
+
+
+def _salient(text: str) -> set[str]:
+    """Words a relevant reply would echo: numbers (order ids) and longer content words."""
+    words = _WORD.findall(text.lower())
+    return {w for w in words if (w.isdigit() and len(w) >= 3) or (len(w) >= 5 and w not in _STOP)}
+
+
+def is_relevant(prompt: Prompt, reply: str) -> bool:
+    """Does the reply mention something specific from the user's last message?"""
+    messages = as_messages(prompt)
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    wanted = _salient(last_user)
+    return bool(wanted & _salient(reply)) if wanted else True
+
+
+def generation_stats(
+    replies: Sequence[str], prompts: Sequence[Prompt] | None = None, *, short_words: int = 5
+) -> dict[str, float]:
+    """Degeneracy statistics of a set of replies to *different* prompts.
+
+    ``relevance_rate`` (with ``prompts``): share of replies that echo a number or content word
+    of the request — "I'm here to assist you." to every customer scores 0.
+    """
     if not replies:
         return {}
     words = [len(_WORD.findall(r)) for r in replies]
     n = len(replies)
-    return {
+    relevance = (
+        {
+            "relevance_rate": sum(is_relevant(p, r) for p, r in zip(prompts, replies, strict=True))
+            / n
+        }
+        if prompts is not None
+        else {}
+    )
+    return relevance | {
         "num_replies": float(n),
         "median_words": float(statistics.median(words)),
         "mean_words": float(statistics.fmean(words)),

@@ -188,9 +188,14 @@ class UnpairedObjective:
         hp = self.hp
         if self.method == "kto":
             out = L.kto_loss(
-                logps, ref, desirable, kl_estimate, beta=hp.beta,
-                desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight,
-            )  # fmt: skip
+                logps,
+                ref,
+                desirable,
+                kl_estimate,
+                beta=hp.beta,
+                desirable_weight=hp.desirable_weight,
+                undesirable_weight=hp.undesirable_weight,
+            )
         else:
             out = L.apo_zero_loss(logps, ref, desirable, beta=hp.beta)
         logratios = (logps - ref).detach()

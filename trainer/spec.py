@@ -94,6 +94,9 @@ class RunSpec(_Strict):
     eval_data: Path | None = None
     base_model: str = DEFAULT_BASE_MODEL
     method: Method = "dpo"
+    data_kind: Literal["auto", "kto_union"] = Field(
+        "auto", description="kto_union: KTO on thumbs plus pairs split into two rows each"
+    )
     hyper: Hyperparameters = Hyperparameters()
     lora: LoraSpec = LoraSpec()
     detectors: Detectors = Detectors()

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from trainer import detectors
-from trainer.data import DataError, read_rows, rows_sha256, snapshot_sha256, to_pairs
+from trainer.data import DataError, is_snapshot, read_rows, rows_sha256, snapshot_sha256, to_pairs
 from trainer.evaluate import (
     build_pair_eval_set,
     factuality,
@@ -129,8 +129,9 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     # --- setup: data first (cheap, fails fast), then the model -----------------------------
     generator = seed_everything(spec.seed)
     rows = read_rows(spec.data, kind="pairs" if paired else "kto", split="train")
-    if not paired and not rows:  # KTO can also learn from pairs split into two rows each
-        rows = read_rows(spec.data, kind="pairs", split="train")
+    if not paired and is_snapshot(spec.data) and (spec.data_kind == "kto_union" or not rows):
+        # KTO also learns from pairs, split into a desirable and an undesirable row each
+        rows = rows + read_rows(spec.data, kind="pairs", split="train")
     if not rows:
         raise DataError(f"{spec.data}: no training rows for method {method!r}")
     result.dataset_sha256 = spec.dataset_sha256 or snapshot_sha256(spec.data) or rows_sha256(rows)
@@ -194,9 +195,12 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         metrics = step_metrics(step, parts)
         elapsed = time.perf_counter() - t_step
         metrics |= {
-            "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
-            "tokens": tokens, "step_s": elapsed, "tokens_per_s": tokens / elapsed,
-        }  # fmt: skip
+            "grad_norm": float(grad_norm),
+            "learning_rate": scheduler.get_last_lr()[0],
+            "tokens": tokens,
+            "step_s": elapsed,
+            "tokens_per_s": tokens / elapsed,
+        }
         result.steps.append(metrics)
         bar.update(1)
         accuracy = metrics.get("rewards/accuracies") or 0.0
@@ -288,7 +292,9 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> dict[str, Any]:
                     max_new_tokens=spec.eval.max_new_tokens,
                     batch_size=bs,
                 )
-                report[name]["generation"] = generation_stats(replies) | {"replies": replies}
+                report[name]["generation"] = generation_stats(replies, prompts) | {
+                    "replies": replies
+                }
     questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
     if questions:
         for name, adapter in adapters.items():

@@ -1,0 +1,138 @@
+"""Every Prometheus metric alignd exports, declared once against an injected registry.
+
+Names carry the ``alignd_`` prefix and base units; labels are small fixed sets (event type,
+DLQ reason code, outcome, check name, partition) — never a user, prompt or path.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from feedback.consumer import BatchReport
+from feedback.events import REASONS
+
+OUTCOMES = ("promoted", "held", "rejected", "failed", "interrupted", "skipped")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        # feedback flow
+        self.events_consumed = Counter(
+            "alignd_events_consumed_total", "Messages read from the feedback topic", registry=r
+        )
+        self.events_stored = Counter(
+            "alignd_events_stored_total", "Valid events durably stored", ["type"], registry=r
+        )
+        self.events_duplicate = Counter(
+            "alignd_events_duplicate_total", "Redelivered events already stored", registry=r
+        )
+        self.events_conflict = Counter(
+            "alignd_events_conflict_total",
+            "Events reusing a stored event_id with different content",
+            registry=r,
+        )
+        self.events_dead_lettered = Counter(
+            "alignd_events_dead_lettered_total",
+            "Invalid messages sent to the DLQ",
+            ["reason"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "alignd_consumer_lag_records",
+            "Records behind the high-water mark",
+            ["partition"],
+            registry=r,
+        )
+        self.consumer_ready = Gauge(
+            "alignd_consumer_ready", "1 when the consumer reaches the broker and store", registry=r
+        )
+        # snapshots and refreshes
+        self.snapshot_examples = Gauge(
+            "alignd_snapshot_examples",
+            "Rows in the current snapshot",
+            ["kind", "split"],
+            registry=r,
+        )
+        self.refresh_runs = Counter(
+            "alignd_refresh_runs_total", "Refresh runs by outcome", ["outcome"], registry=r
+        )
+        self.refresh_duration = Histogram(
+            "alignd_refresh_duration_seconds",
+            "Wall time of a refresh run",
+            registry=r,
+            buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800),
+        )
+        self.last_success = Gauge(
+            "alignd_last_successful_refresh_timestamp_seconds",
+            "When the last refresh finished without error",
+            registry=r,
+        )
+        self.refresh_running = Gauge(
+            "alignd_refresh_running", "1 while a refresh is running", registry=r
+        )
+        self.training_loss = Gauge(
+            "alignd_last_training_loss", "Final-step loss of the last training run", registry=r
+        )
+        self.training_accuracy = Gauge(
+            "alignd_last_training_reward_accuracy", "Final-step reward accuracy", registry=r
+        )
+        self.training_margin = Gauge(
+            "alignd_last_training_reward_margin", "Final-step reward margin", registry=r
+        )
+        # evaluation and gate
+        self.heldout_accuracy = Gauge(
+            "alignd_heldout_preference_accuracy",
+            "Held-out preference accuracy",
+            ["adapter"],
+            registry=r,
+        )  # adapter: candidate | active
+        self.factuality = Gauge(
+            "alignd_factuality_score", "Multiple-choice factuality", ["adapter"], registry=r
+        )
+        self.kl = Gauge(
+            "alignd_kl_to_reference_nats",
+            "Per-token KL(adapter ‖ reference) on held-out",
+            ["adapter"],
+            registry=r,
+        )
+        self.gate_decisions = Counter(
+            "alignd_gate_decisions_total", "Gate decisions", ["outcome"], registry=r
+        )
+        self.gate_failed_checks = Counter(
+            "alignd_gate_failed_checks_total", "Failed gate checks", ["check"], registry=r
+        )
+        self.promotions = Counter(
+            "alignd_promotions_total", "Adapter activations", ["trigger"], registry=r
+        )
+        self.rollbacks = Counter("alignd_rollbacks_total", "Rollbacks", ["trigger"], registry=r)
+        self.active_info = Info("alignd_active_adapter", "The active adapter version", registry=r)
+        self.drift_kl = Gauge(
+            "alignd_drift_kl_nats",
+            "Active adapter's KL to the reference on recent production prompts",
+            registry=r,
+        )
+        self.drift_probe_timestamp = Gauge(
+            "alignd_drift_probe_timestamp_seconds",
+            "When the drift probe last succeeded",
+            registry=r,
+        )
+        # Pre-create label values so rate() works from the first scrape.
+        for reason in sorted(REASONS):
+            self.events_dead_lettered.labels(reason=reason)
+        for event_type in ("rating", "edit", "comparison"):
+            self.events_stored.labels(type=event_type)
+        for outcome in OUTCOMES:
+            self.refresh_runs.labels(outcome=outcome)
+        for outcome in ("promote", "reject"):
+            self.gate_decisions.labels(outcome=outcome)
+
+    def record_batch(self, report: BatchReport) -> None:
+        self.events_consumed.inc(report.consumed)
+        for event_type, n in report.stored_by_type.items():
+            self.events_stored.labels(type=event_type).inc(n)
+        self.events_duplicate.inc(report.duplicates)
+        self.events_conflict.inc(report.conflicts)
+        for reason, n in report.dead_lettered.items():
+            self.events_dead_lettered.labels(reason=reason).inc(n)

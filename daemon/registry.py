@@ -1,0 +1,301 @@
+"""The adapter registry: immutable versions, an active pointer, an append-only audit log.
+
+Layout under ``root``::
+
+    adapters/v0001/      adapter_config.json, adapter_model.safetensors, manifest.json
+    active.json          {"version": "v0002", "history": ["v0001", "v0002"], "changed_at": ...}
+    audit.jsonl          one JSON object per change: who, what, when, why
+    current -> adapters/v0002   (serving hook: a symlink a model server can watch)
+
+Every change is atomic: a version is assembled in ``adapters/.staging-*`` and renamed into
+place; ``active.json`` is written to a temp file, fsynced and renamed; the audit log is
+appended and fsynced. A crash at any moment leaves either the old state or the new one;
+leftover staging directories are removed when the registry is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+VERSION_RE = re.compile(r"^v\d{4,}$")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class RegistryError(ValueError):
+    """An operation the registry refuses; the message says why."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write, fsync, rename: readers see the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise unless ``path`` is a complete safetensors file (header parses, data all there).
+
+    Cheap: reads the header only. Catches truncated or corrupted adapter files before they
+    reach a model server.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise RegistryError(f"{path.name}: truncated (no header)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise RegistryError(f"{path.name}: truncated header ({header_len} bytes declared)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RegistryError(f"{path.name}: corrupted header: {e}") from e
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if not ends:
+        raise RegistryError(f"{path.name}: holds no tensors")
+    if 8 + header_len + max(ends) != size:
+        raise RegistryError(
+            f"{path.name}: size {size} does not match its header (truncated or padded)"
+        )
+
+
+def check_adapter_dir(path: Path) -> None:
+    """Raise unless ``path`` holds a servable PEFT LoRA adapter."""
+    for name in ADAPTER_FILES:
+        if not (path / name).is_file():
+            raise RegistryError(f"adapter is missing {name}")
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"adapter_config.json: {e}") from e
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        raise RegistryError("adapter has biases or modules_to_save, which vLLM cannot serve")
+    check_safetensors(path / "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    state: str  # active | candidate | approved-waiting | retired | rejected
+    created_at: str
+    manifest: dict[str, Any]
+
+
+ServingHook = Callable[[str, Path, str | None], None]
+
+
+class Registry:
+    def __init__(self, root: Path, hooks: list[ServingHook] | None = None) -> None:
+        self.root = root
+        self.adapters = root / "adapters"
+        self.adapters.mkdir(parents=True, exist_ok=True)
+        self.active_path = root / "active.json"
+        self.audit_path = root / "audit.jsonl"
+        self.hooks = hooks or []
+        for leftover in self.adapters.glob(".staging-*"):  # a crash mid-registration
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    # --- reading ------------------------------------------------------------------------------
+    def version_dir(self, version: str) -> Path:
+        if not VERSION_RE.match(version):
+            raise RegistryError(f"not a version name: {version!r}")
+        path = self.adapters / version
+        if not path.is_dir():
+            raise RegistryError(f"no such version: {version}")
+        return path
+
+    def versions(self) -> list[str]:
+        return sorted(p.name for p in self.adapters.iterdir() if VERSION_RE.match(p.name))
+
+    def active(self) -> str | None:
+        if not self.active_path.exists():
+            return None
+        value = json.loads(self.active_path.read_text()).get("version")
+        return str(value) if value else None
+
+    def history(self) -> list[str]:
+        if not self.active_path.exists():
+            return []
+        return [str(v) for v in json.loads(self.active_path.read_text()).get("history", [])]
+
+    def audit(self) -> Iterator[dict[str, Any]]:
+        if not self.audit_path.exists():
+            return
+        with self.audit_path.open() as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        # a torn last line after a crash: its change did not happen
+                        continue
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.version_dir(version) / "manifest.json").read_text())
+        return data
+
+    def state(self, version: str) -> str:
+        if version == self.active():
+            return "active"
+        if version in self.history():
+            return "retired"
+        last = None
+        for entry in self.audit():
+            if entry.get("version") == version and entry.get("action") in {"reject", "register"}:
+                last = entry
+        if last is not None and last["action"] == "reject":
+            return "rejected"
+        gate = self.manifest(version).get("gate") or {}
+        return "candidate" if gate.get("promote") else "rejected"
+
+    def show(self, version: str) -> VersionInfo:
+        manifest = self.manifest(version)
+        return VersionInfo(
+            version, self.state(version), str(manifest.get("created_at", "")), manifest
+        )
+
+    def list_versions(self) -> list[VersionInfo]:
+        return [self.show(v) for v in self.versions()]
+
+    # --- changing -----------------------------------------------------------------------------
+    def _append_audit(self, action: str, actor: str, reason: str, **extra: Any) -> None:
+        entry = {"at": _now(), "action": action, "actor": actor, "reason": reason, **extra}
+        with self.audit_path.open("a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _next_version(self) -> str:
+        numbers = [int(v[1:]) for v in self.versions()]
+        return f"v{(max(numbers) + 1 if numbers else 1):04d}"
+
+    def register(
+        self, adapter_dir: Path, manifest: dict[str, Any], *, actor: str = "alignd"
+    ) -> str:
+        """Copy a trained adapter in as a new immutable version; returns its name."""
+        check_adapter_dir(adapter_dir)
+        staging = self.adapters / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            for name in ADAPTER_FILES:
+                shutil.copy2(adapter_dir / name, staging / name)
+            version = self._next_version()
+            full = {**manifest, "version": version, "created_at": _now()}
+            (staging / "manifest.json").write_text(
+                json.dumps(full, indent=1, sort_keys=True, default=str)
+            )
+            for name in (*ADAPTER_FILES, "manifest.json"):
+                with (staging / name).open("rb") as f:
+                    os.fsync(f.fileno())
+            os.rename(staging, self.adapters / version)  # the moment the version exists
+            _fsync_dir(self.adapters)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        gate = manifest.get("gate") or {}
+        self._append_audit(
+            "register",
+            actor,
+            "; ".join(gate.get("reasons", [])) or "gate passed",
+            version=version,
+            gate_passed=bool(gate.get("promote")),
+        )
+        return version
+
+    def _activate(
+        self, version: str, *, action: str, actor: str, reason: str, history: list[str]
+    ) -> list[str]:
+        previous = self.active()
+        check_adapter_dir(self.version_dir(version))
+        atomic_write_json(
+            self.active_path, {"version": version, "history": history, "changed_at": _now()}
+        )
+        self._append_audit(action, actor, reason, version=version, previous=previous)
+        failures = []
+        for hook in self.hooks:  # serving hooks: failures are recorded, the registry stays valid
+            try:
+                hook(version, self.version_dir(version), previous)
+            except Exception as e:
+                failures.append(f"{getattr(hook, '__name__', type(hook).__name__)}: {e}")
+        if failures:
+            self._append_audit("serving_hook_failed", actor, "; ".join(failures), version=version)
+        return failures
+
+    def promote(self, version: str, *, actor: str, reason: str, force: bool = False) -> list[str]:
+        """Make ``version`` active. Refuses a version the gate rejected unless ``force``."""
+        state = self.state(version)
+        if state == "active":
+            raise RegistryError(f"{version} is already active")
+        if state == "rejected" and not force:
+            raise RegistryError(
+                f"{version} was rejected by the gate or an operator; use force to override"
+            )
+        history = [v for v in self.history() if v != version] + [version]
+        return self._activate(
+            version, action="promote", actor=actor, reason=reason, history=history
+        )
+
+    def rollback(self, *, actor: str, reason: str, to: str | None = None) -> tuple[str, list[str]]:
+        """Re-activate the previous active version, or ``to``."""
+        history = self.history()
+        if to is None:
+            if len(history) < 2:
+                raise RegistryError("nothing to roll back to: no earlier active version")
+            to = history[-2]
+            history = history[:-1]
+        else:
+            self.version_dir(to)
+            if to not in history:
+                raise RegistryError(f"{to} was never active; promote it instead")
+            history = history[: history.index(to) + 1]
+        return to, self._activate(
+            to, action="rollback", actor=actor, reason=reason, history=history
+        )
+
+    def reject(self, version: str, *, actor: str, reason: str) -> None:
+        if self.state(version) == "active":
+            raise RegistryError(f"{version} is active; roll back first")
+        self.version_dir(version)
+        self._append_audit("reject", actor, reason, version=version)
+
+
+def current_pointer_hook(registry_root: Path) -> ServingHook:
+    """Serving hook: point ``<root>/current`` at the active version (atomic symlink swap)."""
+
+    def write_current_pointer(version: str, path: Path, previous: str | None) -> None:
+        link = registry_root / "current"
+        tmp = registry_root / f".current-{uuid.uuid4().hex}"
+        os.symlink(os.path.relpath(path, registry_root), tmp)
+        os.replace(tmp, link)
+
+    return write_current_pointer

@@ -1,0 +1,349 @@
+"""``alignd serve``: the long-running service and its lifecycle, start → run → drain → close.
+
+Threads: the feedback consumer (its own loop), APScheduler's worker (the refresh tick, the
+drift probe, retention), a refresh worker while a refresh runs, and the HTTP server. A signal
+only sets ``stopping``; :meth:`drain` then stops new work, lets the consumer finish and
+commit its batch, gives a running trainer child its grace period (then kills it and records
+the run as interrupted), all inside ``admin.drain_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from prometheus_client import CollectorRegistry
+
+from daemon.api import make_app
+from daemon.config import AligndConfig
+from daemon.metrics import Metrics
+from daemon.refresh import Refresher
+from daemon.registry import Registry, ServingHook, VersionInfo, current_pointer_hook
+from daemon.scheduler import RefreshState, refresh_due
+from daemon.serving import vllm_hook
+from feedback.consumer import FeedbackConsumer
+from feedback.events import EditEvent, RatingEvent
+from feedback.store import FeedbackStore
+
+log = logging.getLogger("alignd.service")
+
+
+def _parse(ts: str | None) -> datetime | None:
+    return datetime.fromisoformat(ts) if ts else None
+
+
+class Service:
+    def __init__(self, config: AligndConfig) -> None:
+        self.config = config
+        data = config.paths.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = FeedbackStore(config.store.url)
+        hooks: list[ServingHook] = []
+        if config.serving.current_pointer:
+            hooks.append(current_pointer_hook(data / "registry"))
+        if config.serving.vllm_endpoints:
+            hooks.append(
+                vllm_hook(config.serving.vllm_endpoints, config.serving.vllm_adapter_prefix)
+            )
+        self.registry = Registry(data / "registry", hooks)
+        self.metrics = Metrics(CollectorRegistry())
+        self.refresher = Refresher(config, self.store, self.registry, self.metrics)
+        self.consumer = FeedbackConsumer(
+            config.kafka, self.store, config.limits, on_batch=self.metrics.record_batch
+        )
+        self.stopping = threading.Event()  # set by a signal: stop taking work
+        self.consumer_stop = threading.Event()
+        self.refresh_stop = threading.Event()
+        self.manual_refresh: str | None = None
+        self._lock = threading.Lock()
+        self._refresh_thread: threading.Thread | None = None
+        self._consumer_thread: threading.Thread | None = None
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+        )
+        self.http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+        self.started_at = time.time()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def admin_token(self) -> str | None:
+        admin = self.config.admin
+        if admin.token is not None:
+            return admin.token.get_secret_value()
+        if admin.token_file is not None:
+            return admin.token_file.read_text().strip() or None
+        return None
+
+    def start(self) -> None:
+        log.info("starting alignd with config %s", json.dumps(self.config.redacted(), default=str))
+        self.refresher.publish_active()
+        if self.refresher.state.last_success_at:
+            self.metrics.last_success.set(
+                datetime.fromisoformat(self.refresher.state.last_success_at).timestamp()
+            )
+        self._consumer_thread = threading.Thread(
+            target=self.consumer.run,
+            args=(self.consumer_stop,),
+            name="feedback-consumer",
+            daemon=True,
+        )
+        self._consumer_thread.start()
+        schedule = self.config.schedule
+        self.scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=schedule.tick_s,
+            id="refresh-tick",
+            next_run_time=datetime.now(UTC),
+        )
+        if schedule.drift_probe_cron:
+            self.scheduler.add_job(
+                self.drift_probe,
+                CronTrigger.from_crontab(schedule.drift_probe_cron, timezone="UTC"),
+                id="drift-probe",
+            )
+        if schedule.retention_cron and self.config.store.retention_days:
+            self.scheduler.add_job(
+                self.retention,
+                CronTrigger.from_crontab(schedule.retention_cron, timezone="UTC"),
+                id="retention",
+            )
+        self.scheduler.start()
+        admin = self.config.admin
+        self.http = uvicorn.Server(
+            uvicorn.Config(
+                make_app(self),
+                host=admin.host,
+                port=admin.port,
+                log_level="warning",
+                access_log=False,
+            )
+        )
+        self._http_thread = threading.Thread(target=self.http.run, name="admin-http", daemon=True)
+        self._http_thread.start()
+        log.info("alignd serving on http://%s:%d", admin.host, admin.port)
+
+    def run_until_signal(self) -> None:
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("received %s: draining", signal.Signals(signum).name)
+            self.stopping.set()  # only flip state; drain() does the work
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.stopping.wait()
+
+    def drain(self) -> None:
+        deadline = time.monotonic() + self.config.admin.drain_s
+        self.stopping.set()
+        self.scheduler.shutdown(wait=False)
+        self.consumer_stop.set()
+        # the refresh worker stops its trainer child: SIGTERM, grace period, SIGKILL
+        self.refresh_stop.set()
+        for thread in (self._refresh_thread, self._consumer_thread):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic() - 1.0))
+        log.info("drained in %.1fs", self.config.admin.drain_s - (deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.should_exit = True
+        if self._http_thread is not None:
+            self._http_thread.join(5)
+        self.consumer.close()
+        self.store.close()
+
+    # --- refresh scheduling -------------------------------------------------------------------
+    def request_refresh(self, actor: str) -> tuple[bool, str]:
+        with self._lock:
+            if self.stopping.is_set():
+                return False, "alignd is shutting down"
+            if self.refresher.running.is_set() or self._refresh_busy():
+                return False, "a refresh is already running"
+            self.manual_refresh = actor
+        threading.Thread(target=self.tick, name="refresh-tick-manual", daemon=True).start()
+        return True, f"refresh requested by {actor}"
+
+    def _refresh_busy(self) -> bool:
+        return self._refresh_thread is not None and self._refresh_thread.is_alive()
+
+    def tick(self) -> None:
+        """Gather the state, ask the pure decision, start a refresh worker if due."""
+        with self._lock:
+            if self.stopping.is_set():
+                return
+            state = self.refresher.state
+            counts = self.store.counts_by_type(since_seq=state.last_snapshot_seq)
+            now = datetime.now(UTC)
+            decision = refresh_due(
+                RefreshState(
+                    running=self._refresh_busy(),
+                    last_started_at=_parse(state.last_started_at),
+                    last_cron_check=_parse(state.last_cron_check) or now,
+                    new_pairs=counts.get("edit", 0) + counts.get("comparison", 0),
+                    new_ratings=counts.get("rating", 0),
+                    manual_requested=self.manual_refresh is not None,
+                ),
+                now,
+                self.config.schedule,
+            )
+            state.last_cron_check = now.isoformat()
+            if not decision.due:
+                return
+            trigger = "operator request" if self.manual_refresh else decision.reason
+            self.manual_refresh = None
+            self.refresh_stop.clear()
+            self._refresh_thread = threading.Thread(
+                target=self.refresher.refresh,
+                args=(trigger, self.refresh_stop),
+                name="refresh",
+                daemon=True,
+            )
+            self._refresh_thread.start()
+        log.info("refresh started: %s", trigger)
+
+    def wait_for_refresh(self, timeout_s: float) -> bool:
+        thread = self._refresh_thread
+        if thread is None:
+            return True
+        thread.join(timeout_s)
+        return not thread.is_alive()
+
+    # --- periodic jobs ------------------------------------------------------------------------
+    def retention(self) -> None:
+        days = self.config.store.retention_days
+        if days:
+            removed = self.store.delete_older_than(datetime.now(UTC) - timedelta(days=days))
+            log.info("retention: removed %d events older than %d days", removed, days)
+
+    def drift_probe(self) -> float | None:
+        """KL(active ‖ reference) on recent production replies, computed in a child process."""
+        active = self.registry.active()
+        if active is None:
+            return None
+        recent = [
+            s.event for s in self.store.iter_events(since_seq=max(0, self.store.max_seq() - 2000))
+        ]
+        replies = [(e, e.completion) for e in recent if isinstance(e, RatingEvent | EditEvent)]
+        sample = random.Random(0).sample(
+            replies, min(len(replies), self.config.schedule.drift_probe_prompts)
+        )
+        if not sample:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = {
+                "base_model": self.config.training.base_model,
+                "adapter": str(self.registry.version_dir(active)),
+                "examples": [
+                    {"prompt": [m.model_dump() for m in e.prompt], "response": r} for e, r in sample
+                ],
+            }
+            Path(tmp, "probe.json").write_text(json.dumps(spec))
+            code = subprocess.call(
+                [
+                    sys.executable,
+                    "-m",
+                    "trainer.probe",
+                    str(Path(tmp, "probe.json")),
+                    str(Path(tmp, "out.json")),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            if code != 0:
+                log.warning("drift probe failed with exit code %d", code)
+                return None
+            kl = float(json.loads(Path(tmp, "out.json").read_text())["kl_to_reference"])
+        self.metrics.drift_kl.set(kl)
+        self.metrics.drift_probe_timestamp.set(time.time())
+        log.info(
+            "drift probe: active %s KL to reference %.4f nats/token on %d replies",
+            active,
+            kl,
+            len(sample),
+        )
+        return kl
+
+    # --- views ----------------------------------------------------------------------------------
+    def readiness_problems(self) -> list[str]:
+        problems = []
+        try:
+            self.store.ping()
+        except Exception as e:
+            problems.append(f"store: {type(e).__name__}")
+        if not self.consumer.ready:
+            problems.append(f"consumer: {self.consumer.last_error or 'not connected yet'}")
+        if self.stopping.is_set():
+            problems.append("shutting down")
+        return problems
+
+    def refresh_gauges(self) -> None:
+        self.metrics.consumer_ready.set(1 if self.consumer.ready else 0)
+        for partition, lag in self.consumer.partition_lag.items():
+            self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
+
+    def adapter_summary(self, info: VersionInfo) -> dict[str, Any]:
+        m = info.manifest
+        cand = m.get("eval", {}).get("candidate", {})
+        return {
+            "version": info.version,
+            "state": info.state,
+            "created_at": info.created_at,
+            "method": m.get("method"),
+            "parent": m.get("parent"),
+            "run_id": m.get("run_id"),
+            "heldout_accuracy": cand.get("preference", {}).get("reward_accuracy"),
+            "kl_to_reference": cand.get("kl_to_reference"),
+            "factuality": cand.get("factuality"),
+            "gate_passed": (m.get("gate") or {}).get("promote"),
+        }
+
+    def status(self) -> dict[str, Any]:
+        state = self.refresher.state
+        return {
+            "active_adapter": self.registry.active(),
+            "refresh_running": self.refresher.running.is_set(),
+            "last_run_id": state.last_run_id,
+            "last_success_at": state.last_success_at,
+            "last_run": self.refresher.run_status(state.last_run_id) if state.last_run_id else None,
+            "consumer": {
+                "ready": self.consumer.ready,
+                "error": self.consumer.last_error,
+                "lag": self.consumer.partition_lag,
+                "consumed": self.consumer.totals.consumed,
+                "stored": self.consumer.totals.stored,
+                "dead_lettered": sum(self.consumer.totals.dead_lettered.values()),
+            },
+            "store": {
+                "events": self.store.count(),
+                "new_since_last_snapshot": self.store.counts_by_type(
+                    since_seq=state.last_snapshot_seq
+                ),
+            },
+            "uptime_s": time.time() - self.started_at,
+            "pid": os.getpid(),
+        }
+
+
+def serve(config: AligndConfig) -> int:
+    service = Service(config)
+    service.start()
+    try:
+        service.run_until_signal()
+        service.drain()
+    finally:
+        service.close()
+    return 0
