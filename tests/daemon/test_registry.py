@@ -1,0 +1,170 @@
+"""The adapter registry: versions, promote/rollback/reject, refusals, and crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from registry_support import make_adapter
+
+from daemon.registry import Registry, RegistryError, check_adapter_dir, current_pointer_hook
+
+PASSED = {"gate": {"promote": True, "reasons": []}}
+FAILED = {"gate": {"promote": False, "reasons": ["kl_budget: too high"]}}
+
+
+@pytest.fixture()
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "registry", [current_pointer_hook(tmp_path / "registry")])
+
+
+def test_register_promote_rollback(registry: Registry, tmp_path: Path) -> None:
+    v1 = registry.register(make_adapter(tmp_path / "a1"), PASSED)
+    v2 = registry.register(make_adapter(tmp_path / "a2", seed=1), PASSED)
+    assert (v1, v2) == ("v0001", "v0002")
+    assert registry.active() is None and registry.state(v1) == "candidate"
+    registry.promote(v1, actor="alice", reason="first")
+    registry.promote(v2, actor="alice", reason="better")
+    assert registry.active() == v2 and registry.state(v1) == "retired"
+    assert os.readlink(registry.root / "current") == "adapters/v0002"
+    version, failures = registry.rollback(actor="bob", reason="bad replies")
+    assert version == v1 and failures == [] and registry.active() == v1
+    assert os.readlink(registry.root / "current") == "adapters/v0001"
+    actions = [(e["action"], e.get("version"), e["actor"]) for e in registry.audit()]
+    assert actions[-3:] == [("promote", v1, "alice"), ("promote", v2, "alice"), ("rollback", v1, "bob")]
+    assert all("at" in e and "reason" in e for e in registry.audit())
+    manifest = registry.manifest(v2)
+    assert manifest["version"] == v2 and manifest["gate"]["promote"] is True
+
+
+def test_rollback_to_a_named_version(registry: Registry, tmp_path: Path) -> None:
+    versions = [registry.register(make_adapter(tmp_path / f"a{i}", seed=i), PASSED) for i in range(3)]
+    for v in versions:
+        registry.promote(v, actor="a", reason="r")
+    assert registry.rollback(actor="a", reason="r", to="v0001")[0] == "v0001"
+    assert registry.history() == ["v0001"]
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        registry.rollback(actor="a", reason="r")
+
+
+def test_gate_rejected_version_needs_force(registry: Registry, tmp_path: Path) -> None:
+    v = registry.register(make_adapter(tmp_path / "a"), FAILED)
+    assert registry.state(v) == "rejected"
+    with pytest.raises(RegistryError, match="rejected"):
+        registry.promote(v, actor="a", reason="r")
+    registry.promote(v, actor="a", reason="I know better", force=True)
+    assert registry.active() == v
+
+
+def test_operator_reject(registry: Registry, tmp_path: Path) -> None:
+    v = registry.register(make_adapter(tmp_path / "a"), PASSED)
+    registry.reject(v, actor="carol", reason="tone is off")
+    assert registry.state(v) == "rejected"
+
+
+@pytest.mark.parametrize("name", ["../etc", "v0001/../../x", "..", "latest", "v1", ""])
+def test_version_names_cannot_escape(registry: Registry, name: str) -> None:
+    with pytest.raises(RegistryError):
+        registry.version_dir(name)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-10]), "does not match"),
+        (lambda p: p.write_bytes(p.read_bytes()[:5]), "truncated"),
+        (lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json......."), "corrupted header"),
+    ],
+)
+def test_corrupted_adapter_is_refused(tmp_path: Path, damage: object, message: str) -> None:
+    adapter = make_adapter(tmp_path / "a")
+    damage(adapter / "adapter_model.safetensors")  # type: ignore[operator]
+    with pytest.raises(RegistryError, match=message):
+        check_adapter_dir(adapter)
+    with pytest.raises(RegistryError):
+        Registry(tmp_path / "reg").register(adapter, PASSED)
+    assert Registry(tmp_path / "reg").versions() == []
+
+
+def test_unservable_adapter_is_refused(tmp_path: Path) -> None:
+    adapter = make_adapter(tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text()) | {"modules_to_save": ["lm_head"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(RegistryError, match="vLLM"):
+        check_adapter_dir(adapter)
+
+
+def test_failing_serving_hook_is_recorded_not_fatal(tmp_path: Path) -> None:
+    def broken(version: str, path: Path, previous: str | None) -> None:
+        raise ConnectionError("vLLM at 10.0.0.9 refused")
+
+    registry = Registry(tmp_path / "reg", [broken])
+    v = registry.register(make_adapter(tmp_path / "a"), PASSED)
+    failures = registry.promote(v, actor="a", reason="r")
+    assert registry.active() == v
+    assert failures and "refused" in failures[0]
+    assert any(e["action"] == "serving_hook_failed" for e in registry.audit())
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import daemon.registry as reg
+    sys.path.insert(0, {tests!r})
+    from registry_support import make_adapter
+
+    target, when, nth = sys.argv[2], sys.argv[3], int(sys.argv[4])
+    real = getattr(os, target)
+    calls = [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = real(*args, **kwargs)
+        if calls[0] == nth and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(reg.os, target, dying)
+    registry = reg.Registry(Path(sys.argv[1]))
+    for i in range(3):
+        v = registry.register(make_adapter(Path(sys.argv[1]).parent / f"src{{i}}", seed=i),
+                              {{"gate": {{"promote": True, "reasons": []}}}})
+        registry.promote(v, actor="t", reason="r")
+    print("survived")
+""")
+
+
+def assert_registry_valid(root: Path) -> Registry:
+    registry = Registry(root)  # opening cleans up leftovers
+    assert not list((root / "adapters").glob(".staging-*"))
+    for version in registry.versions():
+        check_adapter_dir(root / "adapters" / version)
+        assert registry.manifest(version)["version"] == version
+    active = registry.active()
+    assert active is None or active in registry.versions()
+    list(registry.audit())
+    return registry
+
+
+@pytest.mark.parametrize("target", ["rename", "replace"])
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("nth", [1, 2])
+def test_kill_9_during_a_registry_write_leaves_a_valid_registry(tmp_path: Path, target: str, when: str, nth: int) -> None:
+    root = tmp_path / "registry"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
+    proc = subprocess.run([sys.executable, str(script), str(root), target, when, str(nth)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-1500:]  # it really died mid-write
+    registry = assert_registry_valid(root)
+    # The write that was cut either happened completely or not at all, and the registry works on.
+    v = registry.register(make_adapter(tmp_path / "after"), PASSED)
+    registry.promote(v, actor="t", reason="after the crash")
+    assert registry.active() == v
