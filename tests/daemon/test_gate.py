@@ -11,19 +11,33 @@ from daemon.gate import GateConfig, decide_promotion
 
 
 def good_run() -> dict[str, Any]:
-    generation = {"empty_rate": 0.0, "short_rate": 0.0, "repetitive_rate": 0.0, "distinct_rate": 1.0,
-                  "median_words": 20.0, "relevance_rate": 0.9}
+    generation = {
+        "empty_rate": 0.0,
+        "short_rate": 0.0,
+        "repetitive_rate": 0.0,
+        "distinct_rate": 1.0,
+        "median_words": 20.0,
+        "relevance_rate": 0.9,
+    }
     return {
         "candidate": {
             "preference": {"reward_accuracy": 0.92, "chosen_logps_per_token": -1.00},
-            "kl_to_reference": 0.08, "factuality": 0.49, "generation": generation,
+            "kl_to_reference": 0.08,
+            "factuality": 0.49,
+            "generation": generation,
         },
         "reference": {
-            "preference": {"chosen_logps_per_token": -1.02}, "kl_to_reference": 0.0, "factuality": 0.50,
+            "preference": {"chosen_logps_per_token": -1.02},
+            "kl_to_reference": 0.0,
+            "factuality": 0.50,
             "generation": generation | {"median_words": 34.0, "relevance_rate": 0.95},
         },
-        "detectors": {"non_finite_loss": {"fired": False}, "reference_mismatch": {"fired": False},
-                      "sign_bug": {"fired": False}, "likelihood_collapse": {"fired": False}},
+        "detectors": {
+            "non_finite_loss": {"fired": False},
+            "reference_mismatch": {"fired": False},
+            "sign_bug": {"fired": False},
+            "likelihood_collapse": {"fired": False},
+        },
     }
 
 
@@ -42,27 +56,77 @@ INCUMBENT = {"preference": {"reward_accuracy": 0.80}}
 CASES = [
     ("healthy candidate", good_run(), None, None),
     ("healthy, beats incumbent", good_run(), INCUMBENT, None),
-    ("low preference accuracy", with_("candidate.preference.reward_accuracy", 0.55), None, "preference_accuracy"),
-    ("worse than incumbent", with_("candidate.preference.reward_accuracy", 0.75), INCUMBENT, "beats_incumbent"),
+    (
+        "low preference accuracy",
+        with_("candidate.preference.reward_accuracy", 0.55),
+        None,
+        "preference_accuracy",
+    ),
+    (
+        "worse than incumbent",
+        with_("candidate.preference.reward_accuracy", 0.75),
+        INCUMBENT,
+        "beats_incumbent",
+    ),
     ("factuality dropped 5 points", with_("candidate.factuality", 0.45), None, "factuality"),
     ("over the KL budget", with_("candidate.kl_to_reference", 0.9), None, "kl_budget"),
-    ("chosen log-prob collapsed", with_("candidate.preference.chosen_logps_per_token", -1.5), None, "chosen_logp"),
+    (
+        "chosen log-prob collapsed",
+        with_("candidate.preference.chosen_logps_per_token", -1.5),
+        None,
+        "chosen_logp",
+    ),
     # DESIGN.md's measured collapse: 0.75 words per reply, several empty
-    ("replies collapsed to nothing", with_("candidate.generation", {
-        "empty_rate": 0.4, "short_rate": 0.9, "repetitive_rate": 0.0, "distinct_rate": 0.3,
-        "median_words": 1.0, "relevance_rate": 0.1}), None, "degenerate_replies"),
+    (
+        "replies collapsed to nothing",
+        with_(
+            "candidate.generation",
+            {
+                "empty_rate": 0.4,
+                "short_rate": 0.9,
+                "repetitive_rate": 0.0,
+                "distinct_rate": 0.3,
+                "median_words": 1.0,
+                "relevance_rate": 0.1,
+            },
+        ),
+        None,
+        "degenerate_replies",
+    ),
     # "I'm here to assist you." to every customer
-    ("same reply to every prompt", with_("candidate.generation.distinct_rate", 0.1), None, "distinct_replies"),
+    (
+        "same reply to every prompt",
+        with_("candidate.generation.distinct_rate", 0.1),
+        None,
+        "distinct_replies",
+    ),
     ("replies much longer", with_("candidate.generation.median_words", 80.0), None, "reply_length"),
-    ("replies ignore the request", with_("candidate.generation.relevance_rate", 0.3), None, "relevance"),
-    ("a detector fired", with_("detectors.likelihood_collapse", {"fired": True}), None, "training_detectors"),
-    ("not measured: no held-out pairs", with_("candidate.preference", {}), None, "preference_accuracy"),
+    (
+        "replies ignore the request",
+        with_("candidate.generation.relevance_rate", 0.3),
+        None,
+        "relevance",
+    ),
+    (
+        "a detector fired",
+        with_("detectors.likelihood_collapse", {"fired": True}),
+        None,
+        "training_detectors",
+    ),
+    (
+        "not measured: no held-out pairs",
+        with_("candidate.preference", {}),
+        None,
+        "preference_accuracy",
+    ),
     ("not measured: no generation", with_("candidate.generation", {}), None, "degenerate_replies"),
 ]
 
 
 @pytest.mark.parametrize(("name", "run", "incumbent", "failing"), CASES, ids=[c[0] for c in CASES])
-def test_gate_table(name: str, run: dict[str, Any], incumbent: dict[str, Any] | None, failing: str | None) -> None:
+def test_gate_table(
+    name: str, run: dict[str, Any], incumbent: dict[str, Any] | None, failing: str | None
+) -> None:
     decision = decide_promotion(run, incumbent, GateConfig())
     failed = [c.name for c in decision.failed]
     if failing is None:
@@ -72,14 +136,26 @@ def test_gate_table(name: str, run: dict[str, Any], incumbent: dict[str, Any] | 
         assert not decision.promote
         assert failing in failed, decision.reasons
         check = next(c for c in decision.checks if c.name == failing)
-        assert check.threshold is not None and check.detail  # every check reports value and threshold
+        assert (
+            check.threshold is not None and check.detail
+        )  # every check reports value and threshold
 
 
 def test_every_check_is_reported_with_value_and_threshold() -> None:
     decision = decide_promotion(good_run(), INCUMBENT, GateConfig())
     names = {c.name for c in decision.checks}
-    assert names == {"preference_accuracy", "beats_incumbent", "factuality", "kl_budget", "chosen_logp",
-                     "degenerate_replies", "distinct_replies", "reply_length", "relevance", "training_detectors"}
+    assert names == {
+        "preference_accuracy",
+        "beats_incumbent",
+        "factuality",
+        "kl_budget",
+        "chosen_logp",
+        "degenerate_replies",
+        "distinct_replies",
+        "reply_length",
+        "relevance",
+        "training_detectors",
+    }
     assert all(c.value is not None for c in decision.checks)
 
 

@@ -36,14 +36,20 @@ def test_register_promote_rollback(registry: Registry, tmp_path: Path) -> None:
     assert version == v1 and failures == [] and registry.active() == v1
     assert os.readlink(registry.root / "current") == "adapters/v0001"
     actions = [(e["action"], e.get("version"), e["actor"]) for e in registry.audit()]
-    assert actions[-3:] == [("promote", v1, "alice"), ("promote", v2, "alice"), ("rollback", v1, "bob")]
+    assert actions[-3:] == [
+        ("promote", v1, "alice"),
+        ("promote", v2, "alice"),
+        ("rollback", v1, "bob"),
+    ]
     assert all("at" in e and "reason" in e for e in registry.audit())
     manifest = registry.manifest(v2)
     assert manifest["version"] == v2 and manifest["gate"]["promote"] is True
 
 
 def test_rollback_to_a_named_version(registry: Registry, tmp_path: Path) -> None:
-    versions = [registry.register(make_adapter(tmp_path / f"a{i}", seed=i), PASSED) for i in range(3)]
+    versions = [
+        registry.register(make_adapter(tmp_path / f"a{i}", seed=i), PASSED) for i in range(3)
+    ]
     for v in versions:
         registry.promote(v, actor="a", reason="r")
     assert registry.rollback(actor="a", reason="r", to="v0001")[0] == "v0001"
@@ -78,7 +84,10 @@ def test_version_names_cannot_escape(registry: Registry, name: str) -> None:
     [
         (lambda p: p.write_bytes(p.read_bytes()[:-10]), "does not match"),
         (lambda p: p.write_bytes(p.read_bytes()[:5]), "truncated"),
-        (lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json......."), "corrupted header"),
+        (
+            lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json......."),
+            "corrupted header",
+        ),
     ],
 )
 def test_corrupted_adapter_is_refused(tmp_path: Path, damage: object, message: str) -> None:
@@ -93,7 +102,9 @@ def test_corrupted_adapter_is_refused(tmp_path: Path, damage: object, message: s
 
 def test_unservable_adapter_is_refused(tmp_path: Path) -> None:
     adapter = make_adapter(tmp_path / "a")
-    config = json.loads((adapter / "adapter_config.json").read_text()) | {"modules_to_save": ["lm_head"]}
+    config = json.loads((adapter / "adapter_config.json").read_text()) | {
+        "modules_to_save": ["lm_head"]
+    }
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(RegistryError, match="vLLM"):
         check_adapter_dir(adapter)
@@ -156,12 +167,18 @@ def assert_registry_valid(root: Path) -> Registry:
 @pytest.mark.parametrize("target", ["rename", "replace"])
 @pytest.mark.parametrize("when", ["before", "after"])
 @pytest.mark.parametrize("nth", [1, 2])
-def test_kill_9_during_a_registry_write_leaves_a_valid_registry(tmp_path: Path, target: str, when: str, nth: int) -> None:
+def test_kill_9_during_a_registry_write_leaves_a_valid_registry(
+    tmp_path: Path, target: str, when: str, nth: int
+) -> None:
     root = tmp_path / "registry"
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
-    proc = subprocess.run([sys.executable, str(script), str(root), target, when, str(nth)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(root), target, when, str(nth)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr[-1500:]  # it really died mid-write
     registry = assert_registry_valid(root)
     # The write that was cut either happened completely or not at all, and the registry works on.

@@ -11,12 +11,19 @@ from daemon.config import ScheduleConfig, TrainingConfig
 from daemon.scheduler import RefreshState, choose_method, refresh_due
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
-CONFIG = ScheduleConfig(cron="0 3 * * *", min_new_pairs=200, min_new_ratings=1000, min_interval_s=3600)
+CONFIG = ScheduleConfig(
+    cron="0 3 * * *", min_new_pairs=200, min_new_ratings=1000, min_interval_s=3600
+)
 
 
 def state(**kw: Any) -> RefreshState:
-    base = {"running": False, "last_started_at": NOW - timedelta(hours=5), "last_cron_check": NOW - timedelta(minutes=1),
-            "new_pairs": 0, "new_ratings": 0}
+    base = {
+        "running": False,
+        "last_started_at": NOW - timedelta(hours=5),
+        "last_cron_check": NOW - timedelta(minutes=1),
+        "new_pairs": 0,
+        "new_ratings": 0,
+    }
     return RefreshState(**(base | kw))
 
 
@@ -26,13 +33,43 @@ CASES = [
     ("enough new ratings", state(new_ratings=1500), True, "new ratings"),
     ("pairs below threshold", state(new_pairs=199), False, "nothing due"),
     ("already running", state(running=True, new_pairs=500), False, "already running"),
-    ("too soon after the last run", state(last_started_at=NOW - timedelta(minutes=10), new_pairs=500), False, "minimum interval"),
-    ("operator request bypasses the interval", state(last_started_at=NOW - timedelta(minutes=1), manual_requested=True), True, "operator"),
-    ("operator request never runs two at once", state(running=True, manual_requested=True), False, "already running"),
-    ("cron fire passed since the last check", state(last_cron_check=datetime(2026, 11, 22, 2, 59, tzinfo=UTC)), True, "schedule"),
-    ("cron fire not yet", state(last_cron_check=datetime(2026, 11, 22, 3, 1, tzinfo=UTC)), False, "nothing due"),
+    (
+        "too soon after the last run",
+        state(last_started_at=NOW - timedelta(minutes=10), new_pairs=500),
+        False,
+        "minimum interval",
+    ),
+    (
+        "operator request bypasses the interval",
+        state(last_started_at=NOW - timedelta(minutes=1), manual_requested=True),
+        True,
+        "operator",
+    ),
+    (
+        "operator request never runs two at once",
+        state(running=True, manual_requested=True),
+        False,
+        "already running",
+    ),
+    (
+        "cron fire passed since the last check",
+        state(last_cron_check=datetime(2026, 11, 22, 2, 59, tzinfo=UTC)),
+        True,
+        "schedule",
+    ),
+    (
+        "cron fire not yet",
+        state(last_cron_check=datetime(2026, 11, 22, 3, 1, tzinfo=UTC)),
+        False,
+        "nothing due",
+    ),
     # the daemon was down for three days: three missed fires coalesce into one due run
-    ("missed fires coalesce", state(last_cron_check=NOW - timedelta(days=3), last_started_at=NOW - timedelta(days=3)), True, "schedule"),
+    (
+        "missed fires coalesce",
+        state(last_cron_check=NOW - timedelta(days=3), last_started_at=NOW - timedelta(days=3)),
+        True,
+        "schedule",
+    ),
     ("first run ever", state(last_started_at=None, new_pairs=300), True, "new pairs"),
 ]
 
@@ -51,8 +88,10 @@ def test_counts_only_schedule() -> None:
 
 
 def manifest(pairs: int, kto: int) -> dict[str, Any]:
-    return {"counts": {"pairs": {"train": pairs, "heldout": 0}, "kto": {"train": kto, "heldout": 0}},
-            "kto_balance": {"desirable_weight": 2.0, "undesirable_weight": 1.0}}
+    return {
+        "counts": {"pairs": {"train": pairs, "heldout": 0}, "kto": {"train": kto, "heldout": 0}},
+        "kto_balance": {"desirable_weight": 2.0, "undesirable_weight": 1.0},
+    }
 
 
 @pytest.mark.parametrize(
@@ -66,7 +105,9 @@ def manifest(pairs: int, kto: int) -> dict[str, Any]:
         (3, 5, "pairs", None, "none"),
     ],
 )
-def test_choose_method_decision_tree(pairs: int, kto: int, policy: str, method: str | None, kind: str) -> None:
+def test_choose_method_decision_tree(
+    pairs: int, kto: int, policy: str, method: str | None, kind: str
+) -> None:
     choice = choose_method(manifest(pairs, kto), TrainingConfig(both_policy=policy))  # type: ignore[arg-type]
     assert (choice.method, choice.data_kind) == (method, kind)
     if method == "kto":
