@@ -59,7 +59,31 @@ def run_spec_table() -> str:
     return header + "\n" + "\n".join(_rows(RunSpec, "", env=False))
 
 
-SECTIONS: dict[str, Callable[[], str]] = {"config": config_table, "run-spec": run_spec_table}
+def metrics_table() -> str:
+    from prometheus_client import CollectorRegistry
+
+    from daemon.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for attribute in vars(metrics).values():
+        describe = getattr(attribute, "describe", None)
+        if describe is None:
+            continue
+        for family in describe():
+            labels = ", ".join(getattr(attribute, "_labelnames", ())) or "-"
+            name = family.name + ("_total" if family.type == "counter" else "")
+            name += "_info" if family.type == "info" else ""
+            rows.append(f"| `{name}` | {family.type} | {labels} | {family.documentation} |")
+    return "\n".join(rows)
+
+
+SECTIONS: dict[str, Callable[[], str]] = {
+    "config": config_table,
+    "run-spec": run_spec_table,
+    "metrics": metrics_table,
+}
 
 
 def _replace(text: str, name: str, body: str) -> str:

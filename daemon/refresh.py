@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,8 +165,6 @@ class Refresher:
         sha = outcome.snapshot_sha256 = manifest["sha256"]
         snapshot = self.snapshots_dir / sha[:16]
         if snapshot.exists():
-            import shutil
-
             shutil.rmtree(building)
         else:
             os.replace(building, snapshot)
@@ -205,6 +204,13 @@ class Refresher:
         )
         self.state.last_trained_sha = sha  # tried: the same data is not retried automatically
         outcome.training = self._training_summary(result)
+        for gauge, key in (
+            (self.metrics.training_loss, "final_loss"),
+            (self.metrics.training_accuracy, "final_reward_accuracy"),
+            (self.metrics.training_margin, "final_reward_margin"),
+        ):
+            if isinstance(outcome.training.get(key), int | float):
+                gauge.set(outcome.training[key])
         if code == "interrupted" or result.get("status") == "interrupted":
             outcome.outcome, outcome.reason = "interrupted", "stopped during shutdown"
             return

@@ -168,14 +168,11 @@ class Registry:
     def state(self, version: str) -> str:
         if version == self.active():
             return "active"
-        if version in self.history():
-            return "retired"
-        last = None
-        for entry in self.audit():
-            if entry.get("version") == version and entry.get("action") in {"reject", "register"}:
-                last = entry
-        if last is not None and last["action"] == "reject":
+        actions = [e.get("action") for e in self.audit() if e.get("version") == version]
+        if actions and actions[-1] == "reject":
             return "rejected"
+        if "promote" in actions or "rollback" in actions:
+            return "retired"  # was active once
         gate = self.manifest(version).get("gate") or {}
         return "candidate" if gate.get("promote") else "rejected"
 

@@ -230,6 +230,7 @@ def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
             )
             assert daemon.metric("alignd_rollbacks_total", trigger="operator") == 1
             assert daemon.metric("alignd_consumer_ready") == 1
+            assert daemon.metric("alignd_last_training_loss") > 0
             assert daemon.metric("alignd_last_successful_refresh_timestamp_seconds") > 0
             assert daemon.stop() == 0
         finally:

@@ -1,0 +1,154 @@
+"""Admin API: authentication, body limits, path safety, and the token staying secret."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from registry_support import make_adapter
+
+from daemon.api import make_app
+from daemon.config import AligndConfig
+from daemon.service import Service
+
+TOKEN = "s3cret-admin-token-value"
+MUTATING = [
+    ("POST", "/v1/adapters/v0001/promote"),
+    ("POST", "/v1/adapters/v0001/reject"),
+    ("POST", "/v1/rollback"),
+    ("POST", "/v1/refresh"),
+]
+
+
+@pytest.fixture()
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
+    monkeypatch.setenv("ALIGND_ADMIN__TOKEN", TOKEN)
+    config = AligndConfig(
+        paths={"data_dir": tmp_path / "data"},
+        store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
+        admin={"max_body_bytes": 1024},
+    )
+    svc = Service(config)
+    yield svc
+    svc.store.close()
+
+
+@pytest.fixture()
+def client(service: Service) -> TestClient:
+    return TestClient(make_app(service))
+
+
+@pytest.mark.parametrize(("method", "path"), MUTATING)
+def test_mutating_endpoints_need_the_token(client: TestClient, method: str, path: str) -> None:
+    assert client.request(method, path).status_code == 401
+    assert client.request(method, path, headers={"authorization": "Basic abc"}).status_code == 401
+    wrong_same_length = "x" * len(TOKEN)
+    assert (
+        client.request(
+            method, path, headers={"authorization": f"Bearer {wrong_same_length}"}
+        ).status_code
+        == 403
+    )
+    assert (
+        client.request(method, path, headers={"authorization": "Bearer short"}).status_code == 403
+    )
+    assert (
+        client.request(method, path, headers={"authorization": f"Bearer {TOKEN}x"}).status_code
+        == 403
+    )
+
+
+def test_no_configured_token_refuses_everyone(tmp_path: Path) -> None:
+    svc = Service(
+        AligndConfig(
+            paths={"data_dir": tmp_path / "d"}, store={"url": f"sqlite:///{tmp_path / 'f.db'}"}
+        )
+    )
+    client = TestClient(make_app(svc))
+    assert (
+        client.post("/v1/refresh", headers={"authorization": "Bearer anything"}).status_code == 403
+    )
+    svc.store.close()
+
+
+def test_promote_and_rollback_with_the_token(
+    client: TestClient, service: Service, tmp_path: Path
+) -> None:
+    auth = {"authorization": f"Bearer {TOKEN}", "x-alignd-actor": "alice"}
+    for i in range(2):
+        service.registry.register(
+            make_adapter(tmp_path / f"a{i}", seed=i), {"gate": {"promote": True}}
+        )
+    assert (
+        client.post(
+            "/v1/adapters/v0001/promote", headers=auth, json={"reason": "first"}
+        ).status_code
+        == 200
+    )
+    assert client.post("/v1/adapters/v0002/promote", headers=auth).status_code == 200
+    assert client.post("/v1/rollback", headers=auth).json()["active"] == "v0001"
+    assert [a["state"] for a in client.get("/v1/adapters").json()] == ["active", "retired"]
+    audit = list(service.registry.audit())
+    assert audit[-1]["actor"] == "alice" and audit[-1]["action"] == "rollback"
+
+
+@pytest.mark.parametrize("version", ["..%2F..%2Fetc", "v0001..", "v00x1", "%2e%2e"])
+def test_path_parameters_cannot_escape_the_registry(client: TestClient, version: str) -> None:
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    assert client.get(f"/v1/adapters/{version}").status_code in {404, 422}
+    assert client.post(f"/v1/adapters/{version}/promote", headers=auth).status_code in {404, 422}
+
+
+def test_unknown_version_and_run_are_404(client: TestClient) -> None:
+    assert client.get("/v1/adapters/v0042").status_code == 404
+    assert client.get("/v1/runs/r-nope").status_code == 404
+    assert client.get("/v1/runs/..%2Fstate").status_code == 404
+
+
+def test_request_body_size_is_limited(client: TestClient) -> None:
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    response = client.post(
+        "/v1/rollback", headers=auth, content=b'{"reason": "' + b"x" * 5000 + b'"}'
+    )
+    assert response.status_code == 413
+
+
+def test_unknown_body_fields_are_rejected(client: TestClient) -> None:
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    assert client.post("/v1/rollback", headers=auth, json={"too": "v0001"}).status_code == 422
+
+
+def test_health_is_independent_of_kafka_and_readiness_is_not(client: TestClient) -> None:
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 503  # the consumer never connected (no broker in this test)
+    assert any("consumer" in p for p in ready.json()["problems"])
+
+
+def test_token_never_appears_in_logs_or_errors(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    bodies = [
+        client.post("/v1/refresh", headers={"authorization": f"Bearer {TOKEN}-wrong"}).text,
+        client.post(
+            "/v1/adapters/v0009/promote", headers={"authorization": f"Bearer {TOKEN}"}
+        ).text,
+        client.get("/v1/status").text,
+    ]
+    assert all(TOKEN not in body for body in bodies)
+    assert TOKEN not in caplog.text
+
+
+def test_metrics_endpoint_exposes_alignd_metrics(client: TestClient) -> None:
+    text = client.get("/metrics").text
+    for name in (
+        "alignd_events_consumed_total",
+        "alignd_refresh_runs_total",
+        "alignd_gate_decisions_total",
+        "alignd_consumer_ready",
+        "alignd_drift_kl_nats",
+    ):
+        assert name in text
