@@ -157,13 +157,12 @@ class Refresher:
             log.info("refresh %s: %s (%s)", run_id, outcome.outcome, outcome.reason)
         return outcome
 
-    def _refresh(self, outcome: RefreshOutcome, stop: threading.Event) -> None:
-        run_dir = self.runs_dir / outcome.run_id
+    def _snapshot(self, run_id: str) -> tuple[dict[str, Any], Path]:
+        """Build the snapshot; snapshots are stored by content hash, so equal ones are shared."""
         seq = self.store.max_seq()
-        building = self.snapshots_dir / f".building-{outcome.run_id}"
+        building = self.snapshots_dir / f".building-{run_id}"
         manifest = build_snapshot(self.store, building, self.config.dataset)
-        sha = outcome.snapshot_sha256 = manifest["sha256"]
-        snapshot = self.snapshots_dir / sha[:16]
+        snapshot = self.snapshots_dir / manifest["sha256"][:16]
         if snapshot.exists():
             shutil.rmtree(building)
         else:
@@ -172,6 +171,12 @@ class Refresher:
             for split, n in splits.items():
                 self.metrics.snapshot_examples.labels(kind=kind, split=split).set(n)
         self.state.last_snapshot_seq = seq
+        return manifest, snapshot
+
+    def _refresh(self, outcome: RefreshOutcome, stop: threading.Event) -> None:
+        run_dir = self.runs_dir / outcome.run_id
+        manifest, snapshot = self._snapshot(outcome.run_id)
+        sha = outcome.snapshot_sha256 = manifest["sha256"]
         if sha == self.state.last_trained_sha and outcome.trigger != "operator request":
             outcome.outcome, outcome.reason = (
                 "skipped",
