@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 STAMP := $(VENV)/.alignd-setup
 
-.PHONY: setup system-deps test test-fast lint typecheck demo bench clean
+.PHONY: setup system-deps test test-fast lint typecheck demo sweep-beta bench clean
 
 setup: $(STAMP) system-deps
 
@@ -52,10 +52,11 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 demo: setup
-	@echo "make demo: the end-to-end demo (simulator -> broker -> daemon -> refresh -> gate ->"
-	@echo "promotion -> report) is not built yet; it lands with the demo issue."
-	@echo "What works today: '$(VENV)/bin/alignd train --data PAIRS.jsonl --out DIR' trains a LoRA"
-	@echo "adapter on SmolLM2-135M-Instruct with DPO (see README)."
+	$(VENV)/bin/alignd demo --workdir .demo
+
+# Train at beta in {0.05, 0.1, 0.3} on the demo's snapshot and plot accuracy against KL.
+sweep-beta: setup
+	$(VENV)/bin/alignd sweep-beta --data "$$(ls -d .demo/data/snapshots/*/ | head -1)" --out .demo/sweep
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -319,6 +319,23 @@ def _hook_note(data: dict[str, Any]) -> str:
     return "" if not failures else "\nWARNING: serving hooks failed: " + "; ".join(failures)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(
+        Path(args.workdir), prompts=args.prompts, seed=args.seed, base_model=args.base_model
+    )
+
+
+def cmd_sweep_beta(args: argparse.Namespace) -> int:
+    from daemon.sweep import sweep_beta
+
+    betas = [float(b) for b in args.betas.split(",")]
+    return sweep_beta(
+        Path(args.data), Path(args.out), betas, base_model=args.base_model, extra=args.set or []
+    )
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     print(json.dumps(_config(args).redacted(), indent=1, default=str))
     return 0
@@ -439,6 +456,27 @@ def make_parser() -> argparse.ArgumentParser:
     reject.add_argument("version")
     reject.add_argument("--reason", default="operator rejection")
     reject.set_defaults(func=cmd_client, action="reject")
+
+    demo = sub.add_parser(
+        "demo", help="the whole loop on SmolLM2 with simulated feedback (make demo)"
+    )
+    demo.add_argument("--workdir", default=".demo", help="replies cache, daemon data, report.html")
+    demo.add_argument("--prompts", type=int, default=300, help="simulated support conversations")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    demo.set_defaults(func=cmd_demo)
+
+    sweep = sub.add_parser(
+        "sweep-beta", help="train at several β on one snapshot; plot accuracy vs KL"
+    )
+    sweep.add_argument("--data", required=True, help="a snapshot directory (e.g. from the demo)")
+    sweep.add_argument(
+        "--out", required=True, help="output dir: one run per β, sweep.json, sweep.html"
+    )
+    sweep.add_argument("--betas", default="0.05,0.1,0.3")
+    sweep.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="run-spec overrides")
+    sweep.set_defaults(func=cmd_sweep_beta)
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)

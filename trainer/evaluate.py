@@ -20,7 +20,6 @@ import re
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,7 @@ from trainer.logprobs import (
     encode,
     render_prompt,
     response_logits,
-    sum_per_sequence,
-    token_logps,
+    sequence_logps_shared_prefix,
 )
 from trainer.model import using_adapter
 
@@ -60,16 +58,10 @@ def score(
     """Summed response log-probs of ``examples`` under ``adapter`` (None = reference), ``(M,)``."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    out = []
     with using_adapter(model, adapter):
-        for chunk in _chunks(examples, batch_size):
-            batch = collate(chunk, pad_id, device)
-            out.append(
-                sum_per_sequence(token_logps(response_logits(model, batch), batch.targets), batch)
-            )
+        logps = sequence_logps_shared_prefix(model, examples, pad_id, batch_size)
     model.train(was_training)
-    return torch.cat(out).cpu() if out else torch.zeros(0)
+    return logps
 
 
 @dataclass
@@ -199,7 +191,7 @@ def load_factuality_set(name: str | None) -> list[dict[str, Any]]:
     if name is None:
         return []
     if name == "default":
-        text = resources.files("trainer").joinpath("data/factuality.jsonl").read_text()
+        text = (Path(__file__).parent / "data" / "factuality.jsonl").read_text()
     else:
         text = Path(name).read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -263,48 +255,14 @@ def is_repetitive(text: str) -> bool:
     return len(set(grams)) / len(grams) < 0.4
 
 
-_STOP = frozenset(
-    [
-        "about",
-        "after",
-        "again",
-        "also",
-        "because",
-        "before",
-        "being",
-        "could",
-        "would",
-        "should",
-        "their",
-        "there",
-        "these",
-        "those",
-        "thanks",
-        "thank",
-        "please",
-        "hello",
-        "which",
-        "while",
-        "where",
-        "what",
-        "when",
-        "with",
-        "your",
-        "yours",
-        "have",
-        "from",
-        "this",
-        "that",
-        "just",
-        "some",
-        "will",
-        "into",
-        "them",
-        "they",
-        "been",
-        "were",
-    ]
-)
+# fmt: off
+_STOP = frozenset((
+    "about", "after", "again", "also", "because", "before", "being", "could", "would", "should",
+    "their", "there", "these", "those", "thanks", "thank", "please", "hello", "which", "while",
+    "where", "what", "when", "with", "your", "yours", "have", "from", "this", "that", "just",
+    "some", "will", "into", "them", "they", "been", "were",
+))
+# fmt: on
 
 
 def _salient(text: str) -> set[str]:

@@ -12,6 +12,7 @@ prompt or padding positions — usually well under half of ``B·T``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,7 +139,10 @@ def _body_and_head(model: Any) -> tuple[Any, Any]:
 def response_logits(model: Any, batch: Batch) -> Tensor:
     """Logits at the scored positions only, ``(N, V)`` in float32."""
     body, head = _body_and_head(model)
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    # use_cache=False: a scoring pass never decodes further, so a KV cache would be pure cost.
+    hidden = body(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
     logits: Tensor = head(hidden[batch.rows, batch.cols]).float()
     return logits
 
@@ -157,3 +161,70 @@ def sum_per_sequence(values: Tensor, batch: Batch) -> Tensor:
 def sequence_logps(model: Any, batch: Batch) -> Tensor:
     """Summed log-prob of each response, ``(B,)``; gradients flow unless disabled by the caller."""
     return sum_per_sequence(token_logps(response_logits(model, batch), batch.targets), batch)
+
+
+def common_prefix_length(examples: Sequence[Encoded]) -> int:
+    """Tokens every example's prompt starts with, leaving at least one prompt token each.
+
+    The last prompt token must stay out of the shared part: its hidden state predicts the
+    first response token, which is scored.
+    """
+    if not examples:
+        return 0
+    first = examples[0].prompt_ids
+    limit = min(len(e.prompt_ids) for e in examples) - 1
+    n = 0
+    while n < limit and all(e.prompt_ids[n] == first[n] for e in examples):
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def sequence_logps_shared_prefix(
+    model: Any, examples: Sequence[Encoded], pad_id: int, batch_size: int, min_prefix: int = 8
+) -> Tensor:
+    """Summed response log-probs ``(M,)`` without recomputing a prefix all examples share.
+
+    Chat templates put the same system prompt in front of every example (~25 tokens for
+    SmolLM2); eval and reference scoring run it once, keep its key/value cache, and run only
+    the distinct remainder of each example. Inference only: no gradients flow.
+    """
+    if not examples:
+        return torch.zeros(0)
+    device = next(model.parameters()).device
+    shared = common_prefix_length(examples)
+    if shared < min_prefix:
+        return torch.cat(
+            [
+                sequence_logps(model, collate(examples[i : i + batch_size], pad_id, device)).cpu()
+                for i in range(0, len(examples), batch_size)
+            ]
+        )
+    body, head = _body_and_head(model)
+    prefix = torch.tensor([examples[0].prompt_ids[:shared]], device=device)
+    prefix_cache = body(input_ids=prefix, use_cache=True).past_key_values
+    out = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        rest = collate(
+            [Encoded(e.prompt_ids[shared:], e.response_ids) for e in chunk], pad_id, device
+        )
+        width = rest.input_ids.shape[1]
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(chunk))
+        prefix_mask = torch.ones(
+            (len(chunk), shared), dtype=rest.attention_mask.dtype, device=device
+        )
+        mask = torch.cat([prefix_mask, rest.attention_mask], dim=1)
+        positions = torch.arange(shared, shared + width, device=device)
+        hidden = body(
+            input_ids=rest.input_ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            position_ids=positions.unsqueeze(0).expand(len(chunk), -1),
+            cache_position=positions,
+            use_cache=True,
+        ).last_hidden_state
+        logits = head(hidden[rest.rows, rest.cols]).float()
+        out.append(sum_per_sequence(token_logps(logits, rest.targets), rest).cpu())
+    return torch.cat(out)

@@ -107,7 +107,6 @@ def load_base(name: str, device: torch.device) -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = model.to(device)
-    model.config.use_cache = False
     return model, tokenizer
 
 
@@ -133,6 +132,9 @@ def attach_lora(model: Any, lora: LoraSpec, init_adapter: Path | None = None) ->
 @contextlib.contextmanager
 def using_adapter(model: PeftModel, adapter: str | None) -> Iterator[None]:
     """Run the model as ``adapter``, or as the frozen reference when ``adapter`` is None."""
+    if adapter is None and not hasattr(model, "disable_adapter"):  # a plain base model
+        yield
+        return
     if adapter is None:
         with model.disable_adapter():
             yield

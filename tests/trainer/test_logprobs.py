@@ -8,7 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.logprobs import collate, encode, render_prompt, sequence_logps
+from trainer.logprobs import (
+    collate,
+    common_prefix_length,
+    encode,
+    render_prompt,
+    sequence_logps,
+    sequence_logps_shared_prefix,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +76,18 @@ def test_truncation_keeps_prompt_end_and_response_start(model_and_tokenizer) -> 
     cut = encode(tok, "order " * 50, "ships " * 50, max_length=40, max_prompt_length=16)
     assert cut.prompt_ids == full.prompt_ids[-16:]
     assert cut.response_ids == full.response_ids[:24]
+
+
+def test_shared_prefix_scoring_equals_plain_scoring(model_and_tokenizer) -> None:
+    model, tok = model_and_tokenizer
+    system = {"role": "system", "content": "You are Harbor Support's assistant. Answer the customer briefly."}
+    examples = [
+        encode(tok, [system, {"role": "user", "content": question}], answer)
+        for question, answer in [("Where is my order?", "It ships today."), ("Refund please.", "Done, 3-5 days."),
+                                 ("I cannot log in.", "Reset your password from the account page.")]
+    ]
+    assert common_prefix_length(examples) >= 8  # the system turn is shared
+    with torch.no_grad():
+        plain = sequence_logps(model, collate(examples, tok.pad_token_id))
+    shared = sequence_logps_shared_prefix(model, examples, tok.pad_token_id, batch_size=2)
+    assert torch.allclose(plain, shared, atol=1e-4), (plain, shared)

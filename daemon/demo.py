@@ -1,0 +1,258 @@
+"""``alignd demo`` (what ``make demo`` runs): the whole loop on a real SFT model.
+
+Stages: start a local Kafka-protocol broker (unless ``ALIGND_KAFKA__BOOTSTRAP_SERVERS`` names
+one) → simulate a support desk around SmolLM2-135M-Instruct and produce its feedback →
+start ``alignd serve`` (SQLite store, SmolLM2 as the reference) and let it ingest → trigger a
+refresh: snapshot, train, evaluate, gate, promote → print the before/after table and write
+``<workdir>/report.html``. Nothing is downloaded; replies are cached in ``<workdir>/cache``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from daemon import report
+from daemon.simulate import build_events, make_cases, sft_replies
+from feedback.consumer import produce_events
+from feedback.embedded_broker import EmbeddedBroker, free_port
+
+STAGES = (
+    "broker",
+    "simulate feedback",
+    "ingest",
+    "refresh: train",
+    "refresh: evaluate + gate",
+    "report",
+)
+
+# The recipe, tuned on this scenario (see README "What the demo shows" for what moved it).
+DEMO_RUN_SPEC: dict[str, Any] = {
+    "method": "rpo",
+    "hyper": {
+        "beta": 0.1,
+        "learning_rate": 1e-4,
+        "epochs": 2,
+        "batch_size": 4,
+        "warmup_ratio": 0.1,
+        "rpo_alpha": 0.5,
+        "max_length": 256,
+    },
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+    "eval": {
+        "generate_max_prompts": 50,
+        "max_new_tokens": 80,
+        "kl_max_examples": 48,
+        "batch_size": 16,
+    },
+}
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.stage = 0
+
+    def elapsed(self) -> str:
+        seconds = int(time.monotonic() - self.start)
+        return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+    def begin(self, index: int, detail: str = "") -> None:
+        self.stage = index
+        left = ", ".join(STAGES[index + 1 :]) or "nothing"
+        print(
+            f"\n[{index + 1}/{len(STAGES)} {STAGES[index]}] {self.elapsed()} elapsed — {detail} (then: {left})",
+            flush=True,
+        )
+
+    def note(self, text: str) -> None:
+        print(f"    {self.elapsed()}  {text}", flush=True)
+
+
+def _config(
+    workdir: Path, bootstrap: str, port: int, base_model: str, run_spec: dict[str, Any]
+) -> Path:
+    method = run_spec.get("method", "dpo")
+    spec = {k: v for k, v in run_spec.items() if k != "method"}
+    config = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 1000,
+        },
+        "store": {"url": f"sqlite:///{workdir / 'data' / 'feedback.db'}"},
+        "paths": {"data_dir": str(workdir / "data")},
+        "dataset": {"heldout_fraction": 0.2},
+        "schedule": {
+            "cron": None,
+            "min_new_pairs": None,
+            "min_new_ratings": None,
+            "min_interval_s": 0,
+            "tick_s": 2,
+            "drift_probe_cron": None,
+        },
+        "training": {"base_model": base_model, "pair_method": method, "run_spec": spec},
+        "admin": {"port": port},
+    }
+    path = workdir / "alignd-demo.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _wait(predicate: Any, timeout_s: float, interval_s: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
+def _train_progress(log: Path) -> str:
+    if not log.exists():
+        return "starting the trainer"
+    tail = log.read_bytes()[-600:].decode(errors="ignore").replace("\r", "\n").strip().splitlines()
+    return tail[-1].strip()[:110] if tail else "starting the trainer"
+
+
+def run_demo(
+    workdir: Path,
+    *,
+    prompts: int = 300,
+    seed: int = 7,
+    base_model: str = "smollm2",
+    run_spec: dict[str, Any] | None = None,
+) -> int:
+    progress = Progress()
+    workdir = workdir.resolve()
+    shutil.rmtree(workdir / "data", ignore_errors=True)  # a fresh registry and store every run
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker: EmbeddedBroker | None = None
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        progress.begin(0, "a local Kafka-protocol broker (Tansu) on a loopback port")
+        bootstrap = os.environ.get("ALIGND_KAFKA__BOOTSTRAP_SERVERS")
+        if bootstrap is None:
+            broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
+            bootstrap = broker.bootstrap
+            broker.create_topics("alignd.feedback", partitions=2)
+            broker.create_topics("alignd.feedback.dlq")
+        progress.note(f"broker at {bootstrap}")
+
+        progress.begin(
+            1, f"{prompts} support prompts, {base_model}'s real replies, agent edits, thumbs, noise"
+        )
+        cases = make_cases(prompts, seed)
+        replies = sft_replies(cases, base_model=base_model, cache_dir=workdir / "cache")
+        sim = build_events(cases, replies, seed=seed)
+        produce_events(bootstrap, "alignd.feedback", sim.messages)
+        progress.note(f"produced {len(sim.messages)} messages: {sim.counts}")
+
+        progress.begin(2, "alignd serve with a SQLite store and the SFT model as reference")
+        port, token = free_port(), secrets.token_urlsafe(24)
+        config = _config(workdir, bootstrap, port, base_model, run_spec or DEMO_RUN_SPEC)
+        env = os.environ | {"ALIGND_ADMIN__TOKEN": token}
+        with (workdir / "daemon.log").open("wb") as log:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        url, auth = f"http://127.0.0.1:{port}", {"authorization": f"Bearer {token}"}
+
+        def status() -> dict[str, Any]:
+            try:
+                data: dict[str, Any] = httpx.get(f"{url}/v1/status", timeout=5).json()
+                return data
+            except httpx.HTTPError:
+                return {}
+
+        if not _wait(lambda: status().get("store", {}).get("events") == sim.valid_events, 180):
+            raise RuntimeError(f"ingestion did not finish; see {workdir / 'daemon.log'}")
+        consumer = status()["consumer"]
+        progress.note(
+            f"stored {sim.valid_events} events, {consumer['dead_lettered']} dead-lettered with reasons"
+        )
+
+        progress.begin(3, "snapshot → train the LoRA adapter in a child process")
+        httpx.post(f"{url}/v1/refresh", headers=auth, timeout=10).raise_for_status()
+        if not _wait(lambda: status().get("refresh_running"), 60):
+            raise RuntimeError("the refresh did not start")
+        run_id = status()["last_run_id"]
+        run_dir = workdir / "data" / "runs" / run_id
+        last = ""
+        while status().get("refresh_running"):
+            line = _train_progress(run_dir / "train.log")
+            if progress.stage == 3 and (run_dir / "train" / "adapter").exists():
+                progress.begin(
+                    4, "held-out preference accuracy, KL, factuality, greedy replies; then the gate"
+                )
+            if line != last and progress.stage == 3:
+                progress.note(line)
+                last = line
+            time.sleep(5)
+        run = httpx.get(f"{url}/v1/runs/{run_id}", timeout=10).json()
+
+        progress.begin(5, "before/after table and HTML report")
+        result_path = run_dir / "train" / "result.json"
+        if not result_path.exists():
+            print(f"\nthe refresh ended as {run['outcome']}: {run['reason']} (see {run_dir})")
+            return 1
+        result = json.loads(result_path.read_text())
+        manifest = json.loads((Path(result["spec"]["data"]) / "manifest.json").read_text())
+        heldout = _heldout_prompts(result)
+        rows = report.before_after(result)
+        print("\n" + report.text_table(rows))
+        print(
+            f"\ngate: {'PROMOTED' if run['outcome'] == 'promoted' else run['outcome'].upper()} — {run['reason']}"
+        )
+        for check in (run.get("gate") or {}).get("checks", []):
+            print(f"  {'✔' if check['passed'] else '✘'} {check['name']:<20} {check['detail']}")
+        print("\ntargets:")
+        for name, ok, detail in report.targets(rows):
+            print(f"  {'✔' if ok else '✘'} {name}: {detail}")
+        print("\nexamples (held-out prompts):")
+        for prompt, ref, new in report.examples(result, heldout):
+            print(f"  customer: {prompt}\n    before: {ref[:220]}\n    after:  {new[:220]}")
+        wall = time.monotonic() - progress.start
+        page = report.html_report(
+            title="alignd demo: Harbor Support on SmolLM2-135M-Instruct",
+            result=result,
+            status=run,
+            manifest=manifest,
+            prompts=heldout,
+            wall_s=wall,
+        )
+        (workdir / "report.html").write_text(page)
+        print(f"\nreport: {workdir / 'report.html'}   demo wall time: {wall / 60:.1f} min")
+        return 0 if run["outcome"] in {"promoted", "held", "rejected"} else 1
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+        if broker is not None:
+            broker.stop()
+
+
+def _heldout_prompts(result: dict[str, Any]) -> list[Any]:
+    """The prompts the trainer generated replies for: the first held-out pairs, in order."""
+    import pyarrow.parquet as pq
+
+    data = Path(result["spec"]["data"]) / "pairs" / "heldout.parquet"
+    limit = result["spec"]["eval"]["generate_max_prompts"]
+    return [row["prompt"] for row in pq.read_table(data).to_pylist()[:limit]]

@@ -1,0 +1,325 @@
+"""The before/after numbers of a refresh and the self-contained HTML report.
+
+Reads a run's ``result.json`` (training curves, eval of candidate and reference with their
+greedy replies on held-out prompts) and ``status.json`` (gate decision), and the snapshot's
+manifest. Plots are embedded as base64 PNG, so the report is one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.simulate import apologizes
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    reference: float | None
+    adapter: float | None
+    fmt: str = "{:.3f}"
+
+    def cell(self, value: float | None) -> str:
+        return "—" if value is None else self.fmt.format(value)
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def before_after(result: dict[str, Any]) -> list[Row]:
+    ev = result.get("eval", {})
+    ref, cand = ev.get("reference", {}), ev.get("candidate", {})
+    ref_replies = (ref.get("generation") or {}).get("replies", [])
+    cand_replies = (cand.get("generation") or {}).get("replies", [])
+
+    def apology_rate(replies: Sequence[str]) -> float | None:
+        return sum(apologizes(r) for r in replies) / len(replies) if replies else None
+
+    def median_words(replies: Sequence[str]) -> float | None:
+        return float(statistics.median(_words(r) for r in replies)) if replies else None
+
+    def degenerate(gen: dict[str, Any]) -> float | None:
+        rates = [gen.get(k) for k in ("empty_rate", "short_rate", "repetitive_rate")]
+        return (
+            max(r for r in rates if r is not None)
+            if gen and all(r is not None for r in rates)
+            else None
+        )
+
+    return [
+        Row(
+            "apology rate (held-out replies)",
+            apology_rate(ref_replies),
+            apology_rate(cand_replies),
+            "{:.0%}",
+        ),
+        Row(
+            "median reply length (words)",
+            median_words(ref_replies),
+            median_words(cand_replies),
+            "{:.0f}",
+        ),
+        Row(
+            "degenerate replies (empty, <5 words, repetitive)",
+            degenerate(ref.get("generation") or {}),
+            degenerate(cand.get("generation") or {}),
+            "{:.0%}",
+        ),
+        Row(
+            "replies that address the request",
+            (ref.get("generation") or {}).get("relevance_rate"),
+            (cand.get("generation") or {}).get("relevance_rate"),
+            "{:.0%}",
+        ),
+        Row(
+            "factuality (115 multiple-choice questions)",
+            ref.get("factuality"),
+            cand.get("factuality"),
+            "{:.1%}",
+        ),
+        Row(
+            "held-out preference accuracy (implicit reward)",
+            None,
+            (cand.get("preference") or {}).get("reward_accuracy"),
+            "{:.0%}",
+        ),
+        Row(
+            "held-out ranking accuracy (chosen more likely)",
+            (ref.get("preference") or {}).get("ranking_accuracy"),
+            (cand.get("preference") or {}).get("ranking_accuracy"),
+            "{:.0%}",
+        ),
+        Row(
+            "held-out chosen log-prob per token",
+            (ref.get("preference") or {}).get("chosen_logps_per_token"),
+            (cand.get("preference") or {}).get("chosen_logps_per_token"),
+        ),
+        Row("KL to the reference (nats/token)", 0.0, cand.get("kl_to_reference"), "{:.4f}"),
+    ]
+
+
+def targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
+    """The demo's acceptance targets (issue #5), each with the measured values."""
+    by = {r.name.split(" (")[0]: r for r in rows}
+
+    def get(name: str) -> tuple[float | None, float | None]:
+        row = by[name]
+        return row.reference, row.adapter
+
+    out = []
+    ref, new = get("apology rate")
+    ok = ref is not None and new is not None and ref > 0 and (ref - new) / ref >= 0.6
+    out.append(("apology rate down ≥ 60% (relative)", ok, f"{ref or 0:.0%} → {new or 0:.0%}"))
+    ref, new = get("median reply length")
+    ok = ref is not None and new is not None and ref > 0 and (ref - new) / ref >= 0.3
+    out.append(("median length down ≥ 30%", ok, f"{ref or 0:.0f} → {new or 0:.0f} words"))
+    _, new = get("degenerate replies")
+    out.append(("≤ 2% degenerate replies", new is not None and new <= 0.02, f"{new or 0:.1%}"))
+    ref, new = get("held-out chosen log-prob per token")
+    out.append(
+        (
+            "held-out chosen log-prob not below the reference's",
+            ref is not None and new is not None and new >= ref,
+            f"{ref or 0:.3f} → {new or 0:.3f}",
+        )
+    )
+    ref, new = get("factuality")
+    out.append(
+        (
+            "factuality within 2 points",
+            ref is not None and new is not None and new >= ref - 0.02,
+            f"{ref or 0:.1%} → {new or 0:.1%}",
+        )
+    )
+    _, new = get("held-out preference accuracy")
+    out.append(
+        ("held-out preference accuracy ≥ 90%", new is not None and new >= 0.9, f"{new or 0:.0%}")
+    )
+    return out
+
+
+def text_table(rows: list[Row]) -> str:
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'':<{width}}  {'reference (SFT)':>16}  {'promoted adapter':>16}"]
+    lines += [
+        f"{r.name:<{width}}  {r.cell(r.reference):>16}  {r.cell(r.adapter):>16}" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def examples(
+    result: dict[str, Any], prompts: Sequence[Any], n: int = 3
+) -> list[tuple[str, str, str]]:
+    ev = result.get("eval", {})
+    ref = (ev.get("reference", {}).get("generation") or {}).get("replies", [])
+    cand = (ev.get("candidate", {}).get("generation") or {}).get("replies", [])
+    out = []
+    for i in range(min(n, len(ref), len(cand), len(prompts))):
+        prompt = prompts[i]
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        out.append((text, ref[i], cand[i]))
+    return out
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def training_curves_png(steps: list[dict[str, Any]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("loss", ["loss"]),
+        ("rewards", ["rewards/chosen", "rewards/rejected"]),
+        ("reward margin", ["rewards/margins"]),
+        ("reward accuracy", ["rewards/accuracies"]),
+        ("chosen log-prob (summed)", ["logps/chosen"]),
+        ("KL proxy (|log-ratio| per token)", ["kl_proxy"]),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    x = [s["step"] for s in steps]
+    for ax, (title, keys) in zip(axes.flat, panels, strict=True):
+        for key in keys:
+            ax.plot(x, [s.get(key) for s in steps], label=key.split("/")[-1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def before_after_png(rows: list[Row]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = [
+        r for r in rows if r.name.startswith(("apology", "median", "factuality", "replies that"))
+    ]
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.3 * len(picks), 3.2))
+    for ax, row in zip(axes, picks, strict=True):
+        ax.bar(
+            ["reference", "adapter"], [row.reference or 0, row.adapter or 0], color=["#999", "#2a7"]
+        )
+        ax.set_title(row.name.split(" (")[0], fontsize=10)
+    fig.tight_layout()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def sweep_png(points: list[dict[str, float]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([p["kl"] for p in points], [p["accuracy"] for p in points], "o-")
+    for p in points:
+        ax.annotate(
+            f"β={p['beta']:g}", (p["kl"], p["accuracy"]), textcoords="offset points", xytext=(6, 4)
+        )
+    ax.set_xlabel("KL(adapter ‖ reference), nats/token (held-out)")
+    ax.set_ylabel("held-out preference accuracy")
+    ax.set_title("choosing β: accuracy against drift")
+    ax.grid(alpha=0.3)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def html_report(
+    *,
+    title: str,
+    result: dict[str, Any],
+    status: dict[str, Any],
+    manifest: dict[str, Any],
+    prompts: Sequence[Any],
+    wall_s: float | None = None,
+    sweep: list[dict[str, float]] | None = None,
+) -> str:
+    rows = before_after(result)
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "vertical-align:top}th{background:#f3f3f3}.ok{color:#185}.bad{color:#b22}"
+        "img{max-width:100%}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+    ]
+    outcome = status.get("outcome", "?")
+    parts.append(
+        f"<p>Run <code>{_esc(status.get('run_id'))}</code>: <b>{_esc(outcome)}</b> — {_esc(status.get('reason'))}"
+        f"{f' · demo wall time {wall_s / 60:.1f} min' if wall_s else ''}</p>"
+    )
+    parts.append(
+        "<h2>Before / after on held-out prompts</h2><table><tr><th></th><th>reference (SFT)</th>"
+        "<th>promoted adapter</th></tr>"
+    )
+    parts += [
+        f"<tr><td>{_esc(r.name)}</td><td>{r.cell(r.reference)}</td><td>{r.cell(r.adapter)}</td></tr>"
+        for r in rows
+    ]
+    parts.append("</table><h3>Targets</h3><ul>")
+    for name, ok, detail in targets(rows):
+        parts.append(
+            f"<li class='{'ok' if ok else 'bad'}'>{'✔' if ok else '✘'} {_esc(name)}: {_esc(detail)}</li>"
+        )
+    parts.append(f"</ul><img src='data:image/png;base64,{before_after_png(rows)}'>")
+    parts.append(
+        "<h2>Gate decision</h2><table><tr><th>check</th><th>passed</th><th>value</th><th>threshold</th>"
+        "<th>detail</th></tr>"
+    )
+    for c in (status.get("gate") or {}).get("checks", []):
+        parts.append(
+            f"<tr><td>{_esc(c['name'])}</td><td class='{'ok' if c['passed'] else 'bad'}'>{c['passed']}</td>"
+            f"<td>{_esc(c['value'])}</td><td>{_esc(c['threshold'])}</td><td>{_esc(c['detail'])}</td></tr>"
+        )
+    parts.append(
+        "</table><h2>Example replies (held-out)</h2><table><tr><th>customer</th><th>reference (SFT)</th>"
+        "<th>promoted adapter</th></tr>"
+    )
+    for prompt, ref, new in examples(result, prompts, n=5):
+        parts.append(f"<tr><td>{_esc(prompt)}</td><td>{_esc(ref)}</td><td>{_esc(new)}</td></tr>")
+    parts.append("</table><h2>Training curves</h2>")
+    if result.get("steps"):
+        parts.append(f"<img src='data:image/png;base64,{training_curves_png(result['steps'])}'>")
+    if sweep:
+        parts.append(f"<h2>β sweep</h2><img src='data:image/png;base64,{sweep_png(sweep)}'>")
+    parts.append("<h2>Dataset snapshot</h2><table>")
+    for key in ("counts", "pair_sources", "filtered", "kto_balance", "events"):
+        parts.append(
+            f"<tr><th>{_esc(key)}</th><td><code>{_esc(manifest.get(key))}</code></td></tr>"
+        )
+    parts.append(
+        f"<tr><th>sha256</th><td><code>{_esc(manifest.get('sha256'))}</code></td></tr></table>"
+    )
+    spec = result.get("spec", {})
+    parts.append(
+        f"<h2>Recipe</h2><p>method <b>{_esc(spec.get('method'))}</b>, hyperparameters "
+        f"<code>{_esc(spec.get('hyper'))}</code>, LoRA <code>{_esc(spec.get('lora'))}</code></p>"
+    )
+    parts.append("</body></html>")
+    return "\n".join(parts)
