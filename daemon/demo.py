@@ -126,7 +126,8 @@ def _train_progress(log: Path) -> str:
     return tail[-1].strip()[:110] if tail else "starting the trainer"
 
 
-def run_demo(
+
+def run_demo(  # noqa: C901
     workdir: Path,
     *,
     prompts: int = 300,

@@ -97,6 +97,7 @@ class Case:
 
 
 def _request(rng: random.Random, order: int) -> tuple[str, str, str, tuple[str, ...]]:
+    keys: tuple[str, ...]
     product, carrier = rng.choice(PRODUCTS), rng.choice(CARRIERS)
     day, later = rng.sample(DAYS, 2)
     amount = f"${rng.randrange(15, 240)}.{rng.randrange(0, 99):02d}"
