@@ -17,16 +17,17 @@ STAMP := $(VENV)/.alignd-setup
 
 setup: $(STAMP) system-deps
 
-# Integration tests use a real PostgreSQL server (Debian's postgresql package); later issues
-# add Prometheus. Installed with apt when missing and we are root (CI, these machines);
-# elsewhere this says what to install.
-SYSTEM_BINARIES := /usr/lib/postgresql/*/bin/initdb
+# Integration tests use a real PostgreSQL server and Prometheus with promtool (Debian's
+# postgresql and prometheus packages). Installed with apt when missing and we are root (CI,
+# these machines); elsewhere this says what to install.
 system-deps:
-	@if ls $(SYSTEM_BINARIES) >/dev/null 2>&1; then :; \
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v promtool >/dev/null \
+		&& command -v prometheus >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			postgresql prometheus >/dev/null; \
 	else \
-		echo "integration tests need PostgreSQL: sudo apt-get install postgresql" >&2; exit 1; \
+		echo "integration tests need: sudo apt-get install postgresql prometheus" >&2; exit 1; \
 	fi
 
 $(STAMP): pyproject.toml Makefile

@@ -80,11 +80,17 @@ def test_truncation_keeps_prompt_end_and_response_start(model_and_tokenizer) -> 
 
 def test_shared_prefix_scoring_equals_plain_scoring(model_and_tokenizer) -> None:
     model, tok = model_and_tokenizer
-    system = {"role": "system", "content": "You are Harbor Support's assistant. Answer the customer briefly."}
+    system = {
+        "role": "system",
+        "content": "You are Harbor Support's assistant. Answer the customer briefly.",
+    }
     examples = [
         encode(tok, [system, {"role": "user", "content": question}], answer)
-        for question, answer in [("Where is my order?", "It ships today."), ("Refund please.", "Done, 3-5 days."),
-                                 ("I cannot log in.", "Reset your password from the account page.")]
+        for question, answer in [
+            ("Where is my order?", "It ships today."),
+            ("Refund please.", "Done, 3-5 days."),
+            ("I cannot log in.", "Reset your password from the account page."),
+        ]
     ]
     assert common_prefix_length(examples) >= 8  # the system turn is shared
     with torch.no_grad():
