@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 STAMP := $(VENV)/.alignd-setup
 
-.PHONY: setup system-deps test test-fast lint typecheck demo sweep-beta bench clean
+.PHONY: setup system-deps test test-fast lint typecheck demo sweep-beta deploy-rules clean
 
 setup: $(STAMP) system-deps
 
@@ -58,6 +58,10 @@ demo: setup
 # Train at beta in {0.05, 0.1, 0.3} on the demo's snapshot and plot accuracy against KL.
 sweep-beta: setup
 	$(VENV)/bin/alignd sweep-beta --data "$$(ls -d .demo/data/snapshots/*/ | head -1)" --out .demo/sweep
+
+# Re-wrap the alert rules (the source of truth) into the kustomize PrometheusRule.
+deploy-rules: setup
+	$(PY) deploy/render_rules.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -93,7 +93,7 @@ def _config(
         },
         "store": {"url": f"sqlite:///{workdir / 'data' / 'feedback.db'}"},
         "paths": {"data_dir": str(workdir / "data")},
-        "dataset": {"heldout_fraction": 0.2},
+        "dataset": {"heldout_fraction": 0.25},
         "schedule": {
             "cron": None,
             "min_new_pairs": None,
@@ -124,7 +124,6 @@ def _train_progress(log: Path) -> str:
         return "starting the trainer"
     tail = log.read_bytes()[-600:].decode(errors="ignore").replace("\r", "\n").strip().splitlines()
     return tail[-1].strip()[:110] if tail else "starting the trainer"
-
 
 
 def run_demo(  # noqa: C901

@@ -54,12 +54,13 @@ def score(
     adapter: str | None,
     pad_id: int,
     batch_size: int = 8,
+    progress: str | None = None,
 ) -> Tensor:
     """Summed response log-probs of ``examples`` under ``adapter`` (None = reference), ``(M,)``."""
     was_training = model.training
     model.eval()
     with using_adapter(model, adapter):
-        logps = sequence_logps_shared_prefix(model, examples, pad_id, batch_size)
+        logps = sequence_logps_shared_prefix(model, examples, pad_id, batch_size, progress=progress)
     model.train(was_training)
     return logps
 

@@ -13,12 +13,14 @@ prompt or padding positions — usually well under half of ``B·T``.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
@@ -181,7 +183,12 @@ def common_prefix_length(examples: Sequence[Encoded]) -> int:
 
 @torch.no_grad()
 def sequence_logps_shared_prefix(
-    model: Any, examples: Sequence[Encoded], pad_id: int, batch_size: int, min_prefix: int = 8
+    model: Any,
+    examples: Sequence[Encoded],
+    pad_id: int,
+    batch_size: int,
+    min_prefix: int = 8,
+    progress: str | None = None,
 ) -> Tensor:
     """Summed response log-probs ``(M,)`` without recomputing a prefix all examples share.
 
@@ -204,7 +211,10 @@ def sequence_logps_shared_prefix(
     prefix = torch.tensor([examples[0].prompt_ids[:shared]], device=device)
     prefix_cache = body(input_ids=prefix, use_cache=True).past_key_values
     out = []
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(
+        starts, desc=progress, unit="batch", disable=progress is None, file=sys.stderr
+    ):
         chunk = examples[start : start + batch_size]
         rest = collate(
             [Encoded(e.prompt_ids[shared:], e.response_ids) for e in chunk], pad_id, device

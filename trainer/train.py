@@ -102,7 +102,14 @@ def reference_logps(
 
     They never change during a run, so a second forward per step would be pure waste.
     """
-    return score(model, examples, adapter=None, pad_id=pad_id, batch_size=batch_size)
+    return score(
+        model,
+        examples,
+        adapter=None,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        progress="reference log-probs",
+    )
 
 
 def step_metrics(step: int, parts: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
@@ -245,6 +252,10 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     result.status = "succeeded"
 
 
+def _stage(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
 def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> dict[str, Any]:
     """Candidate (``default``), incumbent (if given) and reference on the held-out split."""
     source = spec.eval_data or spec.data
@@ -275,6 +286,7 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> dict[str, Any]:
         kl_examples = evalset.chosen[: spec.eval.kl_max_examples]
         prompts = [p.prompt for p in pairs[: spec.eval.generate_max_prompts]]
         for name, adapter in adapters.items():
+            _stage(f"eval {name}: held-out preference, KL, {len(prompts)} greedy replies")
             report[name]["preference"] = preference_metrics(
                 model, evalset, adapter=adapter, beta=hp.beta, pad_id=pad, batch_size=bs
             )
@@ -298,6 +310,7 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> dict[str, Any]:
     questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
     if questions:
         for name, adapter in adapters.items():
+            _stage(f"eval {name}: factuality on {len(questions)} questions")
             report[name]["factuality"] = factuality(
                 model, tokenizer, questions, adapter=adapter, batch_size=2 * bs
             )

@@ -24,13 +24,19 @@ def promtool() -> str:
 
 
 def test_promtool_check_rules() -> None:
-    proc = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_promtool_unit_tests_cover_every_alert() -> None:
-    proc = subprocess.run([promtool(), "test", "rules", "alignd-rules.test.yml"], capture_output=True, text=True,
-                          cwd=RULES.parent)
+    proc = subprocess.run(
+        [promtool(), "test", "rules", "alignd-rules.test.yml"],
+        capture_output=True,
+        text=True,
+        cwd=RULES.parent,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     tests = yaml.safe_load((RULES.parent / "alignd-rules.test.yml").read_text())["tests"]
@@ -46,11 +52,16 @@ def test_every_alert_has_summary_description_and_runbook() -> None:
     for group in yaml.safe_load(RULES.read_text())["groups"]:
         for rule in group["rules"]:
             annotations = rule["annotations"]
-            assert annotations["summary"] and "$value" in annotations["description"] or rule["alert"] in {
-                "AligndConsumerNotReady", "AligndMetricsAbsent"}
+            assert (
+                annotations["summary"]
+                and "$value" in annotations["description"]
+                or rule["alert"] in {"AligndConsumerNotReady", "AligndMetricsAbsent"}
+            )
             anchor = annotations["runbook_url"].split("#")[1]
             assert anchor == rule["alert"].lower()
-            assert f"### {rule['alert'].lower()}" in readme, f"no runbook section for {rule['alert']}"
+            assert f"### {rule['alert'].lower()}" in readme, (
+                f"no runbook section for {rule['alert']}"
+            )
 
 
 def test_rules_use_only_metrics_alignd_exports() -> None:

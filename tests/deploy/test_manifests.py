@@ -1,0 +1,143 @@
+"""deploy/: every kustomize overlay renders and validates against the Kubernetes schemas; the
+Deployment keeps its invariants; the PrometheusRule wraps the rule file; the Dockerfile and
+the Grafana dashboard are sane."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from daemon.config import AligndConfig
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+OVERLAYS = sorted(p.name for p in (DEPLOY / "kubernetes" / "overlays").iterdir())
+K8S_VERSION = "1.33.0"
+CUSTOM = {"PrometheusRule", "ServiceMonitor"}  # CRDs of the Prometheus operator: no upstream schema
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with kustomize) is needed to render deploy/kubernetes"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "kubernetes" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [doc] = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def test_overlays_exist() -> None:
+    assert {"cpu-demo", "gpu"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates(overlay: str) -> None:
+    docs = render(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "PrometheusRule",
+    } <= kinds
+    assert "Secret" not in kinds  # referenced, never committed
+    for doc in docs:
+        if doc["kind"] not in CUSTOM:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_invariants(overlay: str) -> None:
+    docs = render(overlay)
+    deployment = by_kind(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
+    # The config the pod gets is valid, and the grace period outlasts its drain bound.
+    config_map = by_kind(docs, "ConfigMap")
+    config = AligndConfig(**yaml.safe_load(config_map["data"]["alignd.yaml"]))
+    assert (
+        pod["terminationGracePeriodSeconds"] > config.admin.drain_s + config.training.stop_grace_s
+    )
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert (
+        volumes["data"]["persistentVolumeClaim"]["claimName"]
+        == by_kind(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    )
+
+
+def test_prometheus_rule_wraps_the_rule_file() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alignd-rules.yml").read_text())
+    wrapped = by_kind(render("gpu"), "PrometheusRule")
+    assert wrapped["spec"] == rules, "run: make deploy-rules"
+
+
+def test_dockerfile_invariants() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    external = [f for f in froms if not f.startswith("runtime-")]
+    assert external and all(":" in f and not f.endswith(":latest") for f in external), (
+        froms
+    )  # pinned tags
+    assert (
+        re.search(r"^ARG VARIANT=cpu", text, re.M) and "runtime-cuda" in text
+    )  # CPU and CUDA images
+    user = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert user and not user[-1].startswith(("0", "root"))  # non-root
+    assert re.search(r'^ENTRYPOINT \["alignd"\]', text, re.M)
+    assert not re.search(r"\.(safetensors|gguf|bin)\b", text)  # no weights baked in
+    assert len(froms) >= 3  # multi-stage
+
+
+def test_grafana_dashboard_is_sane() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "alignd-dashboard.json").read_text())
+    assert dashboard["title"] and dashboard["uid"] and isinstance(dashboard["schemaVersion"], int)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in (
+        "alignd_events_stored_total",
+        "alignd_events_dead_lettered_total",
+        "alignd_consumer_lag_records",
+        "alignd_refresh_runs_total",
+        "alignd_last_training_loss",
+        "alignd_gate_decisions_total",
+        "alignd_active_adapter_info",
+        "alignd_drift_kl_nats",
+    ):
+        assert metric in exprs, metric
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and panel["targets"]
+    drift = next(p for p in dashboard["panels"] if "drift" in p["title"].lower())
+    steps = drift["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    rules = (DEPLOY / "prometheus" / "alignd-rules.yml").read_text()
+    assert any(
+        f"alignd_drift_kl_nats > {s['value']}" in rules for s in steps if s["value"] is not None
+    )
