@@ -134,7 +134,7 @@ def test_grafana_dashboard_is_sane() -> None:
         assert metric in exprs, metric
     for panel in dashboard["panels"]:
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and panel["targets"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24 and panel["targets"]
     drift = next(p for p in dashboard["panels"] if "drift" in p["title"].lower())
     steps = drift["fieldConfig"]["defaults"]["thresholds"]["steps"]
     rules = (DEPLOY / "prometheus" / "alignd-rules.yml").read_text()

@@ -53,8 +53,8 @@ def test_every_alert_has_summary_description_and_runbook() -> None:
         for rule in group["rules"]:
             annotations = rule["annotations"]
             assert (
-                annotations["summary"]
-                and "$value" in annotations["description"]
+                (annotations["summary"]
+                and "$value" in annotations["description"])
                 or rule["alert"] in {"AligndConsumerNotReady", "AligndMetricsAbsent"}
             )
             anchor = annotations["runbook_url"].split("#")[1]
