@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from trainer import detectors
 from trainer.data import DataError, is_snapshot, read_rows, rows_sha256, snapshot_sha256, to_pairs
+from trainer.distributed import World, close_world, init_world
 from trainer.evaluate import (
     build_pair_eval_set,
     factuality,
@@ -112,12 +113,18 @@ def reference_logps(
     )
 
 
-def step_metrics(step: int, parts: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
-    """Means of the micro-batch statistics; None where a batch had no such rows (KTO)."""
+def step_metrics(step: int, parts: dict[str, list[torch.Tensor]], world: World) -> dict[str, Any]:
+    """Means of the micro-batch statistics over every rank; None where no row had the key (KTO)."""
     metrics: dict[str, Any] = {"step": step}
-    for key, values in parts.items():
-        joined = torch.cat([v.float().reshape(-1) for v in values])
-        metrics[key] = float(joined.mean()) if joined.numel() else None
+    keys = sorted(parts)
+    totals = torch.zeros(len(keys), 2, dtype=torch.float64)
+    for i, key in enumerate(keys):
+        joined = torch.cat([v.detach().double().reshape(-1).cpu() for v in parts[key]])
+        totals[i] = torch.stack([joined.sum(), torch.tensor(float(joined.numel()))])
+    world.sum_(totals)  # one collective for all statistics of the step
+    for i, key in enumerate(keys):
+        total, count = totals[i].tolist()
+        metrics[key] = total / count if count else None
     desirable, undesirable = metrics.get("logratio_desirable"), metrics.get("logratio_undesirable")
     if desirable is not None and undesirable is not None:
         metrics["logratio_margin"] = desirable - undesirable
@@ -142,7 +149,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     if not rows:
         raise DataError(f"{spec.data}: no training rows for method {method!r}")
     result.dataset_sha256 = spec.dataset_sha256 or snapshot_sha256(spec.data) or rows_sha256(rows)
-    device = pick_device(spec.device)
+    world, device = init_world(pick_device(spec.device))
     on_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
 
@@ -171,7 +178,13 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     queue: list[int] = []
     model.train()
     t_loop = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"{method} training", unit="step", file=sys.stderr)
+    bar = tqdm(
+        total=total_steps,
+        desc=f"{method} training",
+        unit="step",
+        file=sys.stderr,
+        disable=not world.is_main,
+    )
 
     # --- loop ----------------------------------------------------------------------------
     for step in range(total_steps):
@@ -184,22 +197,28 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         for _ in range(hp.grad_accum):
             while len(queue) < hp.batch_size:  # epochs: reshuffle whenever the queue runs low
                 queue.extend(torch.randperm(n_examples, generator=generator).tolist())
-            idx, queue = queue[: hp.batch_size], queue[hp.batch_size :]
+            batch, queue = queue[: hp.batch_size], queue[hp.batch_size :]
+            idx = world.shard(batch)  # this rank's part of the global micro-batch
             with autocast:
                 losses, stats, n_tokens = objective.micro_batch(model, idx, device)
-            loss: torch.Tensor = losses.mean() / hp.grad_accum
+            # Sum over this rank's rows / global rows: gradients summed over ranks = global mean.
+            loss: torch.Tensor = losses.sum() / (len(batch) * hp.grad_accum)
             torch.autograd.backward(loss)
             tokens += n_tokens
             for key, value in (stats | {"loss": losses.detach()}).items():
                 parts.setdefault(key, []).append(value)
 
+        for p in trainable:  # data parallel: sum the LoRA gradients of every rank
+            if p.grad is not None:
+                world.sum_(p.grad)
         # clip_grad_norm_ returns a tensor; reading the metrics below is the step's CPU-GPU sync.
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        metrics = step_metrics(step, parts)
+        metrics = step_metrics(step, parts, world)
+        tokens = int(world.sum_(torch.tensor(tokens)).item())
         elapsed = time.perf_counter() - t_step
         metrics |= {
             "grad_norm": float(grad_norm),
@@ -242,7 +261,10 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     if finding.fired:
         tqdm.write(f"WARNING: {finding.detail}", file=sys.stderr)
 
-    # --- save, then evaluate on held-out data ---------------------------------------------
+    # --- save, then evaluate on held-out data (one rank does both) -------------------------
+    if not world.is_main:
+        result.status = "succeeded"
+        return
     adapter_dir = spec.output_dir / "adapter"
     save_adapter(model, adapter_dir)
     result.adapter_dir = str(adapter_dir)
@@ -350,7 +372,9 @@ def run(spec: RunSpec) -> RunResult:
     """Train, always leaving a ``result.json``; ``status`` says whether the adapter is usable."""
     t0 = time.perf_counter()
     spec.output_dir.mkdir(parents=True, exist_ok=True)
-    (spec.output_dir / "run.json").write_text(spec.model_dump_json(indent=1))  # resolved config
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        (spec.output_dir / "run.json").write_text(spec.model_dump_json(indent=1))  # resolved config
     result = RunResult(
         status="failed", spec=spec.model_dump(mode="json"), method=spec.method, versions=_versions()
     )
@@ -366,7 +390,9 @@ def run(spec: RunSpec) -> RunResult:
     finally:
         result.timings["wall_s"] = time.perf_counter() - t0
         result.peak_memory_bytes = _peak_memory(torch.cuda.is_available())
-        write_result(result, spec.output_dir)
+        if main_rank:  # under torchrun only rank 0 writes
+            write_result(result, spec.output_dir)
+        close_world()
     return result
 
 
