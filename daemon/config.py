@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.gate import GateConfig
+from daemon.k8s_runner import KubernetesJobConfig
 from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig
 
 
@@ -80,6 +81,10 @@ class TrainingConfig(_Section):
     timeout_s: float = Field(6 * 3600.0, gt=0, description="a run past this is stopped, failed")
     memory_limit_mb: int | None = Field(None, gt=0, description="address-space limit of the child")
     stop_grace_s: float = Field(20.0, ge=0, description="SIGTERM → SIGKILL grace for the child")
+    runner: Literal["local", "kubernetes"] = Field(
+        "local", description="train in a child process, or as a Kubernetes Job"
+    )
+    kubernetes: KubernetesJobConfig = KubernetesJobConfig()
 
 
 class AdminConfig(_Section):

@@ -202,7 +202,13 @@ class Refresher:
         )
         spec_path = run_dir / "run.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
-        code = self._train(spec_path, run_dir, stop)
+        if self.config.training.runner == "kubernetes":
+            from daemon.k8s_runner import KubernetesJobRunner
+
+            runner = KubernetesJobRunner(self.config.training.kubernetes)
+            code = runner.run(outcome.run_id, spec_path, stop, self.config.training.timeout_s)
+        else:
+            code = self._train(spec_path, run_dir, stop)
         result_path = run_dir / "train" / "result.json"
         result: dict[str, Any] = (
             json.loads(result_path.read_text()) if result_path.is_file() else {}

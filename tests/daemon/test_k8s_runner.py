@@ -1,0 +1,162 @@
+"""The Kubernetes Job runner: the manifest it builds, and its state handling through the
+official `kubernetes` client against recorded API-server responses (no cluster here: a
+loopback HTTP server replays them)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from kubernetes import client
+
+from daemon.config import AligndConfig
+from daemon.k8s_runner import KubernetesJobConfig, KubernetesJobRunner, build_job, job_name
+
+RESPONSES = Path(__file__).parent / "k8s_responses"
+GPU = KubernetesJobConfig(
+    gpus=4,
+    node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    service_account="alignd",
+)
+
+
+def test_job_manifest() -> None:
+    job = build_job("r20261122-030000-ab12cd", Path("/data/runs/r1/run.json"), GPU, timeout_s=7200)
+    kubernetes_validate.validate(job, "1.33.0", strict=True)
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert container["command"][:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]
+    assert container["command"][-1] == "/data/runs/r1/run.json"
+    assert pod["nodeSelector"] == GPU.node_selector and pod["tolerations"] == GPU.tolerations
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "alignd-data"
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["activeDeadlineSeconds"] == 7200
+    assert job["metadata"]["name"] == "alignd-train-r20261122-030000-ab12cd"
+
+
+def test_single_gpu_and_cpu_jobs_run_plain_python() -> None:
+    for gpus in (0, 1):
+        job = build_job("r1", Path("/data/run.json"), KubernetesJobConfig(gpus=gpus), timeout_s=60)
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"][:3] == ["python", "-m", "trainer.train"]
+        assert ("nvidia.com/gpu" in container["resources"]["limits"]) is (gpus == 1)
+
+
+def test_job_names_are_valid_dns_labels() -> None:
+    name = job_name("R_2026/11/22 " + "x" * 80)
+    assert len(name) <= 63 and all(c.isalnum() or c == "-" for c in name) and name == name.lower()
+
+
+def test_runner_is_selectable_by_config() -> None:
+    config = AligndConfig(
+        training={"runner": "kubernetes", "kubernetes": {"gpus": 2, "namespace": "ml"}}
+    )
+    assert config.training.kubernetes.gpus == 2
+
+
+class Replay:
+    """Serves recorded API responses in order, and records what the client sent."""
+
+    def __init__(self, status_sequence: list[str]) -> None:
+        self.status_sequence = status_sequence
+        self.requests: list[tuple[str, str, Any]] = []
+
+    def response(self, method: str, path: str) -> tuple[int, str]:
+        if method == "POST" and path.endswith("/jobs"):
+            return 201, "job_created.json"
+        if method == "GET" and path.endswith("/status"):
+            name = (
+                self.status_sequence.pop(0)
+                if len(self.status_sequence) > 1
+                else self.status_sequence[0]
+            )
+            return 200, name
+        if method == "DELETE":
+            return 200, "job_deleted.json"
+        return 404, ""
+
+
+@pytest.fixture()
+def api(request: pytest.FixtureRequest) -> Iterator[tuple[Replay, Any]]:
+    replay = Replay(list(request.param))
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            replay.requests.append((self.command, self.path, body))
+            code, name = replay.response(self.command, self.path.split("?")[0])
+            payload = (
+                (RESPONSES / name).read_text().replace("JOB_NAME", "alignd-train-r1").encode()
+                if name
+                else b"{}"
+            )
+            self.send_response(code)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_DELETE = _serve
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    configuration = client.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}")
+    yield replay, client.ApiClient(configuration)
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "api", [["job_active.json", "job_active.json", "job_succeeded.json"]], indirect=True
+)
+def test_job_success_is_watched_then_cleaned_up(api: tuple[Replay, Any]) -> None:
+    replay, api_client = api
+    runner = KubernetesJobRunner(KubernetesJobConfig(poll_s=0.01), api_client)
+    assert runner.run("r1", Path("/data/runs/r1/run.json"), threading.Event(), timeout_s=60) == 0
+    methods = [(m, p.split("?")[0].rsplit("/", 1)[-1]) for m, p, _ in replay.requests]
+    assert methods[0] == ("POST", "jobs") and methods[-1] == ("DELETE", "alignd-train-r1")
+    assert [m for m in methods if m[1] == "status"] == [("GET", "status")] * 3
+    created = replay.requests[0][2]
+    assert created == build_job(
+        "r1", Path("/data/runs/r1/run.json"), KubernetesJobConfig(poll_s=0.01), timeout_s=60
+    )
+    assert "propagationPolicy=Background" in replay.requests[-1][1]
+
+
+@pytest.mark.parametrize("api", [["job_active.json", "job_failed.json"]], indirect=True)
+def test_job_failure_is_reported(api: tuple[Replay, Any]) -> None:
+    replay, api_client = api
+    runner = KubernetesJobRunner(KubernetesJobConfig(poll_s=0.01), api_client)
+    assert runner.run("r1", Path("/data/run.json"), threading.Event(), timeout_s=60) == 1
+    assert replay.requests[-1][0] == "DELETE"
+
+
+@pytest.mark.parametrize("api", [["job_active.json"]], indirect=True)
+def test_stop_deletes_the_running_job(api: tuple[Replay, Any]) -> None:
+    replay, api_client = api
+    stop = threading.Event()
+    stop.set()
+    runner = KubernetesJobRunner(KubernetesJobConfig(poll_s=0.01), api_client)
+    assert runner.run("r1", Path("/data/run.json"), stop, timeout_s=60) == "interrupted"
+    assert replay.requests[-1][0] == "DELETE"
+
+
+@pytest.mark.parametrize("api", [["job_active.json"]], indirect=True)
+def test_timeout_deletes_the_job(api: tuple[Replay, Any]) -> None:
+    replay, api_client = api
+    runner = KubernetesJobRunner(KubernetesJobConfig(poll_s=0.01), api_client)
+    assert runner.run("r1", Path("/data/run.json"), threading.Event(), timeout_s=0.05).startswith(
+        "timed out"
+    )
+    assert replay.requests[-1][0] == "DELETE"
