@@ -40,8 +40,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 lint: setup
-	$(VENV)/bin/ruff check daemon feedback trainer tests bench
-	$(VENV)/bin/ruff format --check daemon feedback trainer tests bench
+	$(VENV)/bin/ruff check daemon feedback trainer tests bench deploy
+	$(VENV)/bin/ruff format --check daemon feedback trainer tests bench deploy
 
 typecheck: setup
 	$(VENV)/bin/mypy
