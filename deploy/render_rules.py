@@ -11,8 +11,8 @@ import yaml
 
 HERE = Path(__file__).parent
 HEADER = (
-    "# GENERATED from deploy/prometheus/alignd-rules.yml (the source of truth); a test checks they\n"
-    "# match. To regenerate: make deploy-rules\n"
+    "# GENERATED from deploy/prometheus/alignd-rules.yml (the source of truth); a test checks\n"
+    "# they match. To regenerate: make deploy-rules\n"
 )
 
 
