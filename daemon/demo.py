@@ -52,7 +52,7 @@ DEMO_RUN_SPEC: dict[str, Any] = {
     "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
     "eval": {
         "generate_max_prompts": 50,
-        "max_new_tokens": 80,
+        "max_new_tokens": 64,
         "kl_max_examples": 48,
         "batch_size": 16,
     },
@@ -129,7 +129,7 @@ def _train_progress(log: Path) -> str:
 def run_demo(  # noqa: C901
     workdir: Path,
     *,
-    prompts: int = 300,
+    prompts: int = 260,
     seed: int = 7,
     base_model: str = "smollm2",
     run_spec: dict[str, Any] | None = None,
@@ -212,7 +212,7 @@ def run_demo(  # noqa: C901
             return 1
         result = json.loads(result_path.read_text())
         manifest = json.loads((Path(result["spec"]["data"]) / "manifest.json").read_text())
-        heldout = _heldout_prompts(result)
+        heldout = (result["eval"].get("candidate", {}).get("generation") or {}).get("prompts", [])
         rows = report.before_after(result)
         print("\n" + report.text_table(rows))
         print(
@@ -247,12 +247,3 @@ def run_demo(  # noqa: C901
                 daemon.kill()
         if broker is not None:
             broker.stop()
-
-
-def _heldout_prompts(result: dict[str, Any]) -> list[Any]:
-    """The prompts the trainer generated replies for: the first held-out pairs, in order."""
-    import pyarrow.parquet as pq
-
-    data = Path(result["spec"]["data"]) / "pairs" / "heldout.parquet"
-    limit = result["spec"]["eval"]["generate_max_prompts"]
-    return [row["prompt"] for row in pq.read_table(data).to_pylist()[:limit]]

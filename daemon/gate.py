@@ -36,7 +36,7 @@ class GateConfig(BaseModel):
         0.02, ge=0, description="allowed drop vs the reference"
     )
     kl_budget: float | None = Field(
-        0.3, gt=0, description="max KL(candidate‖reference), nats/token"
+        0.5, gt=0, description="max KL(candidate‖reference), nats/token"
     )
     chosen_logp_tolerance: float | None = Field(
         0.05,

@@ -274,6 +274,15 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     result.status = "succeeded"
 
 
+def heldout_prompts(spec: RunSpec, pairs: list[Any]) -> list[Any]:
+    """Prompts for the greedy-reply checks: held-out pairs' prompts, then held-out thumbs'."""
+    prompts = [p.prompt for p in pairs]
+    if not spec.eval_data and is_snapshot(spec.data):
+        prompts += [r["prompt"] for r in read_rows(spec.data, kind="kto", split="heldout")]
+    unique = list({json.dumps(p, sort_keys=True): p for p in prompts}.values())
+    return unique[: spec.eval.generate_max_prompts]
+
+
 def _stage(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
@@ -306,7 +315,7 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> dict[str, Any]:
             batch_size=bs,
         )
         kl_examples = evalset.chosen[: spec.eval.kl_max_examples]
-        prompts = [p.prompt for p in pairs[: spec.eval.generate_max_prompts]]
+        prompts = heldout_prompts(spec, pairs)
         for name, adapter in adapters.items():
             _stage(f"eval {name}: held-out preference, KL, {len(prompts)} greedy replies")
             report[name]["preference"] = preference_metrics(
@@ -327,7 +336,8 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> dict[str, Any]:
                     batch_size=bs,
                 )
                 report[name]["generation"] = generation_stats(replies, prompts) | {
-                    "replies": replies
+                    "replies": replies,
+                    "prompts": prompts,
                 }
     questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
     if questions:
