@@ -199,7 +199,7 @@ def run_demo(  # noqa: C901
                 progress.begin(
                     4, "held-out preference accuracy, KL, factuality, greedy replies; then the gate"
                 )
-            if line != last and progress.stage == 3:
+            if line != last:
                 progress.note(line)
                 last = line
             time.sleep(5)

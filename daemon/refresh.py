@@ -9,6 +9,7 @@ result.json, status.json).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -85,13 +86,16 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _limit_memory(limit_mb: int | None) -> Any:
-    if limit_mb is None:
-        return None
+def _child_setup(limit_mb: int | None) -> Any:
+    """Runs in the trainer child between fork and exec: bound its memory, and make it die with
+    the daemon (a SIGKILLed daemon must not leave a trainer writing into its run directory)."""
 
-    def apply() -> None:  # runs in the child between fork and exec
-        limit = limit_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    def apply() -> None:
+        if limit_mb is not None:
+            limit = limit_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
     return apply
 
@@ -108,8 +112,21 @@ class Refresher:
         for d in (self.runs_dir, self.snapshots_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.state = DaemonState.load(self.state_path)
+        self._recover()
         self.running = threading.Event()
         self.child: subprocess.Popen[bytes] | None = None
+
+    def _recover(self) -> None:
+        """After a crash: runs left 'running' were interrupted; half-built snapshots go."""
+        for leftover in self.snapshots_dir.glob(".building-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for status_path in self.runs_dir.glob("*/status.json"):
+            status = json.loads(status_path.read_text())
+            if status.get("outcome") == "running":
+                status |= {"outcome": "interrupted", "reason": "alignd stopped during this run",
+                           "finished_at": datetime.now(UTC).isoformat()}  # fmt: skip
+                atomic_write_json(status_path, status)
+                log.warning("run %s was interrupted by a crash", status.get("run_id"))
 
     def run_status(self, run_id: str) -> dict[str, Any] | None:
         if not all(c.isalnum() or c in "-_" for c in run_id):
@@ -318,7 +335,7 @@ class Refresher:
                 [sys.executable, "-m", "trainer.train", str(spec_path)],
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_limit_memory(training.memory_limit_mb),
+                preexec_fn=_child_setup(training.memory_limit_mb),
             )
             deadline = time.monotonic() + training.timeout_s
             try:

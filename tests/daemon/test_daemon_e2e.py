@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
+from daemon_support import Daemon, write_config
 from services import wait_until
 
 from daemon.registry import Registry, check_adapter_dir
@@ -30,7 +26,6 @@ from feedback.consumer import produce_events
 from feedback.embedded_broker import EmbeddedBroker, free_port
 
 pytestmark = pytest.mark.integration
-TOKEN = "test-admin-token-0123456789"
 ORDERS = range(1000, 1040)
 
 
@@ -55,116 +50,6 @@ def edit_events(prefix: str, flipped: bool = False) -> list[bytes]:
             ).encode()
         )
     return out
-
-
-def write_config(
-    tmp_path: Path, broker: EmbeddedBroker, model_dir: Path, port: int, max_steps: int
-) -> Path:
-    config = {
-        "kafka": {
-            "bootstrap_servers": broker.bootstrap,
-            "session_timeout_ms": 6000,
-            "heartbeat_interval_ms": 1000,
-            "retry_backoff_max_s": 2,
-        },
-        "store": {"url": f"sqlite:///{tmp_path / 'data' / 'feedback.db'}"},
-        "paths": {"data_dir": str(tmp_path / "data")},
-        "dataset": {"heldout_fraction": 0.25},
-        "schedule": {
-            "cron": None,
-            "min_new_pairs": None,
-            "min_new_ratings": None,
-            "min_interval_s": 0,
-            "tick_s": 1,
-            "drift_probe_cron": None,
-        },
-        "training": {
-            "base_model": str(model_dir),
-            "min_pairs": 4,
-            "stop_grace_s": 5,
-            "run_spec": {
-                "hyper": {
-                    "max_steps": max_steps,
-                    "learning_rate": 0.01,
-                    "batch_size": 4,
-                    "warmup_ratio": 0,
-                },
-                "eval": {"factuality_set": None, "generate_max_prompts": 0},
-            },
-        },
-        "gate": {
-            "factuality_tolerance": None,
-            "max_degenerate_rate": None,
-            "min_distinct_rate": None,
-            "length_band": None,
-            "relevance_tolerance": None,
-            "chosen_logp_tolerance": None,
-            "kl_budget": 5.0,
-            "min_preference_accuracy": 0.75,
-        },
-        "admin": {"port": port, "drain_s": 20},
-    }
-    path = tmp_path / f"alignd-{max_steps}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-class Daemon:
-    def __init__(self, config: Path, tmp_path: Path, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = (tmp_path / "serve.log").open("ab")
-        env = os.environ | {"ALIGND_ADMIN__TOKEN": TOKEN}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        assert wait_until(self.healthy, 60), "daemon did not come up"
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def get(self, path: str) -> Any:
-        response = httpx.get(self.url + path, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
-    def post(self, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        return httpx.post(
-            self.url + path, json=body, timeout=30, headers={"authorization": f"Bearer {TOKEN}"}
-        )
-
-    def refresh_and_wait(self, timeout_s: float = 240) -> dict[str, Any]:
-        before = self.get("/v1/status")["last_run_id"]
-        assert self.post("/v1/refresh").status_code == 202
-        assert wait_until(lambda: self.get("/v1/status")["last_run_id"] != before, 30)
-        run_id = self.get("/v1/status")["last_run_id"]
-        assert wait_until(
-            lambda: self.get(f"/v1/runs/{run_id}")["outcome"] != "running", timeout_s, 1.0
-        )
-        return dict(self.get(f"/v1/runs/{run_id}"))
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith(name + ("{" + wanted + "}" if labels else " ")) or (
-                labels
-                and line.startswith(name + "{")
-                and all(f'{k}="{v}"' in line for k, v in labels.items())
-            ):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"{name}{labels} not in /metrics")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-        return self.proc.returncode
 
 
 def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
