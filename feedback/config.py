@@ -21,6 +21,9 @@ class KafkaConfig(_Frozen):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port list")
     topic: str = Field("alignd.feedback", description="feedback events (schema v1)")
     dlq_topic: str = Field("alignd.feedback.dlq", description="rejected messages, with reasons")
+    dlq_max_message_bytes: int = Field(
+        900_000, gt=0, description="longer rejected messages are dead-lettered truncated"
+    )
     group_id: str = Field("alignd", description="consumer group")
     client_id: str = Field("alignd", description="client id reported to the broker")
     max_poll_records: int = Field(500, gt=0, description="events per stored batch")

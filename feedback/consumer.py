@@ -184,6 +184,9 @@ class FeedbackConsumer:
                 ("alignd-source-offset", str(record.offset).encode()),
             ]
             value = record.value if record.value is not None else b""
+            if len(value) > self.kafka.dlq_max_message_bytes:  # would not fit a Kafka message
+                headers.append(("alignd-truncated-from-bytes", str(len(value)).encode()))
+                value = value[: self.kafka.dlq_max_message_bytes]
             futures.append(
                 self._producer.send(
                     self.kafka.dlq_topic, value=value, key=record.key, headers=headers
