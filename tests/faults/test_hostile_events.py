@@ -23,11 +23,18 @@ from feedback.store import FeedbackStore
 
 
 def valid(i: int) -> dict[str, Any]:
-    return {"schema_version": 1, "event_id": f"ok-{i}", "type": "rating", "occurred_at": "2026-11-20T10:00:00Z",
-            "prompt": [{"role": "user", "content": f"question {i}"}], "completion": f"answer {i}", "rating": "up"}
+    return {
+        "schema_version": 1,
+        "event_id": f"ok-{i}",
+        "type": "rating",
+        "occurred_at": "2026-11-20T10:00:00Z",
+        "prompt": [{"role": "user", "content": f"question {i}"}],
+        "completion": f"answer {i}",
+        "rating": "up",
+    }
 
 
-def hostile(rng: random.Random, i: int) -> bytes:
+def hostile(rng: random.Random, i: int) -> bytes:  # noqa: C901 — one branch per kind of fault
     """One malformed or hostile message, of many kinds."""
     base = valid(i) | {"event_id": f"bad-{i}"}
     kind = rng.randrange(16)
@@ -44,21 +51,35 @@ def hostile(rng: random.Random, i: int) -> bytes:
         depth = rng.randrange(200, 3000)
         return ("[" * depth + "]" * depth).encode()  # deep nesting
     if kind == 4:
-        return json.dumps(base | {"rating": rng.choice([1, None, [], {}, "maybe"])}).encode()  # wrong types
+        return json.dumps(
+            base | {"rating": rng.choice([1, None, [], {}, "maybe"])}
+        ).encode()  # wrong types
     if kind == 5:
-        return json.dumps(base | {rng.choice(["admin", "__proto__", "eval", "x"]): 1}).encode()  # unknown field
+        return json.dumps(
+            base | {rng.choice(["admin", "__proto__", "eval", "x"]): 1}
+        ).encode()  # unknown field
     if kind == 6:
-        return json.dumps(base | {"type": rng.choice(["like", "delete", "", "RATING"])}).encode()  # unknown type
+        return json.dumps(
+            base | {"type": rng.choice(["like", "delete", "", "RATING"])}
+        ).encode()  # unknown type
     if kind == 7:
-        return json.dumps(base | {"prompt": [{"role": rng.choice(["root", "bot", ""]), "content": "hi"}]}).encode()
+        return json.dumps(
+            base | {"prompt": [{"role": rng.choice(["root", "bot", ""]), "content": "hi"}]}
+        ).encode()
     if kind == 8:
         return json.dumps(base | {"completion": "a\x00b\x07c"}).encode()  # control characters
     if kind == 9:
-        return json.dumps(base | {"event_id": rng.choice(["../../etc/passwd", "a b", "", "x" * 500])}).encode()
+        return json.dumps(
+            base | {"event_id": rng.choice(["../../etc/passwd", "a b", "", "x" * 500])}
+        ).encode()
     if kind == 10:
-        return json.dumps(base | {"occurred_at": rng.choice(["yesterday", "2026-13-40T99:00:00Z", 12345])}).encode()
+        return json.dumps(
+            base | {"occurred_at": rng.choice(["yesterday", "2026-13-40T99:00:00Z", 12345])}
+        ).encode()
     if kind == 11:
-        return json.dumps(base | {"prompt": [{"role": "user", "content": "hi"}] * 500}).encode()  # too many turns
+        return json.dumps(
+            base | {"prompt": [{"role": "user", "content": "hi"}] * 500}
+        ).encode()  # too many turns
     if kind == 12:
         return json.dumps(rng.choice([[], 1, "string", None, True])).encode()  # not an object
     if kind == 13:
@@ -70,10 +91,15 @@ def hostile(rng: random.Random, i: int) -> bytes:
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=2048) | st.text(max_size=512).map(str.encode)
-       | st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-                      lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=8), c, max_size=5),
-                      max_leaves=30).map(lambda v: json.dumps(v).encode()))
+@given(
+    st.binary(max_size=2048)
+    | st.text(max_size=512).map(str.encode)
+    | st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=8), c, max_size=5),
+        max_leaves=30,
+    ).map(lambda v: json.dumps(v).encode())
+)
 def test_parse_event_never_raises_and_always_gives_a_known_reason(raw: bytes) -> None:
     result = parse_event(raw)
     if isinstance(result, Rejection):
@@ -99,16 +125,29 @@ def test_ten_thousand_hostile_messages_through_the_consumer(tmp_path: Path) -> N
         # 1 MB messages exceed Kafka's default message size; the producer splits them into their own requests
         produce_events(broker.bootstrap, "alignd.feedback", messages, max_request_size=2_000_000)
         store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
-        consumer = FeedbackConsumer(KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000,
-                                                heartbeat_interval_ms=1000), store)
+        consumer = FeedbackConsumer(
+            KafkaConfig(
+                bootstrap_servers=broker.bootstrap,
+                session_timeout_ms=6000,
+                heartbeat_interval_ms=1000,
+            ),
+            store,
+        )
         totals = consumer.run(threading.Event(), until_idle_s=3)
         consumer.close()
         assert totals.consumed == len(messages)
         assert store.count() == n_valid == totals.stored
         assert sum(totals.dead_lettered.values()) == n_bad
-        reader = KafkaConsumer("alignd.feedback.dlq", bootstrap_servers=broker.bootstrap, group_id="dlq-reader",
-                               auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
-                               fetch_max_bytes=50_000_000, max_partition_fetch_bytes=5_000_000)
+        reader = KafkaConsumer(
+            "alignd.feedback.dlq",
+            bootstrap_servers=broker.bootstrap,
+            group_id="dlq-reader",
+            auto_offset_reset="earliest",
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
+            fetch_max_bytes=50_000_000,
+            max_partition_fetch_bytes=5_000_000,
+        )
         seen: dict[str, str] = {}
         while len(seen) < n_bad:
             batch = reader.poll(timeout_ms=5000)
@@ -117,8 +156,11 @@ def test_ten_thousand_hostile_messages_through_the_consumer(tmp_path: Path) -> N
             for records in batch.values():
                 for r in records:
                     headers = dict(r.headers)
-                    seen[headers["alignd-source-partition"].decode() + "/" + headers["alignd-source-offset"].decode()] = (
-                        headers[REASON_HEADER].decode())
+                    seen[
+                        headers["alignd-source-partition"].decode()
+                        + "/"
+                        + headers["alignd-source-offset"].decode()
+                    ] = headers[REASON_HEADER].decode()
         reader.close()
         assert len(seen) == n_bad  # every bad message, once per source offset
         assert set(seen.values()) <= REASONS and len(set(seen.values())) >= 10

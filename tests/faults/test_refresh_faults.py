@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from services import wait_until
 
 from daemon.config import AligndConfig
 from daemon.metrics import Metrics
@@ -21,7 +22,6 @@ from daemon.refresh import Refresher
 from daemon.registry import Registry, check_adapter_dir
 from feedback.events import Rejection, parse_event
 from feedback.store import FeedbackStore, Incoming
-from services import wait_until
 
 ORDERS = range(2000, 2032)
 
@@ -29,9 +29,15 @@ ORDERS = range(2000, 2032)
 def fill(store: FeedbackStore) -> None:
     items = []
     for n in ORDERS:
-        raw = {"schema_version": 1, "event_id": f"e{n}", "type": "edit", "occurred_at": "2026-11-20T10:00:00Z",
-               "prompt": [{"role": "user", "content": f"Where is order {n}?"}],
-               "completion": f"So sorry, order {n} is delayed.", "edited_completion": f"Order {n} ships today."}
+        raw = {
+            "schema_version": 1,
+            "event_id": f"e{n}",
+            "type": "edit",
+            "occurred_at": "2026-11-20T10:00:00Z",
+            "prompt": [{"role": "user", "content": f"Where is order {n}?"}],
+            "completion": f"So sorry, order {n} is delayed.",
+            "edited_completion": f"Order {n} ships today.",
+        }
         parsed = parse_event(json.dumps(raw).encode())
         assert not isinstance(parsed, Rejection)
         items.append(Incoming(parsed))
@@ -39,20 +45,38 @@ def fill(store: FeedbackStore) -> None:
 
 
 def make_refresher(tmp_path: Path, model: Path, **training: Any) -> Refresher:
-    run_spec = {"hyper": {"max_steps": 6, "learning_rate": 0.01, "batch_size": 4, "warmup_ratio": 0},
-                "eval": {"factuality_set": None, "generate_max_prompts": 0}}
+    run_spec = {
+        "hyper": {"max_steps": 6, "learning_rate": 0.01, "batch_size": 4, "warmup_ratio": 0},
+        "eval": {"factuality_set": None, "generate_max_prompts": 0},
+    }
     run_spec = _merge(run_spec, training.pop("run_spec", {}))
     config = AligndConfig(
-        store={"url": f"sqlite:///{tmp_path / 'f.db'}"}, paths={"data_dir": tmp_path / "data"},
+        store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
+        paths={"data_dir": tmp_path / "data"},
         dataset={"heldout_fraction": 0.25},
-        training={"base_model": str(model), "min_pairs": 4, "stop_grace_s": 2, "run_spec": run_spec, **training},
-        gate={"factuality_tolerance": None, "max_degenerate_rate": None, "min_distinct_rate": None,
-              "length_band": None, "relevance_tolerance": None, "chosen_logp_tolerance": None, "kl_budget": 5.0},
+        training={
+            "base_model": str(model),
+            "min_pairs": 4,
+            "stop_grace_s": 2,
+            "run_spec": run_spec,
+            **training,
+        },
+        gate={
+            "factuality_tolerance": None,
+            "max_degenerate_rate": None,
+            "min_distinct_rate": None,
+            "length_band": None,
+            "relevance_tolerance": None,
+            "chosen_logp_tolerance": None,
+            "kl_budget": 5.0,
+        },
     )
     store = FeedbackStore(config.store.url)
     if store.count() == 0:
         fill(store)
-    return Refresher(config, store, Registry(tmp_path / "data" / "registry"), Metrics(CollectorRegistry()))
+    return Refresher(
+        config, store, Registry(tmp_path / "data" / "registry"), Metrics(CollectorRegistry())
+    )
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +105,9 @@ def promoted(tmp_path: Path, tiny_model_dir: Path) -> Refresher:
 def test_trainer_child_sigkilled(promoted: Refresher, tmp_path: Path, tiny_model_dir: Path) -> None:
     refresher = make_refresher(tmp_path, tiny_model_dir, run_spec={"hyper": {"max_steps": 100_000}})
     outcome: list[Any] = []
-    thread = threading.Thread(target=lambda: outcome.append(refresher.refresh("operator request", threading.Event())))
+    thread = threading.Thread(
+        target=lambda: outcome.append(refresher.refresh("operator request", threading.Event()))
+    )
     thread.start()
     assert wait_until(lambda: refresher.child is not None, 60)
     time.sleep(3)  # somewhere in setup or training
@@ -89,11 +115,20 @@ def test_trainer_child_sigkilled(promoted: Refresher, tmp_path: Path, tiny_model
     thread.join(60)
     assert outcome[0].outcome == "failed"
     assert_registry_intact(refresher, ["v0001"], "v0001")
-    assert make_refresher(tmp_path, tiny_model_dir).refresh("operator request", threading.Event()).outcome == "promoted"
+    assert (
+        make_refresher(tmp_path, tiny_model_dir)
+        .refresh("operator request", threading.Event())
+        .outcome
+        == "promoted"
+    )
 
 
-def test_run_over_its_time_limit_is_stopped_and_failed(promoted: Refresher, tmp_path: Path, tiny_model_dir: Path) -> None:
-    refresher = make_refresher(tmp_path, tiny_model_dir, timeout_s=8, run_spec={"hyper": {"max_steps": 100_000}})
+def test_run_over_its_time_limit_is_stopped_and_failed(
+    promoted: Refresher, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    refresher = make_refresher(
+        tmp_path, tiny_model_dir, timeout_s=8, run_spec={"hyper": {"max_steps": 100_000}}
+    )
     started = time.monotonic()
     outcome = refresher.refresh("operator request", threading.Event())
     assert outcome.outcome == "failed" and "timed out" in outcome.reason
@@ -102,23 +137,32 @@ def test_run_over_its_time_limit_is_stopped_and_failed(promoted: Refresher, tmp_
     assert_registry_intact(refresher, ["v0001"], "v0001")
 
 
-def test_run_over_its_memory_limit_fails_cleanly(promoted: Refresher, tmp_path: Path, tiny_model_dir: Path) -> None:
-    refresher = make_refresher(tmp_path, tiny_model_dir, memory_limit_mb=200)  # torch alone needs more
+def test_run_over_its_memory_limit_fails_cleanly(
+    promoted: Refresher, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    refresher = make_refresher(
+        tmp_path, tiny_model_dir, memory_limit_mb=200
+    )  # torch alone needs more
     outcome = refresher.refresh("operator request", threading.Event())
     assert outcome.outcome == "failed", outcome
     assert_registry_intact(refresher, ["v0001"], "v0001")
 
 
-def test_nan_recipe_is_never_registered(promoted: Refresher, tmp_path: Path, tiny_model_dir: Path) -> None:
-    refresher = make_refresher(tmp_path, tiny_model_dir,
-                               run_spec={"hyper": {"learning_rate": 1e30, "max_grad_norm": 1e38}})
+def test_nan_recipe_is_never_registered(
+    promoted: Refresher, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    refresher = make_refresher(
+        tmp_path, tiny_model_dir, run_spec={"hyper": {"learning_rate": 1e30, "max_grad_norm": 1e38}}
+    )
     outcome = refresher.refresh("operator request", threading.Event())
     assert outcome.outcome == "failed" and "loss is" in outcome.reason
     assert outcome.training["detectors"]["non_finite_loss"] is True
     assert_registry_intact(refresher, ["v0001"], "v0001")
 
 
-def test_crash_recovery_marks_running_runs_interrupted(promoted: Refresher, tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_crash_recovery_marks_running_runs_interrupted(
+    promoted: Refresher, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     # What a SIGKILLed daemon leaves behind: a run still marked running and a half-built snapshot.
     run_dir = promoted.runs_dir / "r-crashed"
     run_dir.mkdir()
