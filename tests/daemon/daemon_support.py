@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,30 @@ from services import wait_until
 from feedback.embedded_broker import EmbeddedBroker
 
 TOKEN = "test-admin-token-0123456789"
+ORDERS = range(1000, 1040)
+
+
+def edit_events(prefix: str, flipped: bool = False) -> list[bytes]:
+    out = []
+    for n in ORDERS:
+        # Similar lengths, so the reversed edits pass the dataset's length-ratio filter.
+        original = f"So sorry, order {n} is delayed."
+        edited = f"Order {n} ships today."
+        completion, edited_completion = (edited, original) if flipped else (original, edited)
+        out.append(
+            json.dumps(
+                {
+                    "schema_version": 1,
+                    "event_id": f"{prefix}-{n}",
+                    "type": "edit",
+                    "occurred_at": "2026-11-20T10:00:00Z",
+                    "prompt": [{"role": "user", "content": f"Where is my order {n}?"}],
+                    "completion": completion,
+                    "edited_completion": edited_completion,
+                }
+            ).encode()
+        )
+    return out
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

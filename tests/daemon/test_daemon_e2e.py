@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from daemon_support import Daemon, write_config
+from daemon_support import ORDERS, Daemon, edit_events, write_config
 from services import wait_until
 
 from daemon.registry import Registry, check_adapter_dir
@@ -26,30 +26,6 @@ from feedback.consumer import produce_events
 from feedback.embedded_broker import EmbeddedBroker, free_port
 
 pytestmark = pytest.mark.integration
-ORDERS = range(1000, 1040)
-
-
-def edit_events(prefix: str, flipped: bool = False) -> list[bytes]:
-    out = []
-    for n in ORDERS:
-        # Similar lengths, so the reversed edits pass the dataset's length-ratio filter.
-        original = f"So sorry, order {n} is delayed."
-        edited = f"Order {n} ships today."
-        completion, edited_completion = (edited, original) if flipped else (original, edited)
-        out.append(
-            json.dumps(
-                {
-                    "schema_version": 1,
-                    "event_id": f"{prefix}-{n}",
-                    "type": "edit",
-                    "occurred_at": "2026-11-20T10:00:00Z",
-                    "prompt": [{"role": "user", "content": f"Where is my order {n}?"}],
-                    "completion": completion,
-                    "edited_completion": edited_completion,
-                }
-            ).encode()
-        )
-    return out
 
 
 def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
