@@ -90,7 +90,7 @@ def make_app(service: Service) -> FastAPI:  # noqa: C901
     def healthz() -> dict[str, str]:
         return {"status": "ok"}  # the process answers; never depends on Kafka or the store
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "not ready: the reasons are listed"}})
     def readyz() -> JSONResponse:
         problems = service.readiness_problems()
         body = {"ready": not problems, "problems": problems}

@@ -46,7 +46,7 @@ DEMO_RUN_SPEC: dict[str, Any] = {
         "epochs": 2,
         "batch_size": 4,
         "warmup_ratio": 0.1,
-        "rpo_alpha": 0.5,
+        "rpo_alpha": 1.0,
         "max_length": 256,
     },
     "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
