@@ -54,12 +54,9 @@ def test_daemon_sigkilled_mid_refresh(tiny_model_dir: Path, tmp_path: Path) -> N
         assert wait_until(
             lambda: log.exists() and "training:" in log.read_text(errors="ignore"), 120
         )
-        children = [
-            int(p)
-            for p in Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children")
-            .read_text()
-            .split()
-        ]
+        # children of every thread: the refresh worker thread spawned the trainer
+        tasks = Path(f"/proc/{daemon.proc.pid}/task").iterdir()
+        children = [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
         assert children, "the trainer child should be running"
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait()
