@@ -461,7 +461,7 @@ def make_parser() -> argparse.ArgumentParser:
         "demo", help="the whole loop on SmolLM2 with simulated feedback (make demo)"
     )
     demo.add_argument("--workdir", default=".demo", help="replies cache, daemon data, report.html")
-    demo.add_argument("--prompts", type=int, default=260, help="simulated support conversations")
+    demo.add_argument("--prompts", type=int, default=300, help="simulated support conversations")
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     demo.set_defaults(func=cmd_demo)

@@ -314,7 +314,7 @@ def sft_replies(
     *,
     base_model: str,
     cache_dir: Path,
-    max_new_tokens: int = 56,
+    max_new_tokens: int = 72,
     batch_size: int = 16,
 ) -> list[str]:
     """The SFT model's greedy replies, generated once per (model, prompts, settings)."""

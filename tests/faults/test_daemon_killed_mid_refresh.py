@@ -47,22 +47,28 @@ def test_daemon_sigkilled_mid_refresh(tiny_model_dir: Path, tmp_path: Path) -> N
 
         long = write_config(tmp_path, broker, tiny_model_dir, port, max_steps=100_000)
         daemon = Daemon(long, tmp_path, port)
-        assert daemon.post("/v1/refresh").status_code == 202
-        assert wait_until(lambda: daemon.get("/v1/status")["refresh_running"], 30)
-        run_id = daemon.get("/v1/status")["last_run_id"]
-        log = tmp_path / "data" / "runs" / run_id / "train.log"
-        assert wait_until(
-            lambda: log.exists() and "training:" in log.read_text(errors="ignore"), 120
-        )
-        # children of every thread: the refresh worker thread spawned the trainer
-        tasks = Path(f"/proc/{daemon.proc.pid}/task").iterdir()
-        children = [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
-        assert children, "the trainer child should be running"
-        daemon.proc.send_signal(signal.SIGKILL)
-        daemon.proc.wait()
-        assert wait_until(lambda: not any(pid_alive(c) for c in children), 30), (
-            "trainer outlived the daemon"
-        )
+        try:
+            assert daemon.post("/v1/refresh").status_code == 202
+            assert wait_until(lambda: daemon.get("/v1/status")["refresh_running"], 30)
+            run_id = daemon.get("/v1/status")["last_run_id"]
+            log = tmp_path / "data" / "runs" / run_id / "train.log"
+            assert wait_until(
+                lambda: log.exists() and "training:" in log.read_text(errors="ignore"), 120
+            )
+            # children of every thread: the refresh worker thread spawned the trainer
+            tasks = Path(f"/proc/{daemon.proc.pid}/task").iterdir()
+            children = [
+                int(pid) for task in tasks for pid in (task / "children").read_text().split()
+            ]
+            assert children, "the trainer child should be running"
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait()
+            assert wait_until(lambda: not any(pid_alive(c) for c in children), 30), (
+                "trainer outlived the daemon"
+            )
+        finally:
+            if daemon.proc.poll() is None:  # a failed assertion must not leave it training
+                daemon.proc.kill()
 
         daemon = Daemon(short, tmp_path, port)
         try:

@@ -171,3 +171,41 @@ def test_crash_recovery_marks_running_runs_interrupted(
     refresher = make_refresher(tmp_path, tiny_model_dir)
     assert refresher.run_status("r-crashed")["outcome"] == "interrupted"
     assert not list(refresher.snapshots_dir.glob(".building-*"))
+
+
+def test_collapsing_candidate_is_rejected_by_the_gate(
+    promoted: Refresher, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Feedback whose rejected side is the chosen answer repeated: plain DPO widens the margin by
+    making the chosen answer less likely too (likelihood collapse). The run's detector fires
+    and the gate refuses the candidate, naming the check."""
+    store = promoted.store
+    items = []
+    for n in range(3000, 3032):
+        answer = f"Order {n} ships today."
+        raw = {
+            "schema_version": 1,
+            "event_id": f"c{n}",
+            "type": "comparison",
+            "occurred_at": "2026-11-21T10:00:00Z",
+            "prompt": [{"role": "user", "content": f"Where is order {n}?"}],
+            "chosen": answer,
+            "rejected": " ".join([answer] * 4),
+        }
+        parsed = parse_event(json.dumps(raw).encode())
+        assert not isinstance(parsed, Rejection)
+        items.append(Incoming(parsed))
+    store.write_batch(items)
+    refresher = make_refresher(
+        tmp_path,
+        tiny_model_dir,
+        run_spec={
+            "hyper": {"max_steps": 30, "lr_scheduler": "constant"},
+            "lora": {"r": 32, "dropout": 0.0},
+        },
+    )
+    outcome = refresher.refresh("operator request", threading.Event())
+    assert outcome.outcome == "rejected", outcome
+    failed = [c["name"] for c in outcome.gate["checks"] if not c["passed"]]
+    assert "training_detectors" in failed
+    assert Registry(refresher.registry.root).active() == "v0001"
