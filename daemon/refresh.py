@@ -239,6 +239,9 @@ class Refresher:
         ):
             if isinstance(outcome.training.get(key), int | float):
                 gauge.set(outcome.training[key])
+        if isinstance(code, str) and code.startswith("timed out"):
+            outcome.outcome, outcome.reason = "failed", code
+            return
         if code == "interrupted" or result.get("status") == "interrupted":
             outcome.outcome, outcome.reason = "interrupted", "stopped during shutdown"
             return

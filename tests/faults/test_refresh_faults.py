@@ -173,13 +173,11 @@ def test_crash_recovery_marks_running_runs_interrupted(
     assert not list(refresher.snapshots_dir.glob(".building-*"))
 
 
-def test_collapsing_candidate_is_rejected_by_the_gate(
-    promoted: Refresher, tmp_path: Path, tiny_model_dir: Path
-) -> None:
+def test_collapsing_candidate_is_rejected_by_the_gate(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Feedback whose rejected side is the chosen answer repeated: plain DPO widens the margin by
     making the chosen answer less likely too (likelihood collapse). The run's detector fires
-    and the gate refuses the candidate, naming the check."""
-    store = promoted.store
+    and the gate refuses the candidate, naming the check; nothing becomes active."""
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
     items = []
     for n in range(3000, 3032):
         answer = f"Order {n} ships today."
@@ -196,6 +194,7 @@ def test_collapsing_candidate_is_rejected_by_the_gate(
         assert not isinstance(parsed, Rejection)
         items.append(Incoming(parsed))
     store.write_batch(items)
+    store.close()
     refresher = make_refresher(
         tmp_path,
         tiny_model_dir,
@@ -206,6 +205,7 @@ def test_collapsing_candidate_is_rejected_by_the_gate(
     )
     outcome = refresher.refresh("operator request", threading.Event())
     assert outcome.outcome == "rejected", outcome
+    assert outcome.training["detectors"]["likelihood_collapse"] is True
     failed = [c["name"] for c in outcome.gate["checks"] if not c["passed"]]
     assert "training_detectors" in failed
-    assert Registry(refresher.registry.root).active() == "v0001"
+    assert Registry(refresher.registry.root).active() is None
