@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from daemon.client import cmd_client
 from daemon.config import AligndConfig, ConfigError, load_config
 from trainer.spec import DEFAULT_BASE_MODEL, RunSpec, format_validation_error
 
@@ -183,140 +184,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     setup_logging(json_lines=config.admin.json_logs)
     return serve(config)
-
-
-# --- the operator client: talks to a running daemon's admin API ------------------------------
-class ApiError(RuntimeError):
-    pass
-
-
-def _api(
-    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
-) -> Any:
-    import httpx
-
-    headers = {"x-alignd-actor": os.environ.get("USER", "operator")}
-    token = args.token or os.environ.get("ALIGND_ADMIN__TOKEN")
-    if not token and args.token_file:
-        token = Path(args.token_file).read_text().strip()
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    try:
-        response = httpx.request(
-            method, args.url.rstrip("/") + path, json=body, headers=headers, timeout=30
-        )
-    except httpx.HTTPError as e:
-        raise ApiError(f"cannot reach alignd at {args.url}: {e}") from e
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail")
-        except ValueError:
-            detail = response.text
-        raise ApiError(f"{method} {path}: HTTP {response.status_code}: {detail}")
-    return response.json()
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.3f}"
-        return "-" if value is None else str(value)
-
-    widths = {
-        c: max(len(c), *(len(cell(r.get(c))) for r in rows)) if rows else len(c) for c in columns
-    }
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(cell(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
-
-
-def _print(args: argparse.Namespace, data: Any, human: str) -> None:
-    print(json.dumps(data, indent=1, default=str) if args.json else human)
-
-
-def cmd_client(args: argparse.Namespace) -> int:
-    try:
-        return _client(args)
-    except ApiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-def _client(args: argparse.Namespace) -> int:
-    action = args.action
-    if action == "status":
-        data = _api(args, "GET", "/v1/status")
-        last = data.get("last_run") or {}
-        consumer = data["consumer"]
-        ready = "ready" if consumer["ready"] else f"NOT READY: {consumer['error']}"
-        human = "\n".join(
-            [
-                f"active adapter:   {data['active_adapter'] or 'none (serving the SFT base)'}",
-                f"refresh running:  {data['refresh_running']}",
-                f"last run:         {last.get('run_id', '-')} {last.get('outcome', '')} "
-                f"{last.get('reason', '')}",
-                f"consumer:         {ready}, lag {consumer['lag']}, stored {consumer['stored']}, "
-                f"dead-lettered {consumer['dead_lettered']}",
-                f"store:            {data['store']['events']} events, new since last snapshot "
-                f"{data['store']['new_since_last_snapshot']}",
-            ]
-        )
-        _print(args, data, human)
-    elif action == "list":
-        rows = _api(args, "GET", "/v1/adapters")
-        cols = [
-            "version",
-            "state",
-            "method",
-            "heldout_accuracy",
-            "kl_to_reference",
-            "factuality",
-            "parent",
-            "created_at",
-        ]
-        _print(args, rows, _table(rows, cols))
-    elif action == "show":
-        data = _api(args, "GET", f"/v1/adapters/{args.version}")
-        gate = data["manifest"].get("gate") or {}
-        checks = [
-            {
-                "check": c["name"],
-                "passed": c["passed"],
-                "value": c["value"],
-                "threshold": c["threshold"],
-            }
-            for c in gate.get("checks", [])
-        ]
-        human = f"{data['version']} ({data['state']})\n" + _table(
-            checks, ["check", "passed", "value", "threshold"]
-        )
-        _print(args, data, human)
-    elif action == "promote":
-        data = _api(
-            args,
-            "POST",
-            f"/v1/adapters/{args.version}/promote",
-            {"reason": args.reason, "force": args.force},
-        )
-        _print(args, data, f"active: {data['active']}" + _hook_note(data))
-    elif action == "rollback":
-        data = _api(args, "POST", "/v1/rollback", {"to": args.to, "reason": args.reason})
-        _print(args, data, f"rolled back; active: {data['active']}" + _hook_note(data))
-    elif action == "reject":
-        data = _api(args, "POST", f"/v1/adapters/{args.version}/reject", {"reason": args.reason})
-        _print(args, data, f"rejected: {data['rejected']}")
-    elif action == "refresh":
-        data = _api(args, "POST", "/v1/refresh")
-        _print(args, data, data["message"])
-    elif action == "run":
-        data = _api(args, "GET", f"/v1/runs/{args.run_id}")
-        _print(args, data, json.dumps(data, indent=1, default=str))
-    return 0
-
-
-def _hook_note(data: dict[str, Any]) -> str:
-    failures = data.get("serving_hook_failures") or []
-    return "" if not failures else "\nWARNING: serving hooks failed: " + "; ".join(failures)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
