@@ -97,20 +97,15 @@ def split_rows(
         "pairs": {s: [] for s in SPLITS},
         "kto": {s: [] for s in SPLITS},
     }
+
+    def split_of(prompt_sha256: str) -> str:
+        held = is_heldout(prompt_sha256, config.heldout_fraction, config.split_salt)
+        return "heldout" if held else "train"
+
     for p in examples.pairs:
-        split = (
-            "heldout"
-            if is_heldout(p.prompt_sha256, config.heldout_fraction, config.split_salt)
-            else "train"
-        )
-        out["pairs"][split].append(_pair_row(p))
+        out["pairs"][split_of(p.prompt_sha256)].append(_pair_row(p))
     for k in examples.kto:
-        split = (
-            "heldout"
-            if is_heldout(k.prompt_sha256, config.heldout_fraction, config.split_salt)
-            else "train"
-        )
-        out["kto"][split].append(_kto_row(k))
+        out["kto"][split_of(k.prompt_sha256)].append(_kto_row(k))
     return out
 
 
