@@ -320,6 +320,7 @@ class Refresher:
                 "dataset_sha256": sha,
                 "data_kind": "kto_union" if data_kind == "kto_union" else "auto",
                 "incumbent_adapter": str(active_dir) if active_dir else None,
+                "reference_cache": str(self.data_dir / "cache" / "reference.sqlite"),
                 "init_adapter": str(active_dir)
                 if active_dir and self.config.training.warm_start
                 else None,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from trainer import losses as L
 from trainer.data import to_pairs, to_unpaired
-from trainer.logprobs import Encoded, collate, encode, sequence_logps
+from trainer.logprobs import Encoded, collate, encode, pack_pairs, pair_logps, sequence_logps
 from trainer.spec import REFERENCE_FREE, Hyperparameters
 
 Stats = dict[str, Tensor]
@@ -111,14 +111,16 @@ class PairedObjective:
     def micro_batch(
         self, model: Any, idx: list[int], device: torch.device
     ) -> tuple[Tensor, Stats, int]:
-        n = len(idx)
-        # Chosen and rejected in one forward: one pass over the weights, not two.
-        batch = collate(
-            [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx], self.pad_id, device
+        # Chosen and rejected in one forward, their shared start (prompt, common opening) once.
+        pack = pack_pairs(
+            [self.chosen[i] for i in idx],
+            [self.rejected[i] for i in idx],
+            self.pad_id,
+            device,
+            row_tokens=self.hp.pack_tokens,
         )
-        logps = sequence_logps(model, batch)
-        lengths = batch.lengths.float()
-        pc, pr, lc, lr = logps[:n], logps[n:], lengths[:n], lengths[n:]
+        pc, pr = pair_logps(model, pack)
+        lc, lr = pack.chosen_lengths.float(), pack.rejected_lengths.float()
         rc, rr = self.reference_chosen[idx].to(device), self.reference_rejected[idx].to(device)
         out, total = preference_loss(self.method, self.hp, pc, pr, rc, rr, lc, lr)
         stats = {
@@ -134,7 +136,7 @@ class PairedObjective:
             "kl_proxy": torch.cat([(pc - rc).abs() / lc, (pr - rr).abs() / lr]).detach(),
             "preference_loss": out.losses.detach(),
         }
-        return total, stats, batch.num_tokens
+        return total, stats, pack.logical_tokens
 
 
 class UnpairedObjective:

@@ -64,6 +64,10 @@ class Hyperparameters(_Strict):
     undesirable_weight: float = Field(1.0, gt=0.0)
     max_length: int = Field(512, gt=8)
     max_prompt_length: int = Field(256, gt=0)
+    pack_tokens: int = Field(
+        1024, gt=0, description="pairs are packed into rows of about this many tokens"
+    )
+    shuffle: bool = Field(True, description="False: rows in file order (benchmarks, comparisons)")
 
 
 class Detectors(_Strict):
@@ -103,6 +107,9 @@ class RunSpec(_Strict):
     eval: EvalSpec = EvalSpec()
     init_adapter: Path | None = Field(None, description="warm start: initial LoRA weights")
     incumbent_adapter: Path | None = Field(None, description="evaluated next to the candidate")
+    reference_cache: Path | None = Field(
+        None, description="SQLite file of reference log-probs kept across runs; null = this run"
+    )
     dataset_sha256: str | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -172,3 +179,6 @@ class RunResult(BaseModel):
     versions: dict[str, str] = {}
     timings: dict[str, float] = {}
     peak_memory_bytes: dict[str, int] = {}
+    reference_logps: dict[str, int] = Field(
+        {}, description="reference log-probs found in the cache ('hits') and 'computed'"
+    )

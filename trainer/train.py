@@ -38,8 +38,9 @@ from trainer.evaluate import (
     score,
 )
 from trainer.logprobs import Encoded
-from trainer.model import attach_lora, load_base, save_adapter
+from trainer.model import attach_lora, load_base, resolve_base_model, save_adapter
 from trainer.objectives import PairedObjective, UnpairedObjective
+from trainer.refcache import ReferenceCache, model_identity
 from trainer.spec import (
     LOG2_AT_INIT,
     PAIRED_METHODS,
@@ -158,10 +159,22 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model = attach_lora(model, spec.lora, spec.init_adapter)
+    identity = model_identity(resolve_base_model(spec.base_model), device.type)
+    cache = ReferenceCache(spec.reference_cache, identity)
+
+    def cached_reference(m: Any, examples: list[Encoded], pad_id: int, bs: int) -> torch.Tensor:
+        return cache.logps(m, examples, reference_logps, pad_id, bs)
+
+    t_reference = time.perf_counter()
     make_objective = PairedObjective if paired else UnpairedObjective
-    objective = make_objective(
-        method, hp, rows, model, tokenizer, reference_logps, spec.eval.batch_size
-    )
+    try:
+        objective = make_objective(
+            method, hp, rows, model, tokenizer, cached_reference, spec.eval.batch_size
+        )
+    finally:
+        cache.close()
+    result.reference_logps = cache.stats.as_dict()
+    result.timings["reference_s"] = time.perf_counter() - t_reference
     n_examples = result.num_train_examples = objective.num_examples
     result.timings["setup_s"] = time.perf_counter() - t_setup
 
@@ -196,7 +209,8 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         tokens = 0
         for _ in range(hp.grad_accum):
             while len(queue) < hp.batch_size:  # epochs: reshuffle whenever the queue runs low
-                queue.extend(torch.randperm(n_examples, generator=generator).tolist())
+                order = torch.randperm(n_examples, generator=generator) if hp.shuffle else None
+                queue.extend(range(n_examples) if order is None else order.tolist())
             batch, queue = queue[: hp.batch_size], queue[hp.batch_size :]
             idx = world.shard(batch)  # this rank's part of the global micro-batch
             with autocast:

@@ -97,3 +97,67 @@ def test_shared_prefix_scoring_equals_plain_scoring(model_and_tokenizer) -> None
         plain = sequence_logps(model, collate(examples, tok.pad_token_id))
     shared = sequence_logps_shared_prefix(model, examples, tok.pad_token_id, batch_size=2)
     assert torch.allclose(plain, shared, atol=1e-4), (plain, shared)
+
+
+def edit_pairs(tok) -> tuple[list, list]:
+    """Pairs as agents make them: some edits keep the draft's opening, one rewrites it all,
+    one is the draft cut short (a tail of a single end-of-turn token)."""
+    rows = [
+        ("Where is my order?", "It ships today. Tracking follows.", "It ships today. Sorry!"),
+        ("Refund please", "Done, refunded.", "We are so sorry. Refund is on its way."),
+        ("Reset my password", "Use the reset link.", "Use the reset link. Let me know!"),
+        ("Hi", "Hello! How can I help?", "Hello! How can I help?!!"),
+    ]
+    chosen = [encode(tok, p, c) for p, c, _ in rows]
+    rejected = [encode(tok, p, r) for p, _, r in rows]
+    return chosen, rejected
+
+
+@pytest.mark.parametrize("row_tokens", [1, 64, 4096])  # a row per pair, some rows, one row
+def test_packed_pairs_match_unshared_scoring_values_and_gradients(
+    tiny_model_dir: Path, row_tokens: int
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.logprobs import pack_pairs, pair_logps
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chosen, rejected = edit_pairs(tok)
+    pack = pack_pairs(chosen, rejected, tok.pad_token_id, row_tokens=row_tokens)
+    assert pack.computed_tokens < pack.logical_tokens  # the prompt (at least) ran once
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    pc, pr = pair_logps(model, pack)
+    packed_grads = grads((pc - 2 * pr).sum())
+    plain = sequence_logps(model, collate(chosen + rejected, tok.pad_token_id))
+    plain_grads = grads((plain[:4] - 2 * plain[4:]).sum())
+    torch.testing.assert_close(pc, plain[:4].detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pr, plain[4:].detach(), atol=1e-4, rtol=0)
+    for a, b in zip(packed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert pack.chosen_lengths.tolist() == [len(c.response_ids) for c in chosen]
+
+
+def test_common_response_prefix_is_scored_once(model_and_tokenizer) -> None:
+    from trainer.logprobs import pack_pairs
+
+    _, tok = model_and_tokenizer
+    chosen, rejected = edit_pairs(tok)
+    pack = pack_pairs(chosen, rejected, tok.pad_token_id)
+    response_tokens = sum(
+        len(c.response_ids) + len(r.response_ids) for c, r in zip(chosen, rejected, strict=True)
+    )
+    shared = response_tokens - pack.targets.numel()
+    # "It ships today." / "Use the reset link." / "Hello! How can I help?" open both replies
+    assert shared >= 3 * len(tok("Use the reset link.")["input_ids"]) - 3
+    assert len(pack.chosen_tokens) + len(pack.rejected_tokens) == response_tokens

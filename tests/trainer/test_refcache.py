@@ -1,0 +1,105 @@
+"""Reference log-probs cached across runs: only unseen rows are scored, hits are exact, and a
+different base model or tokenisation never hits a stale entry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PAIRS, build_tiny_model
+from test_train import make_spec
+
+from trainer.logprobs import Encoded
+from trainer.refcache import ReferenceCache, model_identity
+from trainer.train import run
+
+
+class CountingScorer:
+    """A stand-in for the reference forward that counts what it is asked to score."""
+
+    def __init__(self) -> None:
+        self.scored: list[Encoded] = []
+
+    def __call__(
+        self, model: object, examples: list[Encoded], pad_id: int, bs: int
+    ) -> torch.Tensor:
+        self.scored += examples
+        return torch.tensor([-float(sum(e.response_ids)) / 7 for e in examples])
+
+
+def examples(n: int, start: int = 0) -> list[Encoded]:
+    return [Encoded((1, 2, i), (i, i + 1, 9)) for i in range(start, start + n)]
+
+
+def test_a_second_cache_on_the_same_file_scores_only_new_rows(tmp_path: Path) -> None:
+    path = tmp_path / "ref.sqlite"
+    first, scorer = ReferenceCache(path, "model-a"), CountingScorer()
+    old = first.logps(None, examples(20), scorer, 0, 4)
+    first.close()
+    assert len(scorer.scored) == 20 and first.stats.as_dict() == {"hits": 0, "computed": 20}
+
+    second, scorer2 = ReferenceCache(path, "model-a"), CountingScorer()  # the next refresh
+    both = second.logps(None, examples(22), scorer2, 0, 4)
+    assert scorer2.scored == examples(2, start=20)
+    assert second.stats.as_dict() == {"hits": 20, "computed": 2}
+    torch.testing.assert_close(both[:20], old)  # hits are the stored values, bit for bit
+    second.close()
+
+
+def test_other_model_or_other_tokens_are_other_keys(tmp_path: Path) -> None:
+    path = tmp_path / "ref.sqlite"
+    ReferenceCache(path, "model-a").logps(None, examples(3), CountingScorer(), 0, 4)
+    other_model, scorer = ReferenceCache(path, "model-b"), CountingScorer()
+    other_model.logps(None, examples(3), scorer, 0, 4)
+    assert len(scorer.scored) == 3
+    # the same response after a different prompt tokenisation (e.g. a new chat template)
+    same_model, scorer = ReferenceCache(path, "model-a"), CountingScorer()
+    moved = [Encoded((1, 2, 3, 4), e.response_ids) for e in examples(3)]
+    same_model.logps(None, moved, scorer, 0, 4)
+    assert len(scorer.scored) == 3
+
+
+def test_duplicate_rows_are_scored_once(tmp_path: Path) -> None:
+    cache, scorer = ReferenceCache(None, "m"), CountingScorer()
+    out = cache.logps(None, examples(2) * 3, scorer, 0, 4)
+    assert len(scorer.scored) == 2 and out.tolist() == out[:2].tolist() * 3
+
+
+def test_model_identity_follows_the_weights_not_the_path(tmp_path: Path) -> None:
+    a = build_tiny_model(tmp_path / "a", seed=0)
+    b = build_tiny_model(tmp_path / "b", seed=0)
+    c = build_tiny_model(tmp_path / "c", seed=1)
+    assert model_identity(a, "cpu") == model_identity(b, "cpu")
+    assert model_identity(a, "cpu") != model_identity(c, "cpu")
+    assert model_identity(a, "cpu") != model_identity(a, "cuda")
+    with pytest.raises(FileNotFoundError, match="weight files"):
+        model_identity(tmp_path, "cpu")
+
+
+def test_second_refresh_with_ten_percent_new_rows_scores_only_those(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    rows = [
+        dict(p, prompt=f"{p['prompt'] if isinstance(p['prompt'], str) else 'Refund?'} #{i}")
+        for i, p in enumerate(PAIRS * 5)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    cache = tmp_path / "reference.sqlite"
+    hyper = {"max_steps": 2, "warmup_ratio": 0.0}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:18]))
+    first = run(
+        make_spec(tmp_path / "1", tiny_model_dir, data, reference_cache=str(cache), hyper=hyper)
+    )
+    assert first.status == "succeeded", first.error
+    assert first.reference_logps == {"hits": 0, "computed": 36}
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))  # 2 new rows (10%)
+    second = run(
+        make_spec(tmp_path / "2", tiny_model_dir, data, reference_cache=str(cache), hyper=hyper)
+    )
+    assert second.status == "succeeded", second.error
+    assert second.reference_logps == {"hits": 36, "computed": 4}
+    # the cached reference is the real one: policy == reference at step 0, DPO loss = log 2
+    assert second.steps[0]["preference_loss"] == pytest.approx(0.693147, abs=1e-4)
