@@ -8,7 +8,8 @@ Cost notes:
 
 - A causal LM's head turns every position into a ``V``-wide logit row (49,152 for SmolLM2).
   We apply the head and the log-softmax only to the ``N`` response positions, so the big
-  ``(N, V)`` tensor never includes prompt or padding positions.
+  ``(N, V)`` tensor never includes prompt or padding positions, and only a chunk of it at a
+  time (:func:`head_logps`).
 - A preference pair is one prompt with two replies that often start alike (an agent's edit
   keeps the draft's opening). :func:`pack_pairs` lays each pair out once as
   ``shared ++ chosen tail ++ rejected tail`` with a tree-shaped attention mask, so the prompt
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 Messages = list[dict[str, str]]
@@ -160,6 +162,33 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _head_logps(head: Any, hidden: Tensor, targets: Tensor) -> Tensor:
+    return token_logps(head(hidden).float(), targets)
+
+
+HEAD_CHUNK = 256  # scored tokens per LM-head chunk: ~50 MB of float32 logits for SmolLM2
+
+
+def head_logps(head: Any, hidden: Tensor, targets: Tensor, chunk: int = HEAD_CHUNK) -> Tensor:
+    """``token_logps(head(hidden))`` without ever holding all ``(N, V)`` logits.
+
+    The head runs over ``chunk`` tokens at a time; with gradients on, each chunk is
+    checkpointed, so backward recomputes its logits instead of keeping them (the head is
+    frozen, so this costs one extra head matmul per chunk and saves ``N·V`` floats several
+    times over: the logits, their exponentials and their gradient).
+    """
+    if hidden.shape[0] <= chunk:
+        return _head_logps(head, hidden, targets)
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
+        else:
+            parts.append(_head_logps(head, h, t))
+    return torch.cat(parts)
+
+
 def sum_per_sequence(values: Tensor, batch: Batch) -> Tensor:
     """Sum ``(N,)`` per-token values into ``(B,)`` per-sequence totals."""
     out = torch.zeros(batch.lengths.shape[0], dtype=values.dtype, device=values.device)
@@ -168,7 +197,11 @@ def sum_per_sequence(values: Tensor, batch: Batch) -> Tensor:
 
 def sequence_logps(model: Any, batch: Batch) -> Tensor:
     """Summed log-prob of each response, ``(B,)``; gradients flow unless disabled by the caller."""
-    return sum_per_sequence(token_logps(response_logits(model, batch), batch.targets), batch)
+    body, head = _body_and_head(model)
+    hidden = body(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    return sum_per_sequence(head_logps(head, hidden[batch.rows, batch.cols], batch.targets), batch)
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -344,8 +377,7 @@ def pair_logps(model: Any, pack: PairPack) -> tuple[Tensor, Tensor]:
         attention_mask=_attention_mask_for(body, pack.attention_mask, torch.float32),
         use_cache=False,
     ).last_hidden_state
-    logits = head(hidden[pack.rows, pack.cols]).float()
-    per_token = token_logps(logits, pack.targets)
+    per_token = head_logps(head, hidden[pack.rows, pack.cols], pack.targets)
     n = pack.chosen_lengths.shape[0]
     chosen = per_token.new_zeros(n).index_add(0, pack.chosen_pairs, per_token[pack.chosen_tokens])
     rejected = per_token.new_zeros(n).index_add(
@@ -387,6 +419,24 @@ def sequence_logps_shared_prefix(
     """
     if not examples:
         return torch.zeros(0)
+    # Batches of similar lengths pad little; the results go back in the caller's order.
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    ranked = _shared_prefix_logps(
+        model, [examples[i] for i in order], pad_id, batch_size, min_prefix, progress
+    )
+    out = torch.empty_like(ranked)
+    out[torch.tensor(order, dtype=torch.long)] = ranked
+    return out
+
+
+def _shared_prefix_logps(
+    model: Any,
+    examples: Sequence[Encoded],
+    pad_id: int,
+    batch_size: int,
+    min_prefix: int,
+    progress: str | None,
+) -> Tensor:
     device = next(model.parameters()).device
     shared = common_prefix_length(examples)
     if shared < min_prefix:
@@ -424,6 +474,6 @@ def sequence_logps_shared_prefix(
             cache_position=positions,
             use_cache=True,
         ).last_hidden_state
-        logits = head(hidden[rest.rows, rest.cols]).float()
-        out.append(sum_per_sequence(token_logps(logits, rest.targets), rest).cpu())
+        per_token = head_logps(head, hidden[rest.rows, rest.cols], rest.targets)
+        out.append(sum_per_sequence(per_token, rest).cpu())
     return torch.cat(out)

@@ -129,6 +129,20 @@ def attach_lora(model: Any, lora: LoraSpec, init_adapter: Path | None = None) ->
     return get_peft_model(model, config)
 
 
+def enable_activation_checkpointing(model: Any, every_n_layers: int) -> None:
+    """Keep only every ``n``-th layer's input for backward and recompute the rest.
+
+    Trades one more forward for most of the activation memory (about 1 GB for 4 SmolLM2 pairs
+    on CPU). Non-reentrant, so the frozen base needs no inputs that require grad.
+    """
+    if every_n_layers <= 0:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
+    )
+
+
 @contextlib.contextmanager
 def using_adapter(model: PeftModel, adapter: str | None) -> Iterator[None]:
     """Run the model as ``adapter``, or as the frozen reference when ``adapter`` is None."""

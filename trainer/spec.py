@@ -68,6 +68,9 @@ class Hyperparameters(_Strict):
         1024, gt=0, description="pairs are packed into rows of about this many tokens"
     )
     shuffle: bool = Field(True, description="False: rows in file order (benchmarks, comparisons)")
+    activation_checkpointing: int = Field(
+        0, ge=0, description="recompute every n-th layer in backward (0 = off, 1 = all, as TRL)"
+    )
 
 
 class Detectors(_Strict):

@@ -38,7 +38,13 @@ from trainer.evaluate import (
     score,
 )
 from trainer.logprobs import Encoded
-from trainer.model import attach_lora, load_base, resolve_base_model, save_adapter
+from trainer.model import (
+    attach_lora,
+    enable_activation_checkpointing,
+    load_base,
+    resolve_base_model,
+    save_adapter,
+)
 from trainer.objectives import PairedObjective, UnpairedObjective
 from trainer.refcache import ReferenceCache, model_identity
 from trainer.spec import (
@@ -159,6 +165,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model = attach_lora(model, spec.lora, spec.init_adapter)
+    enable_activation_checkpointing(model, hp.activation_checkpointing)
     identity = model_identity(resolve_base_model(spec.base_model), device.type)
     cache = ReferenceCache(spec.reference_cache, identity)
 

@@ -161,3 +161,18 @@ def test_common_response_prefix_is_scored_once(model_and_tokenizer) -> None:
     # "It ships today." / "Use the reset link." / "Hello! How can I help?" open both replies
     assert shared >= 3 * len(tok("Use the reset link.")["input_ids"]) - 3
     assert len(pack.chosen_tokens) + len(pack.rejected_tokens) == response_tokens
+
+
+def test_chunked_head_matches_the_full_head_values_and_gradients() -> None:
+    from trainer.logprobs import head_logps, token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    full = token_logps(head(hidden), targets)
+    (g_full,) = torch.autograd.grad(full.square().sum(), hidden)
+    chunked = head_logps(head, hidden, targets, chunk=8)  # 5 checkpointed chunks
+    (g_chunked,) = torch.autograd.grad(chunked.square().sum(), hidden)
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(g_chunked, g_full)

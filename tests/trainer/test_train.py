@@ -364,3 +364,37 @@ def test_missing_model_is_a_failed_run_with_a_result(tmp_path: Path, pairs_file:
     result = run(spec)
     assert result.status == "failed" and "neither" in (result.error or "")
     assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "failed"
+
+
+def test_activation_checkpointing_changes_memory_not_the_math(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    lora = {"dropout": 0.0}  # dropout masks would differ between the forward and its recompute
+    plain = run(make_spec(tmp_path / "a", tiny_model_dir, pairs_file, lora=lora))
+    recomputed = run(
+        make_spec(
+            tmp_path / "b",
+            tiny_model_dir,
+            pairs_file,
+            lora=lora,
+            hyper={"activation_checkpointing": 1},
+        )
+    )
+    assert plain.status == recomputed.status == "succeeded"
+    for a, b in zip(plain.steps, recomputed.steps, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_activation_checkpointing_is_switched_on_through_the_peft_wrapper(
+    tiny_model_dir: Path,
+) -> None:
+    from trainer.model import attach_lora, enable_activation_checkpointing
+    from trainer.spec import LoraSpec
+
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSpec())
+    assert not model.get_base_model().is_activation_checkpointing
+    enable_activation_checkpointing(model, 0)
+    assert not model.get_base_model().is_activation_checkpointing
+    enable_activation_checkpointing(model, 1)
+    assert model.get_base_model().is_activation_checkpointing
