@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 STAMP := $(VENV)/.alignd-setup
 
-.PHONY: setup system-deps test test-fast lint typecheck demo sweep-beta deploy-rules clean
+.PHONY: setup system-deps test test-fast lint typecheck demo sweep-beta deploy-rules bench clean
 
 setup: $(STAMP) system-deps
 
@@ -58,6 +58,14 @@ demo: setup
 # Train at beta in {0.05, 0.1, 0.3} on the demo's snapshot and plot accuracy against KL.
 sweep-beta: setup
 	$(VENV)/bin/alignd sweep-beta --data "$$(ls -d .demo/data/snapshots/*/ | head -1)" --out .demo/sweep
+
+# Speed and memory, each printed side by side with what it is measured against (README:
+# "Benchmarks"). Uses the demo's cached SFT replies (.demo/cache) or generates them once.
+bench: setup
+	$(PIP) install -q -e ".[dev,bench]"
+	$(PY) bench/train_vs_trl.py
+	$(PY) bench/refresh_incremental.py
+	$(PY) bench/ingest_throughput.py
 
 # Re-wrap the alert rules (the source of truth) into the kustomize PrometheusRule.
 deploy-rules: setup
