@@ -64,6 +64,13 @@ def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
             failed = [c["name"] for c in second["gate"]["checks"] if not c["passed"]]
             assert "preference_accuracy" in failed
             assert daemon.get("/v1/status")["active_adapter"] == "v0001"
+            # the reversed edits are the same (prompt, reply) texts: every reference log-prob
+            # comes from the cache the first refresh filled, none is recomputed
+            runs = tmp_path / "data" / "runs"
+            reference = json.loads((runs / second["run_id"] / "train" / "result.json").read_text())[
+                "reference_logps"
+            ]
+            assert reference["computed"] == 0 and reference["hits"] > 0, reference
             adapters = {a["version"]: a["state"] for a in daemon.get("/v1/adapters")}
             assert adapters == {"v0001": "active", "v0002": "rejected"}
 

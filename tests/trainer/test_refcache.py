@@ -103,3 +103,35 @@ def test_second_refresh_with_ten_percent_new_rows_scores_only_those(
     assert second.reference_logps == {"hits": 36, "computed": 4}
     # the cached reference is the real one: policy == reference at step 0, DPO loss = log 2
     assert second.steps[0]["preference_loss"] == pytest.approx(0.693147, abs=1e-4)
+
+
+def test_kto_kl_reference_terms_are_cached_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+    rows = [
+        {
+            "prompt": f"Where is order {i}?",
+            "completion": f"Order {i} ships today.",
+            "label": i % 3 > 0,
+        }
+        for i in range(20)
+    ]
+    data, cache = tmp_path / "kto.jsonl", tmp_path / "reference.sqlite"
+    hyper = {"max_steps": 1}
+
+    def refresh(n: int, name: str) -> dict[str, int]:
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+        spec = make_spec(
+            tmp_path / name,
+            tiny_model_dir,
+            data,
+            method="kto",
+            reference_cache=str(cache),
+            hyper=hyper,
+        )
+        result = run(spec)
+        assert result.status == "succeeded", result.error
+        return result.reference_logps
+
+    assert refresh(18, "1") == {"hits": 0, "computed": 36}  # 18 rows + 18 mismatched KL pairs
+    # 2 new rows; the KL pairing (row i with row i+1's completion) changes only where the
+    # new rows join: rows 17, 18 and 19 — so 2 + 3 reference log-probs are computed
+    assert refresh(20, "2") == {"hits": 35, "computed": 5}
