@@ -71,16 +71,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def initial_adapter(out: Path) -> Path:
-    """One random LoRA initialisation, saved, that both trainers start from."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+def lora_config() -> Any:
+    from peft import LoraConfig
 
-    from trainer.model import load_base
-
-    torch.manual_seed(1234)
-    model, _ = load_base("smollm2", torch.device("cpu"))
-    config = LoraConfig(
+    return LoraConfig(
         r=LORA["r"],
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
@@ -88,7 +82,18 @@ def initial_adapter(out: Path) -> Path:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    get_peft_model(model, config).save_pretrained(str(out))
+
+
+def initial_adapter(out: Path) -> Path:
+    """One random LoRA initialisation, saved, that both trainers start from."""
+    import torch
+    from peft import get_peft_model
+
+    from trainer.model import load_base
+
+    torch.manual_seed(1234)
+    model, _ = load_base("smollm2", torch.device("cpu"))
+    get_peft_model(model, lora_config()).save_pretrained(str(out))
     return out
 
 
@@ -157,7 +162,7 @@ def run_alignd(
 def run_trl(data: Path, init: Path, steps: int, out: Path) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -214,20 +219,12 @@ def run_trl(data: Path, init: Path, steps: int, out: Path) -> dict[str, Any]:
         disable_dropout=True,
         gradient_checkpointing=True,  # TRL's default, stated so a reader sees it
     )
-    peft_config = LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
-        target_modules=LORA["target_modules"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
     trainer = InOrder(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
-        peft_config=peft_config,
+        peft_config=lora_config(),  # a fresh one, as a TRL user passes it
         callbacks=[StepTimer()],
     )
     weights = load_file(str(init / "adapter_model.safetensors"))
