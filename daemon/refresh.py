@@ -9,15 +9,10 @@ result.json, status.json).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import resource
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,6 +23,7 @@ from typing import Any
 
 from daemon.config import AligndConfig
 from daemon.gate import decide_promotion
+from daemon.local_runner import LocalRunner
 from daemon.metrics import Metrics
 from daemon.registry import Registry, RegistryError, atomic_write_json
 from daemon.scheduler import choose_method
@@ -86,20 +82,6 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _child_setup(limit_mb: int | None) -> Any:
-    """Runs in the trainer child between fork and exec: bound its memory, and make it die with
-    the daemon (a SIGKILLed daemon must not leave a trainer writing into its run directory)."""
-
-    def apply() -> None:
-        if limit_mb is not None:
-            limit = limit_mb * 1024 * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    return apply
-
-
 class Refresher:
     def __init__(
         self, config: AligndConfig, store: FeedbackStore, registry: Registry, metrics: Metrics
@@ -114,7 +96,7 @@ class Refresher:
         self.state = DaemonState.load(self.state_path)
         self._recover()
         self.running = threading.Event()
-        self.child: subprocess.Popen[bytes] | None = None
+        self.local = LocalRunner(config.training)
 
     def _recover(self) -> None:
         """After a crash: runs left 'running' were interrupted; half-built snapshots go."""
@@ -225,7 +207,7 @@ class Refresher:
             runner = KubernetesJobRunner(self.config.training.kubernetes)
             code = runner.run(outcome.run_id, spec_path, stop, self.config.training.timeout_s)
         else:
-            code = self._train(spec_path, run_dir, stop)
+            code = self.local.run(spec_path, run_dir, stop)
         result_path = run_dir / "train" / "result.json"
         result: dict[str, Any] = (
             json.loads(result_path.read_text()) if result_path.is_file() else {}
@@ -330,40 +312,6 @@ class Refresher:
         if overrides:
             raw = _deep_merge(raw, {"hyper": overrides})
         return RunSpec.model_validate(raw)
-
-    def _train(self, spec_path: Path, run_dir: Path, stop: threading.Event) -> int | str:
-        """Run the trainer child; bounded by the timeout, the memory limit and ``stop``."""
-        training = self.config.training
-        with (run_dir / "train.log").open("ab") as logfile:
-            self.child = subprocess.Popen(
-                [sys.executable, "-m", "trainer.train", str(spec_path)],
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_child_setup(training.memory_limit_mb),
-            )
-            deadline = time.monotonic() + training.timeout_s
-            try:
-                while self.child.poll() is None:
-                    if stop.wait(0.5):
-                        self._stop_child()
-                        return "interrupted"
-                    if time.monotonic() > deadline:
-                        self._stop_child()
-                        return f"timed out after {training.timeout_s:.0f}s"
-                return self.child.returncode
-            finally:
-                self.child = None
-
-    def _stop_child(self) -> None:
-        child = self.child
-        if child is None or child.poll() is not None:
-            return
-        child.send_signal(signal.SIGTERM)  # the trainer stops at the next step boundary
-        try:
-            child.wait(timeout=self.config.training.stop_grace_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
     @staticmethod
     def _training_summary(result: dict[str, Any]) -> dict[str, Any]:

@@ -109,9 +109,11 @@ def test_trainer_child_sigkilled(promoted: Refresher, tmp_path: Path, tiny_model
         target=lambda: outcome.append(refresher.refresh("operator request", threading.Event()))
     )
     thread.start()
-    assert wait_until(lambda: refresher.child is not None, 60)
+    assert wait_until(lambda: refresher.local.child is not None, 60)
     time.sleep(3)  # somewhere in setup or training
-    os.kill(refresher.child.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    child = refresher.local.child
+    assert child is not None, "the trainer finished before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
     thread.join(60)
     assert outcome[0].outcome == "failed"
     assert_registry_intact(refresher, ["v0001"], "v0001")
@@ -133,7 +135,7 @@ def test_run_over_its_time_limit_is_stopped_and_failed(
     outcome = refresher.refresh("operator request", threading.Event())
     assert outcome.outcome == "failed" and "timed out" in outcome.reason
     assert time.monotonic() - started < 60
-    assert refresher.child is None
+    assert refresher.local.child is None
     assert_registry_intact(refresher, ["v0001"], "v0001")
 
 
