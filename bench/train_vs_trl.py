@@ -1,8 +1,8 @@
 """alignd's trainer against TRL's DPOTrainer: same model, data, LoRA, optimizer, batch, order.
 
-    make bench-train            # or: .venv/bin/python bench/train_vs_trl.py [--steps 12]
+    make bench                  # or: .venv/bin/python bench/train_vs_trl.py [--steps 12]
 
-Needs TRL (``pip install -e .[bench]``; ``make bench-train`` does it). For each dataset —
+Needs TRL (``pip install -e .[bench]``; ``make bench`` does it). For each dataset —
 (a) the demo's agent-edit pairs, (b) generic pairs with nothing shared after the prompt, (c)
 trim edits that keep the draft's opening (see ``scenario_pairs``) —
 it runs, each in its own process so peak RSS is each one's own:

@@ -24,6 +24,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _default(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
     if field.default_factory is not None:
         value: Any = field.default_factory()  # type: ignore[call-arg]
     else:

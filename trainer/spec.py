@@ -36,34 +36,38 @@ class _Strict(BaseModel):
 class LoraSpec(_Strict):
     """LoRA shape. The default targets the attention projections of Llama-family models."""
 
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    r: int = Field(16, gt=0, description="rank of the update matrices")
+    alpha: int = Field(32, gt=0, description="scale: the update is multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj"), description="module names that get an adapter"
+    )
 
 
 class Hyperparameters(_Strict):
     """Optimisation and loss settings. One step = ``batch_size × grad_accum`` examples."""
 
-    beta: float = Field(0.1, gt=0.0)
-    learning_rate: float = Field(5e-5, gt=0.0)
-    epochs: float = Field(1.0, gt=0.0)
+    beta: float = Field(0.1, gt=0.0, description="strength of the pull towards the reference")
+    learning_rate: float = Field(5e-5, gt=0.0, description="AdamW peak learning rate")
+    epochs: float = Field(1.0, gt=0.0, description="passes over the training rows")
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
-    batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(4, gt=0, description="pairs (or KTO rows) per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="share of steps in linear warm-up")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="decay after warm-up"
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient-norm clip")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cdpo / robust ε")
     lambda_: float = Field(50.0, ge=0.0, description="dpop penalty weight")
     gamma: float = Field(0.5, description="simpo target margin")
     rpo_alpha: float = Field(1.0, ge=0.0, description="weight of the NLL term for rpo and orpo")
     length_normalize: bool = Field(False, description="dpo-family losses on per-token log-probs")
-    desirable_weight: float = Field(1.0, gt=0.0)
-    undesirable_weight: float = Field(1.0, gt=0.0)
-    max_length: int = Field(512, gt=8)
-    max_prompt_length: int = Field(256, gt=0)
+    desirable_weight: float = Field(1.0, gt=0.0, description="KTO λ_D (the daemon sets it)")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="KTO λ_U")
+    max_length: int = Field(512, gt=8, description="prompt + reply tokens; longer replies are cut")
+    max_prompt_length: int = Field(256, gt=0, description="longer prompts keep their end")
     pack_tokens: int = Field(
         1024, gt=0, description="pairs are packed into rows of about this many tokens"
     )
@@ -76,9 +80,9 @@ class Hyperparameters(_Strict):
 class Detectors(_Strict):
     """Thresholds of the training failure detectors (see ``trainer.detectors``)."""
 
-    log2_tolerance: float = Field(1e-3, gt=0.0)
-    sign_check_steps: int = Field(5, gt=0)
-    collapse_min_steps: int = Field(8, gt=1)
+    log2_tolerance: float = Field(1e-3, gt=0.0, description="step-0 loss must be log 2 within this")
+    sign_check_steps: int = Field(5, gt=0, description="steps before the sign-bug check")
+    collapse_min_steps: int = Field(8, gt=1, description="steps before the collapse check")
     collapse_min_drop: float = Field(0.05, ge=0.0, description="nats per token")
 
 
@@ -86,21 +90,23 @@ class EvalSpec(_Strict):
     """What the trainer evaluates after training, on the held-out data."""
 
     factuality_set: str | None = Field("default", description="'default', a JSONL path, or null")
-    factuality_limit: int | None = Field(None, gt=0)
-    kl_max_examples: int = Field(64, ge=0)
+    factuality_limit: int | None = Field(None, gt=0, description="score only the first N questions")
+    kl_max_examples: int = Field(64, ge=0, description="held-out replies for the exact KL")
     generate_max_prompts: int = Field(16, ge=0, description="greedy replies for generation checks")
-    max_new_tokens: int = Field(128, gt=0)
-    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(128, gt=0, description="reply length cap in generation checks")
+    batch_size: int = Field(8, gt=0, description="eval batch")
 
 
 class RunSpec(_Strict):
     """Everything one training run needs. Paths are resolved by the writer."""
 
-    data: Path
-    output_dir: Path
-    eval_data: Path | None = None
-    base_model: str = DEFAULT_BASE_MODEL
-    method: Method = "dpo"
+    data: Path = Field(description="snapshot directory or .jsonl/.json/.parquet rows")
+    output_dir: Path = Field(description="adapter and result.json go here")
+    eval_data: Path | None = Field(None, description="held-out rows; default: the snapshot's")
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL, description="'smollm2', a .gguf file or a model dir"
+    )
+    method: Method = Field("dpo", description="the loss (README: Commands)")
     data_kind: Literal["auto", "kto_union"] = Field(
         "auto", description="kto_union: KTO on thumbs plus pairs split into two rows each"
     )
@@ -113,10 +119,10 @@ class RunSpec(_Strict):
     reference_cache: Path | None = Field(
         None, description="SQLite file of reference log-probs kept across runs; null = this run"
     )
-    dataset_sha256: str | None = None
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    run_id: str | None = None
+    dataset_sha256: str | None = Field(None, description="recorded in result.json")
+    seed: int = Field(0, description="LoRA init, shuffling, dropout")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    run_id: str | None = Field(None, description="the daemon's run id, for logs")
 
     @field_validator("data")
     @classmethod

@@ -43,7 +43,7 @@ def flipped(messages: list[bytes]) -> list[bytes]:
     return out
 
 
-def test_flipped_feedback_is_filtered_or_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_flipped_feedback_is_rejected_by_the_gate(tiny_model_dir: Path, tmp_path: Path) -> None:
     cases = make_cases(80, seed=11)
     sim = build_events(cases, [reply_for(c) for c in cases], seed=11, noise=False)
     with EmbeddedBroker() as broker:
