@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,17 @@ def attach_lora(model: Any, lora: LoraSpec, init_adapter: Path | None = None) ->
     With ``init_adapter`` the LoRA weights start from that adapter (its own rank and targets
     win over ``lora``); the base weights, and so the reference, are untouched.
     """
-    if init_adapter is not None:
-        return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
-    config = LoraConfig(
+    with warnings.catch_warnings():
+        # peft reads ``is_gradient_checkpointing``, which transformers 5 deprecates; the
+        # warning is theirs to fix and would only clutter every training log.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        if init_adapter is not None:
+            return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        return get_peft_model(model, _lora_config(lora))
+
+
+def _lora_config(lora: LoraSpec) -> LoraConfig:
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -126,7 +135,6 @@ def attach_lora(model: Any, lora: LoraSpec, init_adapter: Path | None = None) ->
         bias="none",  # vLLM cannot serve LoRA biases or modules_to_save
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
 
 
 def enable_activation_checkpointing(model: Any, every_n_layers: int) -> None:
