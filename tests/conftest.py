@@ -120,3 +120,28 @@ def broker():
 
     with EmbeddedBroker() as b:
         yield b
+
+
+# --- fault figures ----------------------------------------------------------------------------
+# Fault tests record what they produced and where it ended up; the table is printed at the end
+# of every run (CI included), so the figures travel with the result, not only in a note.
+_FAULT_FIGURES: list[tuple[str, dict[str, int | float | str]]] = []
+
+
+@pytest.fixture()
+def fault_figures():
+    def record(scenario: str, **figures: int | float | str) -> None:
+        _FAULT_FIGURES.append((scenario, figures))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _FAULT_FIGURES:
+        return
+    terminalreporter.section("fault figures")
+    for scenario, figures in _FAULT_FIGURES:
+        shown = "  ".join(
+            f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in figures.items()
+        )
+        terminalreporter.write_line(f"{scenario:44} {shown}")

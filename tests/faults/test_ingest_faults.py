@@ -86,7 +86,9 @@ def consumer_lag(url: str) -> dict[str, int] | None:
     return {str(k): v for k, v in lag.items()}
 
 
-def test_daemon_sigkilled_five_times_while_a_producer_streams_20k_events(tmp_path: Path) -> None:
+def test_daemon_sigkilled_five_times_while_a_producer_streams_20k_events(
+    tmp_path: Path, fault_figures
+) -> None:
     n, rng = 20_000, random.Random(1)
     values = [event(i) for i in range(n)]
     duplicates = [values[rng.randrange(n)] for _ in range(500)]  # the producer's own redeliveries
@@ -151,10 +153,17 @@ def test_daemon_sigkilled_five_times_while_a_producer_streams_20k_events(tmp_pat
         reader.close()
         assert len(sources) == len(invalid)
         assert store.count() + len(duplicates) + len(sources) == len(stream)
+        fault_figures(
+            "daemon SIGKILLed 5× during a 20k stream",
+            produced=len(stream),
+            stored=store.count(),
+            duplicates=len(stream) - store.count() - len(sources),
+            dead_lettered=len(sources),
+        )
         store.close()
 
 
-def test_broker_outage_of_a_minute_daemon_stays_up(tmp_path: Path) -> None:
+def test_broker_outage_of_a_minute_daemon_stays_up(tmp_path: Path, fault_figures) -> None:
     broker = EmbeddedBroker().start()
     daemon = None
     try:
@@ -187,6 +196,12 @@ def test_broker_outage_of_a_minute_daemon_stays_up(tmp_path: Path) -> None:
         assert wait_until(
             lambda: httpx.get(f"{url}/v1/status", timeout=5).json()["store"]["events"] == 100, 60
         )
+        fault_figures(
+            "broker down 60 s (fresh broker after)",
+            produced=100,
+            stored=httpx.get(f"{url}/v1/status", timeout=5).json()["store"]["events"],
+            daemon_restarts=0,
+        )
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
@@ -194,7 +209,7 @@ def test_broker_outage_of_a_minute_daemon_stays_up(tmp_path: Path) -> None:
         broker.stop()
 
 
-def test_locked_database_commits_nothing_then_catches_up(tmp_path: Path) -> None:
+def test_locked_database_commits_nothing_then_catches_up(tmp_path: Path, fault_figures) -> None:
     with EmbeddedBroker() as broker:
         broker.create_topics("alignd.feedback")
         broker.create_topics("alignd.feedback.dlq")
@@ -226,10 +241,17 @@ def test_locked_database_commits_nothing_then_catches_up(tmp_path: Path) -> None
         stop.set()
         thread.join(30)
         consumer.close()
+        fault_figures(
+            "SQLite locked by another process",
+            produced=30,
+            stored=store.count(),
+            duplicates=consumer.totals.duplicates,
+            failed_writes_retried=consumer.totals.failures,
+        )
         store.close()
 
 
-def test_burst_of_100k_events_keeps_memory_bounded(tmp_path: Path) -> None:
+def test_burst_of_100k_events_keeps_memory_bounded(tmp_path: Path, fault_figures) -> None:
     """Batches are bounded by max_poll_records: memory after 100k events ≈ memory after 20k."""
     with EmbeddedBroker() as broker:
         broker.create_topics("alignd.feedback", partitions=2)
@@ -280,4 +302,11 @@ def test_burst_of_100k_events_keeps_memory_bounded(tmp_path: Path) -> None:
         late = max(rss for n, rss in samples if n >= 80_000)
         assert late < early * 1.25 + 20_000, (early, late)  # no growth with the backlog
         assert late < 500_000  # kB
+        fault_figures(
+            "burst of 100k events",
+            produced=100_000,
+            stored=store.count(),
+            rss_mb_at_10k_30k=early // 1024,
+            rss_mb_after_80k=late // 1024,
+        )
         store.close()

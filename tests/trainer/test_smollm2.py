@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from tests_support import SUPPORT_PAIRS
 
 from trainer.evaluate import factuality, load_factuality_set
@@ -34,6 +35,36 @@ def test_smollm2_dpo_loss_goes_down(tmp_path: Path) -> None:
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)
     assert sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
     assert result.steps[-1]["rewards/margins"] > 0
+
+    # The saved adapter reloads with plain peft onto a fresh base and carries the preference:
+    # chosen replies gain log-prob relative to rejected ones, against the base alone.
+    base, tokenizer = load_base("smollm2", torch.device("cpu"))
+    reloaded = PeftModel.from_pretrained(base.eval(), result.adapter_dir).eval()
+    margins = []
+    for pair in SUPPORT_PAIRS:
+        with reloaded.disable_adapter():
+            base_chosen = reply_logp(reloaded, tokenizer, pair["prompt"], pair["chosen"])
+            base_rejected = reply_logp(reloaded, tokenizer, pair["prompt"], pair["rejected"])
+        margins.append(
+            reply_logp(reloaded, tokenizer, pair["prompt"], pair["chosen"])
+            - base_chosen
+            - (reply_logp(reloaded, tokenizer, pair["prompt"], pair["rejected"]) - base_rejected)
+        )
+    assert sum(margins) / len(margins) > 0.1, margins
+
+
+@torch.no_grad()
+def reply_logp(model, tokenizer, prompt: str, reply: str) -> float:
+    """Summed log-prob of ``reply`` after the chat-formatted ``prompt`` (independent of alignd's
+    own scoring code, so a bug there cannot hide here)."""
+    head = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    head_ids = tokenizer(head, add_special_tokens=False).input_ids
+    reply_ids = tokenizer(reply, add_special_tokens=False).input_ids
+    logits = model(input_ids=torch.tensor([head_ids + reply_ids])).logits[0]
+    logps = logits[len(head_ids) - 1 : -1].log_softmax(-1)
+    return float(logps.gather(-1, torch.tensor(reply_ids)[:, None]).sum())
 
 
 def test_smollm2_answers_the_shipped_factuality_set_above_chance() -> None:
