@@ -59,9 +59,12 @@ def sigkill_with_its_trainer(daemon: Daemon) -> list[int]:
     children = trainer_children(daemon.proc)
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
-    assert wait_until(lambda: not any(pid_alive(c) for c in children), 30), (
-        "trainer outlived the daemon"
-    )
+    survived = not wait_until(lambda: not any(pid_alive(c) for c in children), 30)
+    if survived:  # do not leave an orphan training for the rest of the suite
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not survived, "trainer outlived the daemon"
     return children
 
 
