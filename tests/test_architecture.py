@@ -16,6 +16,7 @@ DAEMON_FORBIDDEN_TRAINER_MODULES = {
     "trainer.train",
     "trainer.model",
     "trainer.logprobs",
+    "trainer.packing",
     "trainer.evaluate",
 }
 

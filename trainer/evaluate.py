@@ -36,9 +36,9 @@ from trainer.logprobs import (
     encode,
     render_prompt,
     response_logits,
-    sequence_logps_shared_prefix,
 )
 from trainer.model import using_adapter
+from trainer.packing import sequence_logps_shared_prefix
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

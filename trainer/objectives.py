@@ -16,7 +16,8 @@ from torch import Tensor
 
 from trainer import losses as L
 from trainer.data import to_pairs, to_unpaired
-from trainer.logprobs import Encoded, collate, encode, pack_pairs, pair_logps, sequence_logps
+from trainer.logprobs import Encoded, collate, encode, sequence_logps
+from trainer.packing import pack_pairs, pair_logps
 from trainer.spec import REFERENCE_FREE, Hyperparameters
 
 Stats = dict[str, Tensor]

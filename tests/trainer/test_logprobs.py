@@ -8,14 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.logprobs import (
-    collate,
-    common_prefix_length,
-    encode,
-    render_prompt,
-    sequence_logps,
-    sequence_logps_shared_prefix,
-)
+from trainer.logprobs import collate, encode, render_prompt, sequence_logps
+from trainer.packing import common_prefix_length, sequence_logps_shared_prefix
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +113,7 @@ def test_packed_pairs_match_unshared_scoring_values_and_gradients(
 ) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from trainer.logprobs import pack_pairs, pair_logps
+    from trainer.packing import pack_pairs, pair_logps
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -149,7 +143,7 @@ def test_packed_pairs_match_unshared_scoring_values_and_gradients(
 
 
 def test_common_response_prefix_is_scored_once(model_and_tokenizer) -> None:
-    from trainer.logprobs import pack_pairs
+    from trainer.packing import pack_pairs
 
     _, tok = model_and_tokenizer
     chosen, rejected = edit_pairs(tok)
