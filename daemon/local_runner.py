@@ -45,28 +45,27 @@ class LocalRunner:
 
     def run(self, spec_path: Path, run_dir: Path, stop: threading.Event) -> int | str:
         """Run the trainer child; bounded by the timeout, the memory limit and ``stop``."""
-        training = self.config
         with (run_dir / "train.log").open("ab") as logfile:
             self.child = subprocess.Popen(
                 [sys.executable, "-m", "trainer.train", str(spec_path)],
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_child_setup(training.memory_limit_mb),
+                preexec_fn=_child_setup(self.config.memory_limit_mb),
             )
-            deadline = time.monotonic() + training.timeout_s
+            deadline = time.monotonic() + self.config.timeout_s
             try:
                 while self.child.poll() is None:
                     if stop.wait(0.5):
-                        self.stop_child()
+                        self._stop_child()
                         return "interrupted"
                     if time.monotonic() > deadline:
-                        self.stop_child()
-                        return f"timed out after {training.timeout_s:.0f}s"
+                        self._stop_child()
+                        return f"timed out after {self.config.timeout_s:.0f}s"
                 return self.child.returncode
             finally:
                 self.child = None
 
-    def stop_child(self) -> None:
+    def _stop_child(self) -> None:
         child = self.child
         if child is None or child.poll() is not None:
             return
