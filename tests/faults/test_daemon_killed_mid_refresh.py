@@ -122,9 +122,8 @@ def test_daemon_sigkilled_at_random_points_of_refreshes(
         broker.create_topics("alignd.feedback.dlq")
         port = free_port()
         config = write_config(tmp_path, broker, tiny_model_dir, port, max_steps=8)
-        daemons = [Daemon(config, tmp_path, port)]
+        daemon = Daemon(config, tmp_path, port)
         try:
-            daemon = daemons[-1]
             produce_events(broker.bootstrap, "alignd.feedback", edit_events("good"))
             assert wait_until(
                 lambda: daemon.get("/v1/status")["store"]["events"] == len(ORDERS), 60
@@ -136,12 +135,12 @@ def test_daemon_sigkilled_at_random_points_of_refreshes(
             kill_points: list[tuple[float, str]] = []
             for _ in range(4):
                 active_before = registry.active()
-                run_id = start_refresh(daemons[-1])
+                run_id = start_refresh(daemon)
                 delay = rng.uniform(0.0, whole_refresh_s)
                 time.sleep(delay)
-                sigkill_with_its_trainer(daemons[-1])
-                daemons.append(Daemon(config, tmp_path, port))
-                run = daemons[-1].get(f"/v1/runs/{run_id}")
+                sigkill_with_its_trainer(daemon)
+                daemon = Daemon(config, tmp_path, port)
+                run = daemon.get(f"/v1/runs/{run_id}")
                 kill_points.append((round(delay, 1), run["outcome"]))
                 assert run["outcome"] != "running", run
                 for version in registry.versions():
@@ -155,7 +154,7 @@ def test_daemon_sigkilled_at_random_points_of_refreshes(
                     )
                     assert manifest["run_id"] == run_id, (run, kill_points)
                     assert run["outcome"] == "interrupted", (run, kill_points)
-            after = daemons[-1].refresh_and_wait()
+            after = daemon.refresh_and_wait()
             assert after["outcome"] == "promoted", (after, kill_points)
             assert registry.active() == after["version"]
             outcomes = [outcome for _, outcome in kill_points]
@@ -168,4 +167,4 @@ def test_daemon_sigkilled_at_random_points_of_refreshes(
                 versions=len(registry.versions()),
             )
         finally:
-            daemons[-1].stop()
+            daemon.stop()
