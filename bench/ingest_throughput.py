@@ -22,9 +22,9 @@ from pathlib import Path
 
 from kafka import KafkaConsumer
 
+from demo.broker import EmbeddedBroker, produce_events
 from feedback.config import KafkaConfig
-from feedback.consumer import FeedbackConsumer, produce_events
-from feedback.embedded_broker import EmbeddedBroker
+from feedback.consumer import FeedbackConsumer
 from feedback.store import FeedbackStore
 
 TOPIC = "alignd.feedback"

@@ -1,5 +1,11 @@
 """The admin API (FastAPI): health, readiness, metrics, status, adapters, runs.
 
+It depends only on :class:`AdminBackend`, a small protocol that ``daemon.service.Service``
+implements (and the API's tests implement in memory). Registry errors are mapped to HTTP
+codes by type: :class:`~daemon.registry.VersionNotFound` → 404, any other
+:class:`~daemon.registry.RegistryError` (a conflict with the registry's state, an invalid
+adapter) → 409.
+
 Mutating endpoints need ``Authorization: Bearer <token>``: 401 without one, 403 with a wrong
 one. The comparison is constant-time by construction (``hmac.compare_digest`` over SHA-256
 digests, so even a token of a different length takes the same path). Without a configured
@@ -11,17 +17,31 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
-from daemon.registry import RegistryError
+from daemon.registry import RegistryError, VersionNotFound
 
-if TYPE_CHECKING:
-    from daemon.service import Service
+T = TypeVar("T")
+
+
+class AdminBackend(Protocol):
+    """What the admin API needs from the daemon. Registry methods raise RegistryError kinds."""
+
+    def readiness_problems(self) -> list[str]: ...
+    def metrics_exposition(self) -> bytes: ...
+    def status(self) -> dict[str, Any]: ...
+    def adapters(self) -> list[dict[str, Any]]: ...
+    def adapter(self, version: str) -> dict[str, Any]: ...
+    def run(self, run_id: str) -> dict[str, Any] | None: ...
+    def promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]: ...
+    def rollback(self, *, actor: str, reason: str, to: str | None) -> tuple[str, list[str]]: ...
+    def reject(self, version: str, *, actor: str, reason: str) -> None: ...
+    def request_refresh(self, actor: str) -> tuple[bool, str]: ...
 
 
 class PromoteBody(BaseModel):
@@ -45,11 +65,23 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
-# the complexity counted is the route table, not branching logic.
-def make_app(service: Service) -> FastAPI:  # noqa: C901
+def registry_call(fn: Callable[[], T]) -> T:
+    """Run a registry operation; its error kinds become 404 / 409 with the message."""
+    try:
+        return fn()
+    except VersionNotFound as e:
+        raise HTTPException(404, str(e)) from e
+    except RegistryError as e:
+        raise HTTPException(409, str(e)) from e
+
+
+# The route table: long, and the complexity counted is the routes, not branching logic.
+def make_app(  # noqa: C901
+    backend: AdminBackend, *, token: str | None, max_body_bytes: int
+) -> FastAPI:
+    """The app; ``token`` None refuses every mutating request."""
     app = FastAPI(title="alignd admin API", version="1")
-    expected = service.admin_token()
-    max_body = service.config.admin.max_body_bytes
+    expected, max_body = token, max_body_bytes
 
     @app.middleware("http")
     async def limit_body(
@@ -78,41 +110,31 @@ def make_app(service: Service) -> FastAPI:  # noqa: C901
         actor = request.headers.get("x-alignd-actor", "operator")
         return "".join(c for c in actor[:64] if c.isalnum() or c in "-_.@") or "operator"
 
-    def registry_call(fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except RegistryError as e:
-            raise HTTPException(
-                409 if "no such" not in str(e) and "not a version" not in str(e) else 404, str(e)
-            ) from e
-
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}  # the process answers; never depends on Kafka or the store
 
     @app.get("/readyz", responses={503: {"description": "not ready: the reasons are listed"}})
     def readyz() -> JSONResponse:
-        problems = service.readiness_problems()
+        problems = backend.readiness_problems()
         body = {"ready": not problems, "problems": problems}
         return JSONResponse(body, status_code=200 if not problems else 503)
 
     @app.get("/metrics")
     def metrics() -> Response:
-        service.refresh_gauges()
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(backend.metrics_exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/status")
     def status() -> dict[str, Any]:
-        return service.status()
+        return backend.status()
 
     @app.get("/v1/adapters")
     def adapters() -> list[dict[str, Any]]:
-        return [service.adapter_summary(info) for info in service.registry.list_versions()]
+        return backend.adapters()
 
     @app.get("/v1/adapters/{version}")
     def adapter(version: str) -> dict[str, Any]:
-        info = registry_call(lambda: service.registry.show(version))
-        return {"version": info.version, "state": info.state, "manifest": info.manifest}
+        return registry_call(lambda: backend.adapter(version))
 
     @app.post("/v1/adapters/{version}/promote")
     def promote(
@@ -120,9 +142,7 @@ def make_app(service: Service) -> FastAPI:  # noqa: C901
     ) -> dict[str, Any]:
         body = body or PromoteBody()
         failures = registry_call(
-            lambda: service.refresher.activate(
-                version, trigger="operator", actor=actor, reason=body.reason, force=body.force
-            )
+            lambda: backend.promote(version, actor=actor, reason=body.reason, force=body.force)
         )
         return {"active": version, "serving_hook_failures": failures}
 
@@ -131,7 +151,7 @@ def make_app(service: Service) -> FastAPI:  # noqa: C901
         version: str, body: ReasonBody | None = None, actor: str = Depends(operator)
     ) -> dict[str, Any]:
         reason = (body or ReasonBody()).reason
-        registry_call(lambda: service.registry.reject(version, actor=actor, reason=reason))
+        registry_call(lambda: backend.reject(version, actor=actor, reason=reason))
         return {"rejected": version}
 
     @app.post("/v1/rollback")
@@ -140,20 +160,20 @@ def make_app(service: Service) -> FastAPI:  # noqa: C901
     ) -> dict[str, Any]:
         body = body or RollbackBody()
         version, failures = registry_call(
-            lambda: service.refresher.rollback(actor=actor, reason=body.reason, to=body.to)
+            lambda: backend.rollback(actor=actor, reason=body.reason, to=body.to)
         )
         return {"active": version, "serving_hook_failures": failures}
 
     @app.post("/v1/refresh", status_code=202)
     def refresh(actor: str = Depends(operator)) -> dict[str, Any]:
-        accepted, message = service.request_refresh(actor)
+        accepted, message = backend.request_refresh(actor)
         if not accepted:
             raise HTTPException(409, message)
         return {"accepted": True, "message": message}
 
     @app.get("/v1/runs/{run_id}")
     def run(run_id: str) -> dict[str, Any]:
-        status = service.refresher.run_status(run_id)
+        status = backend.run(run_id)
         if status is None:
             raise HTTPException(404, f"no such run: {run_id}")
         return status

@@ -10,30 +10,40 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.gate import GateConfig
-from daemon.k8s_runner import KubernetesJobConfig
+from feedback.base import FrozenModel
 from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig
+from trainer.methods import PAIRED_METHODS, check_paired_method
+
+PairMethodName = Annotated[
+    str,
+    AfterValidator(check_paired_method),
+    WithJsonSchema({"type": "string", "enum": list(PAIRED_METHODS)}),
+]
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every bad key."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PathsConfig(_Section):
+class PathsConfig(FrozenModel):
     data_dir: Path = Field(Path("alignd-data"), description="registry, snapshots, runs, caches")
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(FrozenModel):
     """When a refresh runs (see ``daemon.scheduler.refresh_due``)."""
 
     cron: str | None = Field(
@@ -62,13 +72,28 @@ class ScheduleConfig(_Section):
         return value
 
 
-class TrainingConfig(_Section):
+class KubernetesJobConfig(FrozenModel):
+    namespace: str = Field("alignd", description="where Jobs are created")
+    image: str = Field("alignd:0.1.0-cuda", description="the trainer image (same as the daemon's)")
+    service_account: str | None = Field(None, description="service account of the Job's pod")
+    pvc_name: str = Field("alignd-data", description="the shared data volume claim")
+    data_mount: str = Field("/data", description="where the claim is mounted (= paths.data_dir)")
+    gpus: int = Field(1, ge=0, description="nvidia.com/gpu limit; > 1 launches torchrun")
+    cpu: str = Field("4", description="CPU request")
+    memory: str = Field("32Gi", description="memory request and limit")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. GPU node pool")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="e.g. GPU taints")
+    poll_s: float = Field(10.0, gt=0, description="Job status poll interval")
+    ttl_seconds_after_finished: int = Field(3600, ge=0, description="cluster-side clean-up")
+
+
+class TrainingConfig(FrozenModel):
     """What a refresh trains and how the child process is bounded."""
 
     base_model: str = Field("smollm2", description="'smollm2', a .gguf file or a model directory")
-    pair_method: Literal[
-        "dpo", "cdpo", "ipo", "hinge", "robust", "dpop", "simpo", "orpo", "rpo"
-    ] = Field("dpo", description="loss when the snapshot has pairs")
+    pair_method: PairMethodName = Field(
+        "dpo", description="loss when the snapshot has pairs: " + ", ".join(PAIRED_METHODS)
+    )
     both_policy: Literal["pairs", "kto_union"] = Field(
         "pairs", description="pairs and thumbs: DPO-family on pairs, or KTO on all (pairs split)"
     )
@@ -87,7 +112,7 @@ class TrainingConfig(_Section):
     kubernetes: KubernetesJobConfig = KubernetesJobConfig()
 
 
-class AdminConfig(_Section):
+class AdminConfig(FrozenModel):
     host: str = Field("127.0.0.1", description="admin API / metrics bind address")
     port: int = Field(8080, ge=0, le=65535, description="admin API / metrics port")
     token: SecretStr | None = Field(None, description="bearer token for mutating endpoints")
@@ -97,7 +122,7 @@ class AdminConfig(_Section):
     json_logs: bool = Field(False, description="structured JSON-lines logs")
 
 
-class ServingConfig(_Section):
+class ServingConfig(FrozenModel):
     current_pointer: bool = Field(True, description="keep registry/current → active version")
     vllm_endpoints: list[str] = Field(
         default_factory=list, description="vLLM servers to hot-load into"

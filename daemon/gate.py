@@ -2,7 +2,8 @@
 
 Every check reports its measured value and threshold, so a rejection says exactly why. A check
 whose input was not measured fails (``value`` None): an adapter is never promoted on missing
-evidence. Why the generation checks exist (DESIGN.md): plain DPO on ~60 SmolLM2 support
+evidence. Why the generation checks exist (docs/ARCHITECTURE.md, "Why the gate looks at
+replies"): plain DPO on ~60 SmolLM2 support
 replies drove training loss to 0 and apologies from 55% to 0% by collapsing replies to 0.75
 words; preference accuracy alone would have promoted that adapter.
 """
@@ -13,15 +14,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from feedback.base import FrozenModel
+from trainer.spec import AdapterEval, DetectorFinding, EvalReport
 
 DETECTORS = ("non_finite_loss", "reference_mismatch", "sign_bug", "likelihood_collapse")
 
 
-class GateConfig(BaseModel):
+class GateConfig(FrozenModel):
     """Thresholds of the promotion gate; each check can be turned off by setting it to null."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy: str = Field(
         "auto", pattern="^(auto|manual)$", description="auto-promote on pass, or hold"
@@ -88,15 +90,6 @@ class Decision:
         }
 
 
-def _get(report: Mapping[str, Any] | None, *path: str) -> float | None:
-    node: Any = report
-    for key in path:
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return float(node) if isinstance(node, int | float) else None
-
-
 def _at_least(name: str, value: float | None, threshold: float, what: str) -> Check:
     if value is None:
         return Check(name, False, None, threshold, f"{what} was not measured")
@@ -115,16 +108,11 @@ def _at_most(name: str, value: float | None, threshold: float, what: str) -> Che
     )
 
 
-def _degenerate_rate(generation: Mapping[str, Any] | None) -> float | None:
-    if not generation:
-        return None
-    parts = [_get(generation, k) for k in ("empty_rate", "short_rate", "repetitive_rate")]
-    return None if any(p is None for p in parts) else max(p for p in parts if p is not None)
-
-
-def _preference_checks(cand: Any, inc: Any, config: GateConfig) -> list[Check]:
+def _preference_checks(
+    cand: AdapterEval, inc: AdapterEval | None, config: GateConfig
+) -> list[Check]:
     checks = []
-    accuracy = _get(cand, "preference", "reward_accuracy")
+    accuracy = cand.preference.reward_accuracy if cand.preference else None
     if config.min_preference_accuracy is not None:
         checks.append(
             _at_least(
@@ -135,7 +123,7 @@ def _preference_checks(cand: Any, inc: Any, config: GateConfig) -> list[Check]:
             )
         )
     if config.min_gain_over_incumbent is not None and inc is not None:
-        incumbent = _get(inc, "preference", "reward_accuracy")
+        incumbent = inc.preference.reward_accuracy if inc.preference else None
         threshold = (incumbent or 0.0) + config.min_gain_over_incumbent
         checks.append(
             _at_least(
@@ -145,49 +133,73 @@ def _preference_checks(cand: Any, inc: Any, config: GateConfig) -> list[Check]:
     return checks
 
 
-def _reference_checks(cand: Any, ref: Any, config: GateConfig) -> list[Check]:
+def _relative_at_least(
+    name: str, value: float | None, reference: float | None, tolerance: float, what: str
+) -> Check:
+    """``value`` ≥ the reference's − ``tolerance``; fails when the reference was not measured."""
+    if reference is None:
+        return Check(name, False, value, None, f"reference {what} was not measured")
+    return _at_least(name, value, reference - tolerance, what)
+
+
+def _reference_checks(cand: AdapterEval, ref: AdapterEval, config: GateConfig) -> list[Check]:
     checks = []
     if config.factuality_tolerance is not None:
-        reference = _get(ref, "factuality")
-        threshold = None if reference is None else reference - config.factuality_tolerance
-        value = _get(cand, "factuality")
         checks.append(
-            _at_least("factuality", value, threshold, "factuality")
-            if threshold is not None
-            else Check("factuality", False, value, None, "reference factuality was not measured")
+            _relative_at_least(
+                "factuality",
+                cand.factuality,
+                ref.factuality,
+                config.factuality_tolerance,
+                "factuality",
+            )
         )
     if config.kl_budget is not None:
         checks.append(
             _at_most(
                 "kl_budget",
-                _get(cand, "kl_to_reference"),
+                cand.kl_to_reference,
                 config.kl_budget,
                 "KL(candidate‖reference) nats/token",
             )
         )
     if config.chosen_logp_tolerance is not None:
-        reference = _get(ref, "preference", "chosen_logps_per_token")
-        value = _get(cand, "preference", "chosen_logps_per_token")
-        threshold = None if reference is None else reference - config.chosen_logp_tolerance
         checks.append(
-            _at_least("chosen_logp", value, threshold, "held-out chosen log-prob per token")
-            if threshold is not None
-            else Check(
-                "chosen_logp", False, value, None, "reference chosen log-prob was not measured"
+            _relative_at_least(
+                "chosen_logp",
+                cand.preference.chosen_logps_per_token if cand.preference else None,
+                ref.preference.chosen_logps_per_token if ref.preference else None,
+                config.chosen_logp_tolerance,
+                "held-out chosen log-prob per token",
             )
         )
     return checks
 
 
-def _generation_checks(cand: Any, ref: Any, config: GateConfig) -> list[Check]:
+def _length_check(value: float | None, base: float | None, band: tuple[float, float]) -> Check:
+    low, high = band
+    if value is None or not base:
+        return Check("reply_length", False, value, f"{low}-{high}x", "median length not measured")
+    ratio = value / base
+    ok = low <= ratio <= high
+    return Check(
+        "reply_length",
+        ok,
+        ratio,
+        f"{low}-{high}x",
+        f"median words {value:.0f} vs reference {base:.0f} = {ratio:.2f}x "
+        f"({'inside' if ok else 'outside'} {low}-{high}x)",
+    )
+
+
+def _generation_checks(cand: AdapterEval, ref: AdapterEval, config: GateConfig) -> list[Check]:
     checks = []
-    generation = cand.get("generation") if isinstance(cand, Mapping) else None
-    reference = ref.get("generation") if isinstance(ref, Mapping) else None
+    generation, reference = cand.generation, ref.generation
     if config.max_degenerate_rate is not None:
         checks.append(
             _at_most(
                 "degenerate_replies",
-                _degenerate_rate(generation),
+                generation.degenerate_rate if generation else None,
                 config.max_degenerate_rate,
                 "share of empty/short/repetitive replies",
             )
@@ -196,60 +208,43 @@ def _generation_checks(cand: Any, ref: Any, config: GateConfig) -> list[Check]:
         checks.append(
             _at_least(
                 "distinct_replies",
-                _get(generation, "distinct_rate"),
+                generation.distinct_rate if generation else None,
                 config.min_distinct_rate,
                 "share of distinct replies",
             )
         )
     if config.length_band is not None:
-        low, high = config.length_band
-        value, base = _get(generation, "median_words"), _get(reference, "median_words")
-        if value is None or not base:
-            checks.append(
-                Check("reply_length", False, value, f"{low}-{high}x", "median length not measured")
-            )
-        else:
-            ratio = value / base
-            ok = low <= ratio <= high
-            checks.append(
-                Check(
-                    "reply_length",
-                    ok,
-                    ratio,
-                    f"{low}-{high}x",
-                    f"median words {value:.0f} vs reference {base:.0f} = {ratio:.2f}x "
-                    f"({'inside' if ok else 'outside'} {low}-{high}x)",
-                )
-            )
-    if config.relevance_tolerance is not None:
-        base = _get(reference, "relevance_rate")
-        threshold = None if base is None else base - config.relevance_tolerance
-        value = _get(generation, "relevance_rate")
         checks.append(
-            _at_least("relevance", value, threshold, "share of replies that mention the request")
-            if threshold is not None
-            else Check("relevance", False, value, None, "reference relevance was not measured")
+            _length_check(
+                generation.median_words if generation else None,
+                reference.median_words if reference else None,
+                config.length_band,
+            )
+        )
+    if config.relevance_tolerance is not None:
+        checks.append(
+            _relative_at_least(
+                "relevance",
+                generation.relevance_rate if generation else None,
+                reference.relevance_rate if reference else None,
+                config.relevance_tolerance,
+                "share of replies that mention the request",
+            )
         )
     return checks
 
 
 def decide_promotion(
-    candidate: Mapping[str, Any],
-    incumbent: Mapping[str, Any] | None,
-    config: GateConfig,
+    report: EvalReport, detectors: Mapping[str, DetectorFinding], config: GateConfig
 ) -> Decision:
-    """Promote or reject. ``candidate`` is the trainer's eval report of the run — the
-    ``candidate`` and ``reference`` sections of ``result.json`` ``eval`` plus its
-    ``detectors`` — and ``incumbent`` the active adapter's report on the same held-out set
-    (None when nothing is active yet)."""
-    cand = candidate.get("candidate", {})
-    ref = candidate.get("reference", {})
-    checks = _preference_checks(cand, incumbent, config)
+    """Promote or reject, from the run's eval report (candidate, reference and — when an
+    adapter was active — incumbent, all on the same held-out set) and its training detectors."""
+    cand, ref = report.candidate, report.reference
+    checks = _preference_checks(cand, report.incumbent, config)
     checks += _reference_checks(cand, ref, config)
     checks += _generation_checks(cand, ref, config)
     if config.block_on_detectors:
-        detectors = candidate.get("detectors", {}) or {}
-        fired = [name for name in DETECTORS if (detectors.get(name) or {}).get("fired")]
+        fired = [name for name in DETECTORS if name in detectors and detectors[name]["fired"]]
         checks.append(
             Check(
                 "training_detectors",

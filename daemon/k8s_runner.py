@@ -15,24 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class KubernetesJobConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    namespace: str = Field("alignd", description="where Jobs are created")
-    image: str = Field("alignd:0.1.0-cuda", description="the trainer image (same as the daemon's)")
-    service_account: str | None = Field(None, description="service account of the Job's pod")
-    pvc_name: str = Field("alignd-data", description="the shared data volume claim")
-    data_mount: str = Field("/data", description="where the claim is mounted (= paths.data_dir)")
-    gpus: int = Field(1, ge=0, description="nvidia.com/gpu limit; > 1 launches torchrun")
-    cpu: str = Field("4", description="CPU request")
-    memory: str = Field("32Gi", description="memory request and limit")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. GPU node pool")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="e.g. GPU taints")
-    poll_s: float = Field(10.0, gt=0, description="Job status poll interval")
-    ttl_seconds_after_finished: int = Field(3600, ge=0, description="cluster-side clean-up")
+from daemon.config import KubernetesJobConfig
+from daemon.runners import RunEnd, RunExit
 
 
 def job_name(run_id: str) -> str:
@@ -122,10 +106,8 @@ class KubernetesJobRunner:
         # Any: the client accepts plain manifests (dicts) as well as its generated models.
         self.batch: Any = client.BatchV1Api(api_client)
 
-    def run(
-        self, run_id: str, spec_path: Path, stop: threading.Event, timeout_s: float
-    ) -> int | str:
-        """0 when the Job succeeded, 1 when it failed, or 'interrupted' / 'timed out …'."""
+    def run(self, run_id: str, spec_path: Path, stop: threading.Event, timeout_s: float) -> RunEnd:
+        """The Job's end: succeeded, failed, interrupted (``stop``) or timed out."""
         manifest = build_job(run_id, spec_path, self.config, timeout_s=timeout_s)
         name, namespace = manifest["metadata"]["name"], self.config.namespace
         self.batch.create_namespaced_job(namespace, manifest)
@@ -134,13 +116,13 @@ class KubernetesJobRunner:
             while True:
                 status = self.batch.read_namespaced_job_status(name, namespace).status
                 if status is not None and status.succeeded:
-                    return 0
+                    return RunEnd(RunExit.SUCCEEDED, f"Job {name} succeeded")
                 if status is not None and status.failed:
-                    return 1
+                    return RunEnd(RunExit.FAILED, f"Job {name} failed")
                 if stop.wait(self.config.poll_s):
-                    return "interrupted"
+                    return RunEnd(RunExit.INTERRUPTED, "stopped during shutdown")
                 if time.monotonic() > deadline:
-                    return f"timed out after {timeout_s:.0f}s"
+                    return RunEnd(RunExit.TIMED_OUT, f"timed out after {timeout_s:.0f}s")
         finally:
             self._delete(name, namespace)
 

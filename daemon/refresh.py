@@ -16,20 +16,25 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon.config import AligndConfig
+from pydantic import ValidationError
+
+from daemon.config import AligndConfig, TrainingConfig
 from daemon.gate import decide_promotion
-from daemon.local_runner import LocalRunner
+from daemon.k8s_runner import KubernetesJobRunner
 from daemon.metrics import Metrics
 from daemon.registry import Registry, RegistryError, atomic_write_json
-from daemon.scheduler import choose_method
+from daemon.runners import LocalRunner, RunExit, Runner
+from daemon.scheduler import MethodChoice, choose_method
+from daemon.states import SUCCESSFUL, ActivationTrigger, Outcome, RefreshTrigger
+from feedback.manifest import SnapshotManifest
 from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore
-from trainer.spec import RunSpec
+from trainer.spec import AdapterEval, EvalReport, RunResult, RunSpec, SpecError, deep_merge
 
 log = logging.getLogger("alignd.refresh")
 
@@ -58,9 +63,11 @@ class DaemonState:
 
 @dataclass
 class RefreshOutcome:
+    """A run's ``status.json``: what started it, how it ended and why."""
+
     run_id: str
-    trigger: str
-    outcome: str  # promoted | held | rejected | failed | interrupted | skipped
+    trigger: RefreshTrigger
+    outcome: Outcome
     reason: str
     started_at: str
     finished_at: str | None = None
@@ -69,17 +76,10 @@ class RefreshOutcome:
     version: str | None = None
     gate: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
+    trigger_detail: str = ""  # e.g. "240 new pairs (threshold 200)"
 
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            _deep_merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
+    def end(self, outcome: Outcome, reason: str) -> None:
+        self.outcome, self.reason = outcome, reason
 
 
 class Refresher:
@@ -96,7 +96,7 @@ class Refresher:
         self.state = DaemonState.load(self.state_path)
         self._recover()
         self.running = threading.Event()
-        self.local = LocalRunner(config.training)
+        self.runner: Runner = make_runner(config.training)
 
     def _recover(self) -> None:
         """After a crash: runs left 'running' were interrupted; half-built snapshots go."""
@@ -104,9 +104,12 @@ class Refresher:
             shutil.rmtree(leftover, ignore_errors=True)
         for status_path in self.runs_dir.glob("*/status.json"):
             status = json.loads(status_path.read_text())
-            if status.get("outcome") == "running":
-                status |= {"outcome": "interrupted", "reason": "alignd stopped during this run",
-                           "finished_at": datetime.now(UTC).isoformat()}  # fmt: skip
+            if status.get("outcome") == Outcome.RUNNING:
+                status |= {
+                    "outcome": Outcome.INTERRUPTED,
+                    "reason": "alignd stopped during this run",
+                    "finished_at": datetime.now(UTC).isoformat(),
+                }
                 atomic_write_json(status_path, status)
                 log.warning("run %s was interrupted by a crash", status.get("run_id"))
 
@@ -125,29 +128,32 @@ class Refresher:
         atomic_write_json(run_dir / "status.json", asdict(outcome))
 
     # --- the pipeline -------------------------------------------------------------------------
-    def refresh(self, trigger: str, stop: threading.Event) -> RefreshOutcome:
+    def refresh(
+        self, trigger: RefreshTrigger, stop: threading.Event, detail: str = ""
+    ) -> RefreshOutcome:
         now = datetime.now(UTC)
         run_id = f"r{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-        outcome = RefreshOutcome(run_id, trigger, "failed", "", started_at=now.isoformat())
+        started = now.isoformat()
+        outcome = RefreshOutcome(
+            run_id, trigger, Outcome.FAILED, "", started, trigger_detail=detail
+        )
         self.running.set()
         self.metrics.refresh_running.set(1)
-        self.state.last_started_at, self.state.last_run_id = now.isoformat(), run_id
+        self.state.last_started_at, self.state.last_run_id = started, run_id
         self.state.save(self.state_path)
-        self._write_status(
-            RefreshOutcome(run_id, trigger, "running", "", started_at=now.isoformat())
-        )
+        self._write_status(replace(outcome, outcome=Outcome.RUNNING))
         t0 = time.monotonic()
         try:
             self._refresh(outcome, stop)
         except Exception as e:  # the daemon survives any refresh failure, and says what it was
             log.exception("refresh %s failed", run_id)
-            outcome.outcome, outcome.reason = "failed", f"{type(e).__name__}: {e}"
+            outcome.end(Outcome.FAILED, f"{type(e).__name__}: {e}")
         finally:
             outcome.finished_at = datetime.now(UTC).isoformat()
             self._write_status(outcome)
             self.metrics.refresh_runs.labels(outcome=outcome.outcome).inc()
             self.metrics.refresh_duration.observe(time.monotonic() - t0)
-            if outcome.outcome in {"promoted", "held", "rejected", "skipped"}:
+            if outcome.outcome in SUCCESSFUL:
                 self.state.last_success_at = outcome.finished_at
                 self.metrics.last_success.set(time.time())
             self.state.save(self.state_path)
@@ -156,18 +162,18 @@ class Refresher:
             log.info("refresh %s: %s (%s)", run_id, outcome.outcome, outcome.reason)
         return outcome
 
-    def _snapshot(self, run_id: str) -> tuple[dict[str, Any], Path]:
+    def _snapshot(self, run_id: str) -> tuple[SnapshotManifest, Path]:
         """Build the snapshot; snapshots are stored by content hash, so equal ones are shared."""
         seq = self.store.max_seq()
         building = self.snapshots_dir / f".building-{run_id}"
         manifest = build_snapshot(self.store, building, self.config.dataset)
-        snapshot = self.snapshots_dir / manifest["sha256"][:16]
+        snapshot = self.snapshots_dir / manifest.sha256[:16]
         if snapshot.exists():
             shutil.rmtree(building)
         else:
             os.replace(building, snapshot)
-        for kind, splits in manifest["counts"].items():
-            for split, n in splits.items():
+        for kind, splits in (("pairs", manifest.counts.pairs), ("kto", manifest.counts.kto)):
+            for split, n in (("train", splits.train), ("heldout", splits.heldout)):
                 self.metrics.snapshot_examples.labels(kind=kind, split=split).set(n)
         self.state.last_snapshot_seq = seq
         return manifest, snapshot
@@ -175,92 +181,54 @@ class Refresher:
     def _refresh(self, outcome: RefreshOutcome, stop: threading.Event) -> None:
         run_dir = self.runs_dir / outcome.run_id
         manifest, snapshot = self._snapshot(outcome.run_id)
-        sha = outcome.snapshot_sha256 = manifest["sha256"]
-        if sha == self.state.last_trained_sha and outcome.trigger != "operator request":
-            outcome.outcome, outcome.reason = (
-                "skipped",
-                "snapshot unchanged since the last trained one",
-            )
-            return
+        sha = outcome.snapshot_sha256 = manifest.sha256
+        if sha == self.state.last_trained_sha and outcome.trigger != RefreshTrigger.OPERATOR:
+            return outcome.end(Outcome.SKIPPED, "snapshot unchanged since the last trained one")
         choice = choose_method(manifest, self.config.training)
         outcome.method = choice.method
         if choice.method is None:
-            outcome.outcome, outcome.reason = "skipped", choice.reason
-            return
+            return outcome.end(Outcome.SKIPPED, choice.reason)
 
         active = self.registry.active()
         active_dir = self.registry.version_dir(active) if active else None
-        spec = self._run_spec(
-            snapshot,
-            run_dir / "train",
-            choice.method,
-            choice.data_kind,
-            choice.overrides,
-            sha,
-            active_dir,
-        )
+        spec = self._run_spec(snapshot, run_dir / "train", choice, sha, active_dir)
         spec_path = run_dir / "run.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
-        if self.config.training.runner == "kubernetes":
-            from daemon.k8s_runner import KubernetesJobRunner
-
-            runner = KubernetesJobRunner(self.config.training.kubernetes)
-            code = runner.run(outcome.run_id, spec_path, stop, self.config.training.timeout_s)
-        else:
-            code = self.local.run(spec_path, run_dir, stop)
-        result_path = run_dir / "train" / "result.json"
-        result: dict[str, Any] = (
-            json.loads(result_path.read_text()) if result_path.is_file() else {}
-        )
+        end = self.runner.run(outcome.run_id, spec_path, stop, self.config.training.timeout_s)
         self.state.last_trained_sha = sha  # tried: the same data is not retried automatically
-        outcome.training = self._training_summary(result)
-        for gauge, key in (
-            (self.metrics.training_loss, "final_loss"),
-            (self.metrics.training_accuracy, "final_reward_accuracy"),
-            (self.metrics.training_margin, "final_reward_margin"),
-        ):
-            if isinstance(outcome.training.get(key), int | float):
-                gauge.set(outcome.training[key])
-        if isinstance(code, str) and code.startswith("timed out"):
-            outcome.outcome, outcome.reason = "failed", code
-            return
-        if code == "interrupted" or result.get("status") == "interrupted":
-            outcome.outcome, outcome.reason = "interrupted", "stopped during shutdown"
-            return
-        if code != 0 or result.get("status") != "succeeded":
-            outcome.outcome = "failed"
-            outcome.reason = str(result.get("error") or code)
-            return
+        result, unreadable = _read_result(run_dir / "train" / "result.json")
+        if result is not None:
+            outcome.training = _training_summary(result)
+            self._record_training(outcome.training)
+        if end.exit is RunExit.TIMED_OUT:
+            return outcome.end(Outcome.FAILED, end.detail)
+        if end.exit is RunExit.INTERRUPTED or (result and result.status == "interrupted"):
+            return outcome.end(Outcome.INTERRUPTED, "stopped during shutdown")
+        if result is None:  # no result, or one that does not parse: a reason, never a KeyError
+            why = unreadable if end.exit is RunExit.SUCCEEDED else f"{end.detail}; {unreadable}"
+            return outcome.end(Outcome.FAILED, why)
+        if end.exit is not RunExit.SUCCEEDED or result.status != "succeeded":
+            return outcome.end(Outcome.FAILED, result.error or end.detail)
+        if result.adapter_dir is None:
+            return outcome.end(Outcome.FAILED, "the run succeeded but names no adapter")
 
-        evaluation = result.get("eval", {})
-        incumbent = evaluation.get("incumbent")
-        decision = decide_promotion(
-            {
-                "candidate": evaluation.get("candidate", {}),
-                "reference": evaluation.get("reference", {}),
-                "detectors": result.get("detectors", {}),
-            },
-            incumbent,
-            self.config.gate,
-        )
+        decision = decide_promotion(result.eval, result.detectors, self.config.gate)
         outcome.gate = decision.as_dict()
         self.metrics.gate_decisions.labels(
             outcome="promote" if decision.promote else "reject"
         ).inc()
         for check in decision.failed:
             self.metrics.gate_failed_checks.labels(check=check.name).inc()
-        self._record_eval(evaluation)
+        self._record_eval("candidate", result.eval.candidate)
         version = self.registry.register(
-            Path(result["adapter_dir"]),
+            Path(result.adapter_dir),
             {
                 "dataset_sha256": sha,
-                "snapshot": {
-                    k: manifest[k] for k in ("counts", "filtered", "pair_sources", "events")
-                },
+                "snapshot": manifest.summary(),
                 "run_id": outcome.run_id,
-                "run_spec": json.loads(spec_path.read_text()),
+                "run_spec": spec.model_dump(mode="json"),
                 "training": outcome.training,
-                "eval": evaluation,
+                "eval": result.eval.model_dump(mode="json"),
                 "gate": decision.as_dict(),
                 "parent": active,
                 "method": choice.method,
@@ -268,79 +236,69 @@ class Refresher:
         )
         outcome.version = version
         if not decision.promote:
-            outcome.outcome, outcome.reason = "rejected", "; ".join(decision.reasons)
+            outcome.end(Outcome.REJECTED, "; ".join(decision.reasons))
         elif self.config.gate.policy == "manual":
-            outcome.outcome, outcome.reason = (
-                "held",
-                f"{version} passed the gate; waiting for an operator",
-            )
+            outcome.end(Outcome.HELD, f"{version} passed the gate; waiting for an operator")
         else:
             self.activate(
                 version,
-                trigger="gate",
+                trigger=ActivationTrigger.GATE,
                 actor="alignd-gate",
                 reason=f"gate passed (run {outcome.run_id})",
             )
-            outcome.outcome, outcome.reason = "promoted", f"{version} passed the gate and is active"
+            outcome.end(Outcome.PROMOTED, f"{version} passed the gate and is active")
 
     def _run_spec(
-        self,
-        snapshot: Path,
-        out: Path,
-        method: str,
-        data_kind: str,
-        overrides: dict[str, Any],
-        sha: str,
-        active_dir: Path | None,
+        self, snapshot: Path, out: Path, choice: MethodChoice, sha: str, active_dir: Path | None
     ) -> RunSpec:
-        raw = _deep_merge(
+        training = self.config.training
+        raw = deep_merge(
             {
                 "data": str(snapshot),
                 "output_dir": str(out),
-                "base_model": self.config.training.base_model,
-                "method": method,
+                "base_model": training.base_model,
+                "method": choice.method,
                 "dataset_sha256": sha,
-                "data_kind": "kto_union" if data_kind == "kto_union" else "auto",
+                "data_kind": "kto_union" if choice.data_kind == "kto_union" else "auto",
                 "incumbent_adapter": str(active_dir) if active_dir else None,
                 "reference_cache": str(self.data_dir / "cache" / "reference.sqlite"),
-                "init_adapter": str(active_dir)
-                if active_dir and self.config.training.warm_start
-                else None,
+                "init_adapter": str(active_dir) if active_dir and training.warm_start else None,
             },
-            self.config.training.run_spec,
+            training.run_spec,
         )
-        if overrides:
-            raw = _deep_merge(raw, {"hyper": overrides})
+        if choice.overrides:
+            raw = deep_merge(raw, {"hyper": choice.overrides})
         return RunSpec.model_validate(raw)
 
-    @staticmethod
-    def _training_summary(result: dict[str, Any]) -> dict[str, Any]:
-        steps = result.get("steps") or []
-        last = steps[-1] if steps else {}
-        return {
-            "status": result.get("status"),
-            "steps": len(steps),
-            "final_loss": last.get("loss"),
-            "final_reward_accuracy": last.get("rewards/accuracies"),
-            "final_reward_margin": last.get("rewards/margins"),
-            "detectors": {k: v.get("fired") for k, v in (result.get("detectors") or {}).items()},
-            "timings": result.get("timings", {}),
-            "peak_memory_bytes": result.get("peak_memory_bytes", {}),
-        }
-
-    def _record_eval(self, evaluation: dict[str, Any]) -> None:
-        cand = evaluation.get("candidate", {})
-        for gauge, value in (
-            (self.metrics.heldout_accuracy, cand.get("preference", {}).get("reward_accuracy")),
-            (self.metrics.factuality, cand.get("factuality")),
-            (self.metrics.kl, cand.get("kl_to_reference")),
+    def _record_training(self, training: dict[str, Any]) -> None:
+        for gauge, key in (
+            (self.metrics.training_loss, "final_loss"),
+            (self.metrics.training_accuracy, "final_reward_accuracy"),
+            (self.metrics.training_margin, "final_reward_margin"),
         ):
-            if isinstance(value, int | float):
-                gauge.labels(adapter="candidate").set(value)
+            if isinstance(training.get(key), int | float):
+                gauge.set(training[key])
+
+    def _record_eval(self, adapter: str, evaluation: AdapterEval) -> None:
+        """The eval gauges of ``adapter`` (candidate | active); unmeasured values are left."""
+        preference = evaluation.preference
+        for gauge, value in (
+            (self.metrics.heldout_accuracy, preference.reward_accuracy if preference else None),
+            (self.metrics.factuality, evaluation.factuality),
+            (self.metrics.kl, evaluation.kl_to_reference),
+        ):
+            if value is not None:
+                gauge.labels(adapter=adapter).set(value)
 
     # --- operator actions -------------------------------------------------------------------------
     def activate(
-        self, version: str, *, trigger: str, actor: str, reason: str, force: bool = False
+        self,
+        version: str,
+        *,
+        trigger: ActivationTrigger,
+        actor: str,
+        reason: str,
+        force: bool = False,
     ) -> list[str]:
         failures = self.registry.promote(version, actor=actor, reason=reason, force=force)
         self.metrics.promotions.labels(trigger=trigger).inc()
@@ -349,7 +307,7 @@ class Refresher:
 
     def rollback(self, *, actor: str, reason: str, to: str | None = None) -> tuple[str, list[str]]:
         version, failures = self.registry.rollback(actor=actor, reason=reason, to=to)
-        self.metrics.rollbacks.labels(trigger="operator").inc()
+        self.metrics.rollbacks.labels(trigger=ActivationTrigger.OPERATOR).inc()
         self.publish_active()
         return version, failures
 
@@ -365,11 +323,40 @@ class Refresher:
         self.metrics.active_info.info(
             {"version": active, "method": str(manifest.get("method", ""))}
         )
-        cand = manifest.get("eval", {}).get("candidate", {})
-        for gauge, value in (
-            (self.metrics.heldout_accuracy, cand.get("preference", {}).get("reward_accuracy")),
-            (self.metrics.factuality, cand.get("factuality")),
-            (self.metrics.kl, cand.get("kl_to_reference")),
-        ):
-            if isinstance(value, int | float):
-                gauge.labels(adapter="active").set(value)
+        try:
+            evaluation = EvalReport.model_validate(manifest.get("eval") or {})
+        except ValidationError:
+            log.warning("active version %s: its manifest's eval report does not parse", active)
+            return
+        self._record_eval("active", evaluation.candidate)
+
+
+def make_runner(config: TrainingConfig) -> Runner:
+    """Where training runs: a local child process, or a Kubernetes Job (``training.runner``)."""
+    if config.runner == "kubernetes":
+        return KubernetesJobRunner(config.kubernetes)
+    return LocalRunner(config)
+
+
+def _read_result(path: Path) -> tuple[RunResult | None, str]:
+    """The run's ``result.json``, or None and why it cannot be used."""
+    if not path.is_file():
+        return None, "the trainer wrote no result.json"
+    try:
+        return RunResult.load(path), ""
+    except SpecError as e:
+        return None, str(e)
+
+
+def _training_summary(result: RunResult) -> dict[str, Any]:
+    last = result.steps[-1] if result.steps else {}
+    return {
+        "status": result.status,
+        "steps": len(result.steps),
+        "final_loss": last.get("loss"),
+        "final_reward_accuracy": last.get("rewards/accuracies"),
+        "final_reward_margin": last.get("rewards/margins"),
+        "detectors": {k: v["fired"] for k, v in result.detectors.items()},
+        "timings": result.timings,
+        "peak_memory_bytes": result.peak_memory_bytes,
+    }

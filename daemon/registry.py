@@ -33,7 +33,20 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class RegistryError(ValueError):
-    """An operation the registry refuses; the message says why."""
+    """An operation the registry refuses; the message says why. The subclass says what kind
+    (the admin API maps them to HTTP codes by type)."""
+
+
+class VersionNotFound(RegistryError):
+    """No such version, or not a version name at all."""
+
+
+class RegistryConflict(RegistryError):
+    """The registry's state forbids it: already active, rejected, nothing to roll back to."""
+
+
+class InvalidAdapter(RegistryError):
+    """The adapter files are missing, corrupted, or not servable."""
 
 
 def _now() -> str:
@@ -73,19 +86,19 @@ def check_safetensors(path: Path) -> None:
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise RegistryError(f"{path.name}: truncated (no header)")
+            raise InvalidAdapter(f"{path.name}: truncated (no header)")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8:
-            raise RegistryError(f"{path.name}: truncated header ({header_len} bytes declared)")
+            raise InvalidAdapter(f"{path.name}: truncated header ({header_len} bytes declared)")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RegistryError(f"{path.name}: corrupted header: {e}") from e
+            raise InvalidAdapter(f"{path.name}: corrupted header: {e}") from e
     ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
     if not ends:
-        raise RegistryError(f"{path.name}: holds no tensors")
+        raise InvalidAdapter(f"{path.name}: holds no tensors")
     if 8 + header_len + max(ends) != size:
-        raise RegistryError(
+        raise InvalidAdapter(
             f"{path.name}: size {size} does not match its header (truncated or padded)"
         )
 
@@ -94,13 +107,13 @@ def check_adapter_dir(path: Path) -> None:
     """Raise unless ``path`` holds a servable PEFT LoRA adapter."""
     for name in ADAPTER_FILES:
         if not (path / name).is_file():
-            raise RegistryError(f"adapter is missing {name}")
+            raise InvalidAdapter(f"adapter is missing {name}")
     try:
         config = json.loads((path / "adapter_config.json").read_text())
     except json.JSONDecodeError as e:
-        raise RegistryError(f"adapter_config.json: {e}") from e
+        raise InvalidAdapter(f"adapter_config.json: {e}") from e
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-        raise RegistryError("adapter has biases or modules_to_save, which vLLM cannot serve")
+        raise InvalidAdapter("adapter has biases or modules_to_save, which vLLM cannot serve")
     check_safetensors(path / "adapter_model.safetensors")
 
 
@@ -129,10 +142,10 @@ class Registry:
     # --- reading ------------------------------------------------------------------------------
     def version_dir(self, version: str) -> Path:
         if not VERSION_RE.match(version):
-            raise RegistryError(f"not a version name: {version!r}")
+            raise VersionNotFound(f"not a version name: {version!r}")
         path = self.adapters / version
         if not path.is_dir():
-            raise RegistryError(f"no such version: {version}")
+            raise VersionNotFound(f"no such version: {version}")
         return path
 
     def versions(self) -> list[str]:
@@ -252,9 +265,9 @@ class Registry:
         """Make ``version`` active. Refuses a version the gate rejected unless ``force``."""
         state = self.state(version)
         if state == "active":
-            raise RegistryError(f"{version} is already active")
+            raise RegistryConflict(f"{version} is already active")
         if state == "rejected" and not force:
-            raise RegistryError(
+            raise RegistryConflict(
                 f"{version} was rejected by the gate or an operator; use force to override"
             )
         history = [v for v in self.history() if v != version] + [version]
@@ -267,13 +280,13 @@ class Registry:
         history = self.history()
         if to is None:
             if len(history) < 2:
-                raise RegistryError("nothing to roll back to: no earlier active version")
+                raise RegistryConflict("nothing to roll back to: no earlier active version")
             to = history[-2]
             history = history[:-1]
         else:
             self.version_dir(to)
             if to not in history:
-                raise RegistryError(f"{to} was never active; promote it instead")
+                raise RegistryConflict(f"{to} was never active; promote it instead")
             history = history[: history.index(to) + 1]
         return to, self._activate(
             to, action="rollback", actor=actor, reason=reason, history=history
@@ -281,7 +294,7 @@ class Registry:
 
     def reject(self, version: str, *, actor: str, reason: str) -> None:
         if self.state(version) == "active":
-            raise RegistryError(f"{version} is active; roll back first")
+            raise RegistryConflict(f"{version} is active; roll back first")
         self.version_dir(version)
         self._append_audit("reject", actor, reason, version=version)
 

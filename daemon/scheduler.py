@@ -13,6 +13,8 @@ from typing import Any
 from apscheduler.triggers.cron import CronTrigger
 
 from daemon.config import ScheduleConfig, TrainingConfig
+from daemon.states import RefreshTrigger
+from feedback.manifest import SnapshotManifest
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class RefreshState:
 class Due:
     due: bool
     reason: str
+    trigger: RefreshTrigger | None = None  # set when due
 
 
 def next_cron_fire(expression: str, after: datetime) -> datetime:
@@ -49,7 +52,7 @@ def refresh_due(state: RefreshState, now: datetime, config: ScheduleConfig) -> D
     if state.running:
         return Due(False, "a refresh is already running")
     if state.manual_requested:
-        return Due(True, "operator request")
+        return Due(True, "operator request", RefreshTrigger.OPERATOR)
     if state.last_started_at is not None:
         wait = state.last_started_at + timedelta(seconds=config.min_interval_s) - now
         if wait > timedelta(0):
@@ -57,11 +60,23 @@ def refresh_due(state: RefreshState, now: datetime, config: ScheduleConfig) -> D
     if config.cron and state.last_cron_check is not None:
         fire = next_cron_fire(config.cron, state.last_cron_check)
         if fire <= now:
-            return Due(True, f"schedule {config.cron!r} (fire time {fire.isoformat()})")
+            return Due(
+                True,
+                f"schedule {config.cron!r} (fire time {fire.isoformat()})",
+                RefreshTrigger.SCHEDULE,
+            )
     if config.min_new_pairs is not None and state.new_pairs >= config.min_new_pairs:
-        return Due(True, f"{state.new_pairs} new pairs (threshold {config.min_new_pairs})")
+        return Due(
+            True,
+            f"{state.new_pairs} new pairs (threshold {config.min_new_pairs})",
+            RefreshTrigger.NEW_PAIRS,
+        )
     if config.min_new_ratings is not None and state.new_ratings >= config.min_new_ratings:
-        return Due(True, f"{state.new_ratings} new ratings (threshold {config.min_new_ratings})")
+        return Due(
+            True,
+            f"{state.new_ratings} new ratings (threshold {config.min_new_ratings})",
+            RefreshTrigger.NEW_RATINGS,
+        )
     return Due(False, "nothing due")
 
 
@@ -73,19 +88,17 @@ class MethodChoice:
     overrides: dict[str, Any]
 
 
-def choose_method(manifest: dict[str, Any], config: TrainingConfig) -> MethodChoice:
+def choose_method(manifest: SnapshotManifest, config: TrainingConfig) -> MethodChoice:
     """The seeds' decision tree over a snapshot manifest.
 
     Pairs available → the configured DPO-family loss. Only thumbs → KTO with the snapshot's
     class-balance weights. Both → ``both_policy``: DPO on the pairs, or KTO on the union with
     each pair split into a desirable and an undesirable row.
     """
-    pairs = manifest["counts"]["pairs"]["train"]
-    kto = manifest["counts"]["kto"]["train"]
-    balance = manifest.get("kto_balance", {})
+    pairs, kto = manifest.counts.pairs.train, manifest.counts.kto.train
     weights = {
-        "desirable_weight": balance.get("desirable_weight", 1.0),
-        "undesirable_weight": balance.get("undesirable_weight", 1.0),
+        "desirable_weight": manifest.kto_balance.desirable_weight,
+        "undesirable_weight": manifest.kto_balance.undesirable_weight,
     }
     has_pairs, has_kto = pairs >= config.min_pairs, kto >= config.min_kto_rows
     if has_pairs and (not has_kto or config.both_policy == "pairs"):

@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,18 +25,23 @@ from typing import Any
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
-from prometheus_client import CollectorRegistry
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, generate_latest
+from pydantic import ValidationError
 
 from daemon.api import make_app
+from daemon.child import run_child
 from daemon.config import AligndConfig
 from daemon.metrics import Metrics
 from daemon.refresh import Refresher
 from daemon.registry import Registry, ServingHook, VersionInfo, current_pointer_hook
 from daemon.scheduler import RefreshState, refresh_due
 from daemon.serving import vllm_hook
+from daemon.states import ActivationTrigger, RefreshTrigger
 from feedback.consumer import FeedbackConsumer
 from feedback.events import EditEvent, RatingEvent
 from feedback.store import FeedbackStore
+from trainer.spec import AdapterEval, EvalReport
 
 log = logging.getLogger("alignd.service")
 
@@ -89,6 +93,12 @@ class Service:
             return admin.token_file.read_text().strip() or None
         return None
 
+    def app(self) -> FastAPI:
+        """The admin API over this service."""
+        return make_app(
+            self, token=self.admin_token(), max_body_bytes=self.config.admin.max_body_bytes
+        )
+
     def start(self) -> None:
         log.info("starting alignd with config %s", json.dumps(self.config.redacted(), default=str))
         self.refresher.publish_active()
@@ -127,7 +137,7 @@ class Service:
         admin = self.config.admin
         self.http = uvicorn.Server(
             uvicorn.Config(
-                make_app(self),
+                self.app(),
                 host=admin.host,
                 port=admin.port,
                 log_level="warning",
@@ -204,24 +214,21 @@ class Service:
             state.last_cron_check = now.isoformat()
             if not decision.due:
                 return
-            trigger = "operator request" if self.manual_refresh else decision.reason
+            trigger = RefreshTrigger.OPERATOR if self.manual_refresh else decision.trigger
+            assert trigger is not None  # a due decision always names its trigger
+            detail = (
+                f"requested by {self.manual_refresh}" if self.manual_refresh else decision.reason
+            )
             self.manual_refresh = None
             self.refresh_stop.clear()
             self._refresh_thread = threading.Thread(
                 target=self.refresher.refresh,
-                args=(trigger, self.refresh_stop),
+                args=(trigger, self.refresh_stop, detail),
                 name="refresh",
                 daemon=True,
             )
             self._refresh_thread.start()
         log.info("refresh started: %s", trigger)
-
-    def wait_for_refresh(self, timeout_s: float) -> bool:
-        thread = self._refresh_thread
-        if thread is None:
-            return True
-        thread.join(timeout_s)
-        return not thread.is_alive()
 
     # --- periodic jobs ------------------------------------------------------------------------
     def retention(self) -> None:
@@ -252,21 +259,17 @@ class Service:
                     {"prompt": [m.model_dump() for m in e.prompt], "response": r} for e, r in sample
                 ],
             }
-            Path(tmp, "probe.json").write_text(json.dumps(spec))
-            code = subprocess.call(
-                [
-                    sys.executable,
-                    "-m",
-                    "trainer.probe",
-                    str(Path(tmp, "probe.json")),
-                    str(Path(tmp, "out.json")),
-                ],
-                stdout=subprocess.DEVNULL,
+            spec_path, out_path = Path(tmp, "probe.json"), Path(tmp, "out.json")
+            spec_path.write_text(json.dumps(spec))
+            code = run_child(
+                ["-m", "trainer.probe", str(spec_path), str(out_path)],
+                output=subprocess.DEVNULL,
+                memory_limit_mb=self.config.training.memory_limit_mb,
             )
             if code != 0:
                 log.warning("drift probe failed with exit code %d", code)
                 return None
-            kl = float(json.loads(Path(tmp, "out.json").read_text())["kl_to_reference"])
+            kl = float(json.loads(out_path.read_text())["kl_to_reference"])
         self.metrics.drift_kl.set(kl)
         self.metrics.drift_probe_timestamp.set(time.time())
         log.info(
@@ -290,26 +293,33 @@ class Service:
             problems.append("shutting down")
         return problems
 
-    def refresh_gauges(self) -> None:
+    def metrics_exposition(self) -> bytes:
+        """The Prometheus text exposition, gauges read at scrape time."""
         self.metrics.consumer_ready.set(1 if self.consumer.ready else 0)
         for partition, lag in self.consumer.partition_lag.items():
             self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
+        return generate_latest(self.metrics.registry)
 
-    def adapter_summary(self, info: VersionInfo) -> dict[str, Any]:
-        m = info.manifest
-        cand = m.get("eval", {}).get("candidate", {})
-        return {
-            "version": info.version,
-            "state": info.state,
-            "created_at": info.created_at,
-            "method": m.get("method"),
-            "parent": m.get("parent"),
-            "run_id": m.get("run_id"),
-            "heldout_accuracy": cand.get("preference", {}).get("reward_accuracy"),
-            "kl_to_reference": cand.get("kl_to_reference"),
-            "factuality": cand.get("factuality"),
-            "gate_passed": (m.get("gate") or {}).get("promote"),
-        }
+    def adapters(self) -> list[dict[str, Any]]:
+        return [adapter_summary(info) for info in self.registry.list_versions()]
+
+    def adapter(self, version: str) -> dict[str, Any]:
+        info = self.registry.show(version)
+        return {"version": info.version, "state": info.state, "manifest": info.manifest}
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        return self.refresher.run_status(run_id)
+
+    def promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]:
+        return self.refresher.activate(
+            version, trigger=ActivationTrigger.OPERATOR, actor=actor, reason=reason, force=force
+        )
+
+    def rollback(self, *, actor: str, reason: str, to: str | None) -> tuple[str, list[str]]:
+        return self.refresher.rollback(actor=actor, reason=reason, to=to)
+
+    def reject(self, version: str, *, actor: str, reason: str) -> None:
+        self.registry.reject(version, actor=actor, reason=reason)
 
     def status(self) -> dict[str, Any]:
         state = self.refresher.state
@@ -336,6 +346,27 @@ class Service:
             "uptime_s": time.time() - self.started_at,
             "pid": os.getpid(),
         }
+
+
+def adapter_summary(info: VersionInfo) -> dict[str, Any]:
+    """One row of ``alignd adapters list``."""
+    m = info.manifest
+    try:
+        candidate = EvalReport.model_validate(m.get("eval") or {}).candidate
+    except ValidationError:  # a manifest from an incompatible version: show what is certain
+        candidate = AdapterEval()
+    return {
+        "version": info.version,
+        "state": info.state,
+        "created_at": info.created_at,
+        "method": m.get("method"),
+        "parent": m.get("parent"),
+        "run_id": m.get("run_id"),
+        "heldout_accuracy": candidate.preference.reward_accuracy if candidate.preference else None,
+        "kl_to_reference": candidate.kl_to_reference,
+        "factuality": candidate.factuality,
+        "gate_passed": (m.get("gate") or {}).get("promote"),
+    }
 
 
 def serve(config: AligndConfig) -> int:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field, SecretStr
+
+from feedback.base import FrozenModel
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class KafkaConfig(_Frozen):
+class KafkaConfig(FrozenModel):
     """Where feedback comes from. Security options pass straight through to kafka-python."""
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port list")
@@ -63,7 +61,7 @@ class KafkaConfig(_Frozen):
         return options
 
 
-class StoreConfig(_Frozen):
+class StoreConfig(FrozenModel):
     """The feedback store: a SQLite file by default, PostgreSQL by URL."""
 
     url: str = Field(
@@ -73,7 +71,7 @@ class StoreConfig(_Frozen):
     retention_days: int | None = Field(None, gt=0, description="drop events older than this")
 
 
-class EventLimits(_Frozen):
+class EventLimits(FrozenModel):
     """Size limits an event must respect; anything bigger goes to the dead-letter topic."""
 
     max_message_bytes: int = Field(262_144, gt=0, description="larger messages are dead-lettered")
@@ -82,7 +80,7 @@ class EventLimits(_Frozen):
     max_tags: int = Field(16, ge=0, description="entries in an event's tags map")
 
 
-class DatasetConfig(_Frozen):
+class DatasetConfig(FrozenModel):
     """How stored events become training rows (see ``feedback.dataset``)."""
 
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts held out")

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,20 +313,3 @@ class FeedbackConsumer:
         if self._consumer is not None:
             self._consumer.close(autocommit=False)
             self._consumer = None
-
-
-def produce_events(
-    bootstrap_servers: str, topic: str, values: Iterable[bytes], **options: Any
-) -> int:
-    """Send raw message values to ``topic`` and wait for every acknowledgement."""
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap_servers.split(","), acks="all", linger_ms=5, **options
-    )
-    try:
-        futures = [producer.send(topic, value=v) for v in values]
-        producer.flush(timeout=60)
-        for f in futures:
-            f.get(timeout=60)
-        return len(futures)
-    finally:
-        producer.close(timeout=10)

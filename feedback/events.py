@@ -22,13 +22,11 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
-    BaseModel,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -37,6 +35,7 @@ from pydantic import (
     field_validator,
 )
 
+from feedback.base import FrozenModel
 from feedback.config import EventLimits
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "feedback-event-v1.schema.json"
@@ -62,8 +61,9 @@ def _check_text(value: str, info: ValidationInfo) -> str:
     return value
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+class _Strict(FrozenModel):
+    # Events come from producers we do not control: no type coercion either ("1" is not 1).
+    model_config = ConfigDict(strict=True)
 
 
 class ChatMessage(_Strict):
@@ -250,10 +250,6 @@ def prompt_key(prompt: list[dict[str, str]] | list[ChatMessage]) -> str:
     messages = [m.model_dump() if isinstance(m, ChatMessage) else m for m in prompt]
     payload = json.dumps([[m["role"], m["content"]] for m in messages], separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def occurred(event: Event) -> datetime:
-    return event.occurred_at
 
 
 def json_schema() -> dict[str, Any]:

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,13 @@ from feedback.dataset import (
     build_examples,
     is_heldout,
     kto_balance,
+)
+from feedback.manifest import (
+    MANIFEST_FORMAT,
+    EventRange,
+    KtoBalance,
+    SnapshotCounts,
+    SnapshotManifest,
 )
 from feedback.store import FeedbackStore
 
@@ -59,15 +65,6 @@ KTO_SCHEMA = pa.schema(
     ]
 )
 SPLITS = ("train", "heldout")
-
-
-@dataclass(frozen=True)
-class EventRange:
-    count: int
-    first_seq: int | None
-    last_seq: int | None
-    first_occurred_at: str | None
-    last_occurred_at: str | None
 
 
 def _pair_row(p: PairExample) -> dict[str, Any]:
@@ -126,31 +123,33 @@ def write_snapshot(
     config: DatasetConfig,
     event_range: EventRange,
     built_at: datetime | None = None,
-) -> dict[str, Any]:
+) -> SnapshotManifest:
     """Write the snapshot atomically (temp dir, then rename) and return its manifest."""
     rows = split_rows(examples, config)
     kto_train = rows["kto"]["train"]
     n_desirable = sum(r["label"] for r in kto_train)
     weight_d, weight_u = kto_balance(n_desirable, len(kto_train) - n_desirable)
-    manifest: dict[str, Any] = {
-        "format": "alignd-snapshot/1",
-        "sha256": content_sha256(rows),
-        "counts": {kind: {s: len(rows[kind][s]) for s in SPLITS} for kind in rows},
-        "pair_sources": {
+    manifest = SnapshotManifest(
+        format=MANIFEST_FORMAT,
+        sha256=content_sha256(rows),
+        counts=SnapshotCounts.model_validate(
+            {kind: {s: len(rows[kind][s]) for s in SPLITS} for kind in rows}
+        ),
+        pair_sources={
             s: sum(1 for p in examples.pairs if p.source == s)
             for s in ("edit", "comparison", "mined")
         },
-        "filtered": {name: examples.filtered.get(name, 0) for name in FILTERS},
-        "kto_balance": {
-            "desirable": n_desirable,
-            "undesirable": len(kto_train) - n_desirable,
-            "desirable_weight": weight_d,
-            "undesirable_weight": weight_u,
-        },
-        "events": asdict(event_range),
-        "config": config.model_dump(mode="json"),
-        "built_at": (built_at or datetime.now(UTC)).isoformat(),
-    }
+        filtered={name: examples.filtered.get(name, 0) for name in FILTERS},
+        kto_balance=KtoBalance(
+            desirable=n_desirable,
+            undesirable=len(kto_train) - n_desirable,
+            desirable_weight=weight_d,
+            undesirable_weight=weight_u,
+        ),
+        events=event_range,
+        config=config,
+        built_at=(built_at or datetime.now(UTC)).isoformat(),
+    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -160,7 +159,7 @@ def write_snapshot(
                 table = pa.Table.from_pylist(rows[kind][split], schema=schema)
                 pq.write_table(table, staging / kind / f"{split}.parquet")
         with (staging / "manifest.json").open("w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
+            json.dump(manifest.model_dump(mode="json"), f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         if out_dir.exists():
@@ -173,7 +172,7 @@ def write_snapshot(
 
 def build_snapshot(
     store: FeedbackStore, out_dir: Path, config: DatasetConfig, *, now: datetime | None = None
-) -> dict[str, Any]:
+) -> SnapshotManifest:
     """Read every stored event, build the rows, write the snapshot."""
     now = now or datetime.now(UTC)
     stored = list(store.iter_events())

@@ -179,10 +179,8 @@ class FeedbackStore:
         with self.engine.connect() as conn:
             conn.execute(select(func.count()).select_from(events_table).limit(1))
 
-    def count(self, *, since_seq: int = 0, types: Sequence[str] | None = None) -> int:
+    def count(self, *, since_seq: int = 0) -> int:
         query = select(func.count()).select_from(events_table).where(events_table.c.seq > since_seq)
-        if types:
-            query = query.where(events_table.c.type.in_(list(types)))
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 

@@ -116,7 +116,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture()
 def broker():
-    from feedback.embedded_broker import EmbeddedBroker
+    from demo.broker import EmbeddedBroker
 
     with EmbeddedBroker() as b:
         yield b

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from feedback.embedded_broker import free_port
+from demo.broker import free_port
 
 
 def _pg_bin(name: str) -> str:

@@ -4,7 +4,7 @@ Rows use TRL's column names. Pairs: ``{prompt, chosen, rejected}``. Unpaired (KT
 ``{prompt, completion, label}`` with ``label`` true for desirable. ``prompt`` is a string or
 a list of ``{role, content}`` chat messages.
 
-A snapshot (see DESIGN.md) is a directory with ``manifest.json`` and
+A snapshot (docs/ARCHITECTURE.md, "Contracts") is a directory with ``manifest.json`` and
 ``pairs/{train,heldout}.parquet`` and ``kto/{train,heldout}.parquet``.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from feedback.manifest import SnapshotManifest
 from trainer.logprobs import Prompt
 
 
@@ -119,5 +120,4 @@ def snapshot_sha256(path: Path) -> str | None:
     """The content hash a snapshot's manifest declares, if ``path`` is a snapshot."""
     if not is_snapshot(path):
         return None
-    value = json.loads((path / "manifest.json").read_text()).get("sha256")
-    return str(value) if value else None
+    return SnapshotManifest.load(path).sha256

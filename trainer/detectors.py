@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import pairwise
 from statistics import fmean
-from typing import Any
+
+from trainer.spec import DetectorFinding
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,9 @@ class Finding:
     detail: str = ""
     value: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def as_dict(self) -> DetectorFinding:
+        """As ``result.json`` records it."""
+        return DetectorFinding(fired=self.fired, detail=self.detail, value=self.value)
 
 
 def non_finite_loss(loss: float, step: int) -> Finding:

@@ -35,10 +35,6 @@ class World:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
 
 def init_world(device: torch.device) -> tuple[World, torch.device]:
     """Join the process group ``torchrun`` set up (env ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``)."""

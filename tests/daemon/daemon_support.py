@@ -14,7 +14,8 @@ import httpx
 import yaml
 from services import wait_until
 
-from feedback.embedded_broker import EmbeddedBroker
+from demo.broker import EmbeddedBroker
+from trainer.spec import deep_merge
 
 TOKEN = "test-admin-token-0123456789"
 ORDERS = range(1000, 1040)
@@ -39,17 +40,6 @@ def edit_events(prefix: str, flipped: bool = False) -> list[bytes]:
                     "edited_completion": edited_completion,
                 }
             ).encode()
-        )
-    return out
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            _merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else value
         )
     return out
 
@@ -106,7 +96,7 @@ def write_config(
         },
         "admin": {"port": port, "drain_s": 20},
     }
-    config = _merge(config, overrides or {})
+    config = deep_merge(config, overrides or {})
     path = tmp_path / f"alignd-{max_steps}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

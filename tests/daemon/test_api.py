@@ -9,7 +9,6 @@ import pytest
 from fastapi.testclient import TestClient
 from registry_support import make_adapter
 
-from daemon.api import make_app
 from daemon.config import AligndConfig
 from daemon.service import Service
 
@@ -37,7 +36,7 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
 
 @pytest.fixture()
 def client(service: Service) -> TestClient:
-    return TestClient(make_app(service))
+    return TestClient(service.app())
 
 
 @pytest.mark.parametrize(("method", "path"), MUTATING)
@@ -66,7 +65,7 @@ def test_no_configured_token_refuses_everyone(tmp_path: Path) -> None:
             paths={"data_dir": tmp_path / "d"}, store={"url": f"sqlite:///{tmp_path / 'f.db'}"}
         )
     )
-    client = TestClient(make_app(svc))
+    client = TestClient(svc.app())
     assert (
         client.post("/v1/refresh", headers={"authorization": "Bearer anything"}).status_code == 403
     )

@@ -22,8 +22,7 @@ from daemon_support import ORDERS, Daemon, edit_events, write_config
 from services import wait_until
 
 from daemon.registry import Registry, check_adapter_dir
-from feedback.consumer import produce_events
-from feedback.embedded_broker import EmbeddedBroker, free_port
+from demo.broker import EmbeddedBroker, free_port, produce_events
 
 pytestmark = pytest.mark.integration
 

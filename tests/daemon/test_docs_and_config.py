@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon import docs
 from daemon.config import ConfigError, load_config
+from tools import docs
 
 
 def test_readme_reference_tables_are_current() -> None:
-    assert docs.main(["--check"]) == 0, "run: python -m daemon.docs"
+    assert docs.main(["--check"]) == 0, "run: python -m tools.docs"
 
 
 def test_every_config_key_is_documented() -> None:

@@ -7,7 +7,19 @@ from typing import Any
 
 import pytest
 
-from daemon.gate import GateConfig, decide_promotion
+from daemon.gate import Decision, GateConfig
+from daemon.gate import decide_promotion as gate_decision
+from trainer.spec import EvalReport
+
+
+def decide_promotion(
+    run: dict[str, Any], incumbent: dict[str, Any] | None, config: GateConfig
+) -> Decision:
+    """The gate on a run written as plain data (as result.json holds it), parsed as the daemon does."""
+    report = EvalReport.model_validate(
+        {"candidate": run["candidate"], "reference": run["reference"], "incumbent": incumbent}
+    )
+    return gate_decision(report, run["detectors"], config)
 
 
 def good_run() -> dict[str, Any]:
@@ -76,7 +88,7 @@ CASES = [
         None,
         "chosen_logp",
     ),
-    # DESIGN.md's measured collapse: 0.75 words per reply, several empty
+    # docs/ARCHITECTURE.md's measured collapse: 0.75 words per reply, several empty
     (
         "replies collapsed to nothing",
         with_(

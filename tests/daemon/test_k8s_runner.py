@@ -17,6 +17,7 @@ from kubernetes import client
 
 from daemon.config import AligndConfig
 from daemon.k8s_runner import KubernetesJobConfig, KubernetesJobRunner, build_job, job_name
+from daemon.runners import RunExit
 
 RESPONSES = Path(__file__).parent / "k8s_responses"
 GPU = KubernetesJobConfig(
@@ -123,7 +124,10 @@ def api(request: pytest.FixtureRequest) -> Iterator[tuple[Replay, Any]]:
 def test_job_success_is_watched_then_cleaned_up(api: tuple[Replay, Any]) -> None:
     replay, api_client = api
     runner = KubernetesJobRunner(KubernetesJobConfig(poll_s=0.01), api_client)
-    assert runner.run("r1", Path("/data/runs/r1/run.json"), threading.Event(), timeout_s=60) == 0
+    assert (
+        runner.run("r1", Path("/data/runs/r1/run.json"), threading.Event(), timeout_s=60).exit
+        == RunExit.SUCCEEDED
+    )
     methods = [(m, p.split("?")[0].rsplit("/", 1)[-1]) for m, p, _ in replay.requests]
     assert methods[0] == ("POST", "jobs") and methods[-1] == ("DELETE", "alignd-train-r1")
     assert [m for m in methods if m[1] == "status"] == [("GET", "status")] * 3
@@ -138,7 +142,10 @@ def test_job_success_is_watched_then_cleaned_up(api: tuple[Replay, Any]) -> None
 def test_job_failure_is_reported(api: tuple[Replay, Any]) -> None:
     replay, api_client = api
     runner = KubernetesJobRunner(KubernetesJobConfig(poll_s=0.01), api_client)
-    assert runner.run("r1", Path("/data/run.json"), threading.Event(), timeout_s=60) == 1
+    assert (
+        runner.run("r1", Path("/data/run.json"), threading.Event(), timeout_s=60).exit
+        == RunExit.FAILED
+    )
     assert replay.requests[-1][0] == "DELETE"
 
 
@@ -148,7 +155,7 @@ def test_stop_deletes_the_running_job(api: tuple[Replay, Any]) -> None:
     stop = threading.Event()
     stop.set()
     runner = KubernetesJobRunner(KubernetesJobConfig(poll_s=0.01), api_client)
-    assert runner.run("r1", Path("/data/run.json"), stop, timeout_s=60) == "interrupted"
+    assert runner.run("r1", Path("/data/run.json"), stop, timeout_s=60).exit == RunExit.INTERRUPTED
     assert replay.requests[-1][0] == "DELETE"
 
 
@@ -156,7 +163,6 @@ def test_stop_deletes_the_running_job(api: tuple[Replay, Any]) -> None:
 def test_timeout_deletes_the_job(api: tuple[Replay, Any]) -> None:
     replay, api_client = api
     runner = KubernetesJobRunner(KubernetesJobConfig(poll_s=0.01), api_client)
-    assert runner.run("r1", Path("/data/run.json"), threading.Event(), timeout_s=0.05).startswith(
-        "timed out"
-    )
+    end = runner.run("r1", Path("/data/run.json"), threading.Event(), timeout_s=0.05)
+    assert end.exit == RunExit.TIMED_OUT and end.detail.startswith("timed out")
     assert replay.requests[-1][0] == "DELETE"

@@ -11,11 +11,10 @@ import pytest
 import uvicorn
 from registry_support import make_adapter
 
-from daemon.api import make_app
 from daemon.cli import main
 from daemon.config import AligndConfig
 from daemon.service import Service
-from feedback.embedded_broker import free_port
+from demo.broker import free_port
 
 TOKEN = "operator-cli-token"
 
@@ -35,7 +34,7 @@ def url(tmp_path: Path):
         )
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(make_app(service), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(service.app(), host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -9,6 +9,7 @@ import pytest
 
 from daemon.config import ScheduleConfig, TrainingConfig
 from daemon.scheduler import RefreshState, choose_method, refresh_due
+from feedback.manifest import SnapshotManifest
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 CONFIG = ScheduleConfig(
@@ -87,11 +88,33 @@ def test_counts_only_schedule() -> None:
     assert refresh_due(state(new_pairs=10), NOW, config).due
 
 
-def manifest(pairs: int, kto: int) -> dict[str, Any]:
-    return {
-        "counts": {"pairs": {"train": pairs, "heldout": 0}, "kto": {"train": kto, "heldout": 0}},
-        "kto_balance": {"desirable_weight": 2.0, "undesirable_weight": 1.0},
-    }
+def manifest(pairs: int, kto: int) -> SnapshotManifest:
+    return SnapshotManifest.model_validate(
+        {
+            "sha256": "0" * 64,
+            "counts": {
+                "pairs": {"train": pairs, "heldout": 0},
+                "kto": {"train": kto, "heldout": 0},
+            },
+            "kto_balance": {
+                "desirable": 2,
+                "undesirable": 4,
+                "desirable_weight": 2.0,
+                "undesirable_weight": 1.0,
+            },
+            "pair_sources": {},
+            "filtered": {},
+            "events": {
+                "count": 0,
+                "first_seq": None,
+                "last_seq": None,
+                "first_occurred_at": None,
+                "last_occurred_at": None,
+            },
+            "config": {},
+            "built_at": "2026-11-23T00:00:00+00:00",
+        }
+    )
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,7 @@ import pytest
 import yaml
 from services import wait_until
 
-from feedback.consumer import produce_events
-from feedback.embedded_broker import EmbeddedBroker, free_port
+from demo.broker import EmbeddedBroker, free_port, produce_events
 
 pytestmark = pytest.mark.integration
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alignd-rules.yml"

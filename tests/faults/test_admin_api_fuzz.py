@@ -9,7 +9,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from daemon.api import make_app
 from daemon.config import AligndConfig
 from daemon.service import Service
 
@@ -22,7 +21,7 @@ def build_app(base: Path) -> object:
         store={"url": f"sqlite:///{base / 'f.db'}"},
         admin={"token": TOKEN},
     )
-    return make_app(Service(config))
+    return Service(config).app()
 
 
 _BASE = Path(__import__("tempfile").mkdtemp(prefix="alignd-fuzz-"))

@@ -23,8 +23,7 @@ from services import wait_until
 from test_daemon_e2e import ORDERS, edit_events
 
 from daemon.registry import Registry, check_adapter_dir
-from feedback.consumer import produce_events
-from feedback.embedded_broker import EmbeddedBroker, free_port
+from demo.broker import EmbeddedBroker, free_port, produce_events
 
 pytestmark = pytest.mark.integration
 

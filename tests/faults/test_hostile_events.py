@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer
 
+from demo.broker import EmbeddedBroker, produce_events
 from feedback.config import KafkaConfig
-from feedback.consumer import REASON_HEADER, FeedbackConsumer, produce_events
-from feedback.embedded_broker import EmbeddedBroker
+from feedback.consumer import REASON_HEADER, FeedbackConsumer
 from feedback.events import REASONS, Rejection, parse_event
 from feedback.store import FeedbackStore
 

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from services import wait_until
 
+from demo.broker import EmbeddedBroker, free_port, produce_events
 from feedback.config import KafkaConfig
-from feedback.consumer import FeedbackConsumer, produce_events
-from feedback.embedded_broker import EmbeddedBroker, free_port
+from feedback.consumer import FeedbackConsumer
 from feedback.store import FeedbackStore
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,11 @@ from daemon.config import AligndConfig
 from daemon.metrics import Metrics
 from daemon.refresh import Refresher
 from daemon.registry import Registry, check_adapter_dir
+from daemon.runners import RunEnd, RunExit
+from daemon.states import RefreshTrigger
 from feedback.events import Rejection, parse_event
 from feedback.store import FeedbackStore, Incoming
+from trainer.spec import deep_merge
 
 ORDERS = range(2000, 2032)
 
@@ -49,7 +52,7 @@ def make_refresher(tmp_path: Path, model: Path, **training: Any) -> Refresher:
         "hyper": {"max_steps": 6, "learning_rate": 0.01, "batch_size": 4, "warmup_ratio": 0},
         "eval": {"factuality_set": None, "generate_max_prompts": 0},
     }
-    run_spec = _merge(run_spec, training.pop("run_spec", {}))
+    run_spec = deep_merge(run_spec, training.pop("run_spec", {}))
     config = AligndConfig(
         store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
         paths={"data_dir": tmp_path / "data"},
@@ -79,13 +82,6 @@ def make_refresher(tmp_path: Path, model: Path, **training: Any) -> Refresher:
     )
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def assert_registry_intact(refresher: Refresher, versions: list[str], active: str | None) -> None:
     registry = Registry(refresher.registry.root)
     assert registry.versions() == versions
@@ -97,7 +93,7 @@ def assert_registry_intact(refresher: Refresher, versions: list[str], active: st
 @pytest.fixture()
 def promoted(tmp_path: Path, tiny_model_dir: Path) -> Refresher:
     refresher = make_refresher(tmp_path, tiny_model_dir)
-    first = refresher.refresh("operator request", threading.Event())
+    first = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
     assert first.outcome == "promoted", first
     return refresher
 
@@ -106,12 +102,12 @@ def test_trainer_child_sigkilled(promoted: Refresher, tmp_path: Path, tiny_model
     refresher = make_refresher(tmp_path, tiny_model_dir, run_spec={"hyper": {"max_steps": 100_000}})
     outcome: list[Any] = []
     thread = threading.Thread(
-        target=lambda: outcome.append(refresher.refresh("operator request", threading.Event()))
+        target=lambda: outcome.append(refresher.refresh(RefreshTrigger.OPERATOR, threading.Event()))
     )
     thread.start()
-    assert wait_until(lambda: refresher.local.child is not None, 60)
+    assert wait_until(lambda: refresher.runner.child is not None, 60)
     time.sleep(3)  # somewhere in setup or training
-    child = refresher.local.child
+    child = refresher.runner.child
     assert child is not None, "the trainer finished before it could be killed"
     os.kill(child.pid, signal.SIGKILL)
     thread.join(60)
@@ -119,7 +115,7 @@ def test_trainer_child_sigkilled(promoted: Refresher, tmp_path: Path, tiny_model
     assert_registry_intact(refresher, ["v0001"], "v0001")
     assert (
         make_refresher(tmp_path, tiny_model_dir)
-        .refresh("operator request", threading.Event())
+        .refresh(RefreshTrigger.OPERATOR, threading.Event())
         .outcome
         == "promoted"
     )
@@ -132,10 +128,10 @@ def test_run_over_its_time_limit_is_stopped_and_failed(
         tmp_path, tiny_model_dir, timeout_s=8, run_spec={"hyper": {"max_steps": 100_000}}
     )
     started = time.monotonic()
-    outcome = refresher.refresh("operator request", threading.Event())
+    outcome = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
     assert outcome.outcome == "failed" and "timed out" in outcome.reason
     assert time.monotonic() - started < 60
-    assert refresher.local.child is None
+    assert refresher.runner.child is None
     assert_registry_intact(refresher, ["v0001"], "v0001")
 
 
@@ -145,7 +141,7 @@ def test_run_over_its_memory_limit_fails_cleanly(
     refresher = make_refresher(
         tmp_path, tiny_model_dir, memory_limit_mb=200
     )  # torch alone needs more
-    outcome = refresher.refresh("operator request", threading.Event())
+    outcome = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
     assert outcome.outcome == "failed", outcome
     assert_registry_intact(refresher, ["v0001"], "v0001")
 
@@ -156,7 +152,7 @@ def test_nan_recipe_is_never_registered(
     refresher = make_refresher(
         tmp_path, tiny_model_dir, run_spec={"hyper": {"learning_rate": 1e30, "max_grad_norm": 1e38}}
     )
-    outcome = refresher.refresh("operator request", threading.Event())
+    outcome = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
     assert outcome.outcome == "failed" and "loss is" in outcome.reason
     assert outcome.training["detectors"]["non_finite_loss"] is True
     assert_registry_intact(refresher, ["v0001"], "v0001")
@@ -205,9 +201,60 @@ def test_collapsing_candidate_is_rejected_by_the_gate(tmp_path: Path, tiny_model
             "lora": {"r": 32, "dropout": 0.0},
         },
     )
-    outcome = refresher.refresh("operator request", threading.Event())
+    outcome = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
     assert outcome.outcome == "rejected", outcome
     assert outcome.training["detectors"]["likelihood_collapse"] is True
     failed = [c["name"] for c in outcome.gate["checks"] if not c["passed"]]
     assert "training_detectors" in failed
     assert Registry(refresher.registry.root).active() is None
+
+
+class BuggyTrainer:
+    """Stands in for a trainer (an older or broken build) that exits 0 but writes a
+    ``result.json`` the daemon's contract does not accept. The refresher under test is real."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        self.result = result
+
+    def run(self, run_id: str, spec_path: Path, stop: threading.Event, timeout_s: float) -> RunEnd:
+        out = spec_path.parent / "train"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(self.result))
+        return RunEnd(RunExit.SUCCEEDED, "exit code 0")
+
+
+MALFORMED_RESULTS = [
+    ({"spec": {}, "method": "dpo"}, "status"),  # partial: no status
+    (
+        {
+            "status": "succeeded",
+            "spec": {},
+            "method": "dpo",
+            "adapter_dir": "/nowhere",
+            "eval": {"candidate": {"preference": {"reward_accuracy": "high"}}},
+        },
+        "eval.candidate.preference.reward_accuracy",
+    ),
+    (
+        {
+            "status": "succeeded",
+            "spec": {},
+            "method": "dpo",
+            "adapter_dir": "/nowhere",
+            "eval": {"candidate": {"kl": 0.1}},  # an unknown key: an old or foreign trainer
+        },
+        "eval.candidate.kl",
+    ),
+]
+
+
+def test_malformed_result_fails_the_run_naming_the_field(
+    promoted: Refresher, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    for result, named in MALFORMED_RESULTS:  # one promoted registry for all three
+        refresher = make_refresher(tmp_path, tiny_model_dir)
+        refresher.runner = BuggyTrainer(result)
+        outcome = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
+        assert outcome.outcome == "failed"
+        assert named in outcome.reason and "Error" not in outcome.reason, outcome.reason
+        assert_registry_intact(refresher, ["v0001"], "v0001")

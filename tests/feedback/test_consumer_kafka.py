@@ -19,9 +19,9 @@ from kafka import KafkaConsumer, TopicPartition
 from services import wait_until
 from sqlalchemy.exc import OperationalError
 
+from demo.broker import EmbeddedBroker, produce_events
 from feedback.config import KafkaConfig
-from feedback.consumer import REASON_HEADER, FeedbackConsumer, produce_events
-from feedback.embedded_broker import EmbeddedBroker
+from feedback.consumer import REASON_HEADER, FeedbackConsumer
 from feedback.store import FeedbackStore
 
 pytestmark = pytest.mark.integration

@@ -46,7 +46,7 @@ def test_snapshot_layout_manifest_and_datasets(tmp_path: Path) -> None:
     fill(store, sample_events())
     manifest = build_snapshot(
         store, tmp_path / "snap", DatasetConfig(heldout_fraction=0.2), now=NOW
-    )
+    ).model_dump(mode="json")
     snap = tmp_path / "snap"
     assert json.loads((snap / "manifest.json").read_text()) == manifest
     counts = manifest["counts"]
@@ -88,9 +88,9 @@ def test_same_events_same_hash_regardless_of_arrival(tmp_path: Path) -> None:
     config = DatasetConfig()
     first = build_snapshot(a, tmp_path / "s1", config, now=NOW)
     second = build_snapshot(b, tmp_path / "s2", config, now=datetime(2026, 11, 23, tzinfo=UTC))
-    assert first["sha256"] == second["sha256"]
+    assert first.sha256 == second.sha256
     fill(b, [edit("new", "Sorry. Refund sent.", "Refund sent.", prompt="Refund please")])
     third = build_snapshot(b, tmp_path / "s3", config, now=NOW)
-    assert third["sha256"] != first["sha256"]
+    assert third.sha256 != first.sha256
     a.close()
     b.close()

@@ -315,12 +315,13 @@ def test_incumbent_is_evaluated_on_the_same_heldout(
         )
     )
     assert second.status == "succeeded", second.error
-    assert set(second.eval) == {"candidate", "incumbent", "reference"}
+    evaluation = second.eval.model_dump(exclude_none=True)  # as result.json holds it
+    assert set(evaluation) == {"candidate", "incumbent", "reference"}
     assert (
-        second.eval["incumbent"]["preference"]["num_pairs"]
-        == second.eval["candidate"]["preference"]["num_pairs"]
+        evaluation["incumbent"]["preference"]["num_pairs"]
+        == evaluation["candidate"]["preference"]["num_pairs"]
     )
-    assert second.eval["incumbent"]["kl_to_reference"] > 0
+    assert evaluation["incumbent"]["kl_to_reference"] > 0
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Generated reference sections of README.md, so they never drift from the code.
 
-    python -m daemon.docs          rewrite the generated sections in README.md
-    python -m daemon.docs --check  exit 1 if README.md is out of date (a test runs this)
+    python -m tools.docs          rewrite the generated sections in README.md
+    python -m tools.docs --check  exit 1 if README.md is out of date (a test runs this)
 
 A section lives between ``<!-- BEGIN GENERATED: name -->`` and ``<!-- END GENERATED: name -->``.
 """
@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from daemon.config import AligndConfig
+from trainer.methods import method_list
 from trainer.spec import RunSpec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -81,7 +82,15 @@ def metrics_table() -> str:
     return "\n".join(rows)
 
 
+def methods_list() -> str:
+    return (
+        f"Methods for `--method` (`trainer/methods.py`): {method_list()}. "
+        "`--set hyper.length_normalize=true` gives length-normalised DPO."
+    )
+
+
 SECTIONS: dict[str, Callable[[], str]] = {
+    "methods": methods_list,
     "config": config_table,
     "run-spec": run_spec_table,
     "metrics": metrics_table,
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = render(current)
     if "--check" in args:
         if current != wanted:
-            print("README.md is out of date: run `python -m daemon.docs`", file=sys.stderr)
+            print("README.md is out of date: run `python -m tools.docs`", file=sys.stderr)
             return 1
         return 0
     README.write_text(wanted)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.simulate import addresses, agent_edit, apologizes, build_events, make_cases, user_rating
+from demo.simulate import addresses, agent_edit, apologizes, build_events, make_cases, user_rating
 from feedback.events import Rejection, parse_event
 
 RAMBLE = (

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.simulate import apologizes
+from demo.simulate import apologizes
+from feedback.manifest import SnapshotManifest
+from trainer.spec import GenerationReport, PreferenceReport, RunResult
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,12 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-def before_after(result: dict[str, Any]) -> list[Row]:
-    ev = result.get("eval", {})
-    ref, cand = ev.get("reference", {}), ev.get("candidate", {})
-    ref_replies = (ref.get("generation") or {}).get("replies", [])
-    cand_replies = (cand.get("generation") or {}).get("replies", [])
+def before_after(result: RunResult) -> list[Row]:
+    ref, cand = result.eval.reference, result.eval.candidate
+    ref_gen = ref.generation or GenerationReport()
+    cand_gen = cand.generation or GenerationReport()
+    ref_pref = ref.preference or PreferenceReport()
+    cand_pref = cand.preference or PreferenceReport()
 
     def apology_rate(replies: Sequence[str]) -> float | None:
         return sum(apologizes(r) for r in replies) / len(replies) if replies else None
@@ -45,63 +48,52 @@ def before_after(result: dict[str, Any]) -> list[Row]:
     def median_words(replies: Sequence[str]) -> float | None:
         return float(statistics.median(_words(r) for r in replies)) if replies else None
 
-    def degenerate(gen: dict[str, Any]) -> float | None:
-        rates = [gen.get(k) for k in ("empty_rate", "short_rate", "repetitive_rate")]
-        return (
-            max(r for r in rates if r is not None)
-            if gen and all(r is not None for r in rates)
-            else None
-        )
-
     return [
         Row(
             "apology rate (held-out replies)",
-            apology_rate(ref_replies),
-            apology_rate(cand_replies),
+            apology_rate(ref_gen.replies),
+            apology_rate(cand_gen.replies),
             "{:.0%}",
         ),
         Row(
             "median reply length (words)",
-            median_words(ref_replies),
-            median_words(cand_replies),
+            median_words(ref_gen.replies),
+            median_words(cand_gen.replies),
             "{:.0f}",
         ),
         Row(
             "degenerate replies (empty, <5 words, repetitive)",
-            degenerate(ref.get("generation") or {}),
-            degenerate(cand.get("generation") or {}),
+            ref_gen.degenerate_rate,
+            cand_gen.degenerate_rate,
             "{:.0%}",
         ),
         Row(
             "replies that address the request",
-            (ref.get("generation") or {}).get("relevance_rate"),
-            (cand.get("generation") or {}).get("relevance_rate"),
+            ref_gen.relevance_rate,
+            cand_gen.relevance_rate,
             "{:.0%}",
         ),
         Row(
-            "factuality (115 multiple-choice questions)",
-            ref.get("factuality"),
-            cand.get("factuality"),
-            "{:.1%}",
+            "factuality (115 multiple-choice questions)", ref.factuality, cand.factuality, "{:.1%}"
         ),
         Row(
             "held-out preference accuracy (implicit reward)",
             None,
-            (cand.get("preference") or {}).get("reward_accuracy"),
+            cand_pref.reward_accuracy,
             "{:.0%}",
         ),
         Row(
             "held-out ranking accuracy (chosen more likely)",
-            (ref.get("preference") or {}).get("ranking_accuracy"),
-            (cand.get("preference") or {}).get("ranking_accuracy"),
+            ref_pref.ranking_accuracy,
+            cand_pref.ranking_accuracy,
             "{:.0%}",
         ),
         Row(
             "held-out chosen log-prob per token",
-            (ref.get("preference") or {}).get("chosen_logps_per_token"),
-            (cand.get("preference") or {}).get("chosen_logps_per_token"),
+            ref_pref.chosen_logps_per_token,
+            cand_pref.chosen_logps_per_token,
         ),
-        Row("KL to the reference (nats/token)", 0.0, cand.get("kl_to_reference"), "{:.4f}"),
+        Row("KL to the reference (nats/token)", 0.0, cand.kl_to_reference, "{:.4f}"),
     ]
 
 
@@ -154,17 +146,17 @@ def text_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def examples(
-    result: dict[str, Any], prompts: Sequence[Any], n: int = 3
-) -> list[tuple[str, str, str]]:
-    ev = result.get("eval", {})
-    ref = (ev.get("reference", {}).get("generation") or {}).get("replies", [])
-    cand = (ev.get("candidate", {}).get("generation") or {}).get("replies", [])
+def examples(result: RunResult, n: int = 3) -> list[tuple[str, str, str]]:
+    """(customer's last message, reference reply, adapter reply) for the first held-out prompts."""
+    ref, cand = result.eval.reference.generation, result.eval.candidate.generation
+    if ref is None or cand is None:
+        return []
     out = []
-    for i in range(min(n, len(ref), len(cand), len(prompts))):
-        prompt = prompts[i]
+    for prompt, before, after in list(zip(cand.prompts, ref.replies, cand.replies, strict=True))[
+        :n
+    ]:
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        out.append((text, ref[i], cand[i]))
+        out.append((text, before, after))
     return out
 
 
@@ -253,10 +245,9 @@ def _esc(value: Any) -> str:
 def html_report(
     *,
     title: str,
-    result: dict[str, Any],
+    result: RunResult,
     status: dict[str, Any],
-    manifest: dict[str, Any],
-    prompts: Sequence[Any],
+    manifest: SnapshotManifest,
     wall_s: float | None = None,
     sweep: list[dict[str, float]] | None = None,
 ) -> str:
@@ -301,22 +292,19 @@ def html_report(
         "</table><h2>Example replies (held-out)</h2><table><tr><th>customer</th><th>reference (SFT)</th>"
         "<th>promoted adapter</th></tr>"
     )
-    for prompt, ref, new in examples(result, prompts, n=5):
+    for prompt, ref, new in examples(result, n=5):
         parts.append(f"<tr><td>{_esc(prompt)}</td><td>{_esc(ref)}</td><td>{_esc(new)}</td></tr>")
     parts.append("</table><h2>Training curves</h2>")
-    if result.get("steps"):
-        parts.append(f"<img src='data:image/png;base64,{training_curves_png(result['steps'])}'>")
+    if result.steps:
+        parts.append(f"<img src='data:image/png;base64,{training_curves_png(result.steps)}'>")
     if sweep:
         parts.append(f"<h2>β sweep</h2><img src='data:image/png;base64,{sweep_png(sweep)}'>")
     parts.append("<h2>Dataset snapshot</h2><table>")
+    described = manifest.model_dump(mode="json")
     for key in ("counts", "pair_sources", "filtered", "kto_balance", "events"):
-        parts.append(
-            f"<tr><th>{_esc(key)}</th><td><code>{_esc(manifest.get(key))}</code></td></tr>"
-        )
-    parts.append(
-        f"<tr><th>sha256</th><td><code>{_esc(manifest.get('sha256'))}</code></td></tr></table>"
-    )
-    spec = result.get("spec", {})
+        parts.append(f"<tr><th>{_esc(key)}</th><td><code>{_esc(described[key])}</code></td></tr>")
+    parts.append(f"<tr><th>sha256</th><td><code>{_esc(manifest.sha256)}</code></td></tr></table>")
+    spec = result.spec
     parts.append(
         f"<h2>Recipe</h2><p>method <b>{_esc(spec.get('method'))}</b>, hyperparameters "
         f"<code>{_esc(spec.get('hyper'))}</code>, LoRA <code>{_esc(spec.get('lora'))}</code></p>"

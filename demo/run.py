@@ -1,4 +1,4 @@
-"""``alignd demo`` (what ``make demo`` runs): the whole loop on a real SFT model.
+"""``python -m demo`` (what ``make demo`` runs): the whole loop on a real SFT model.
 
 Stages: start a local Kafka-protocol broker (unless ``ALIGND_KAFKA__BOOTSTRAP_SERVERS`` names
 one) → simulate a support desk around SmolLM2-135M-Instruct and produce its feedback →
@@ -9,13 +9,9 @@ refresh: snapshot, train, evaluate, gate, promote → print the before/after tab
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +19,12 @@ from typing import Any
 import httpx
 import yaml
 
-from daemon import report
-from daemon.simulate import build_events, make_cases, sft_replies
-from feedback.consumer import produce_events
-from feedback.embedded_broker import EmbeddedBroker, free_port
+from daemon.child import start_child, stop_child
+from demo import report
+from demo.broker import EmbeddedBroker, free_port, produce_events
+from demo.simulate import build_events, make_cases, sft_replies
+from feedback.manifest import SnapshotManifest
+from trainer.spec import RunResult
 
 STAGES = (
     "broker",
@@ -126,7 +124,94 @@ def _train_progress(log: Path) -> str:
     return tail[-1].strip()[:110] if tail else "starting the trainer"
 
 
-def run_demo(  # noqa: C901
+class Daemon:
+    """``alignd serve`` as a child process, and its admin API."""
+
+    def __init__(self, config: Path, port: int, token: str, log: Path) -> None:
+        with log.open("wb") as out:
+            self.process = start_child(
+                ["-m", "daemon.cli", "serve", "--config", str(config)],
+                output=out,
+                env=os.environ | {"ALIGND_ADMIN__TOKEN": token},
+            )
+        self.url, self.auth = f"http://127.0.0.1:{port}", {"authorization": f"Bearer {token}"}
+
+    def status(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = httpx.get(f"{self.url}/v1/status", timeout=5).json()
+            return data
+        except httpx.HTTPError:
+            return {}
+
+    def refresh(self) -> None:
+        httpx.post(f"{self.url}/v1/refresh", headers=self.auth, timeout=10).raise_for_status()
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(f"{self.url}/v1/runs/{run_id}", timeout=10).json()
+        return data
+
+    def stop(self) -> None:
+        stop_child(self.process, grace_s=60)
+
+
+def _start_broker(workdir: Path) -> tuple[EmbeddedBroker | None, str]:
+    bootstrap = os.environ.get("ALIGND_KAFKA__BOOTSTRAP_SERVERS")
+    if bootstrap is not None:
+        return None, bootstrap
+    broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
+    broker.create_topics("alignd.feedback", partitions=2)
+    broker.create_topics("alignd.feedback.dlq")
+    return broker, broker.bootstrap
+
+
+def _train(daemon: Daemon, workdir: Path, progress: Progress) -> tuple[str, Path]:
+    """Ask for a refresh and follow it to its end; its run id and directory."""
+    daemon.refresh()
+    if not _wait(lambda: daemon.status().get("refresh_running"), 60):
+        raise RuntimeError("the refresh did not start")
+    run_id = daemon.status()["last_run_id"]
+    run_dir = workdir / "data" / "runs" / run_id
+    last = ""
+    while daemon.status().get("refresh_running"):
+        line = _train_progress(run_dir / "train.log")
+        if progress.stage == 3 and (run_dir / "train" / "adapter").exists():
+            progress.begin(
+                4, "held-out preference accuracy, KL, factuality, greedy replies; then the gate"
+            )
+        if line != last:
+            progress.note(line)
+            last = line
+        time.sleep(5)
+    return run_id, run_dir
+
+
+def _report(run: dict[str, Any], result: RunResult, workdir: Path, progress: Progress) -> None:
+    """The before/after table, the gate, the targets and examples; ``report.html``."""
+    rows = report.before_after(result)
+    print("\n" + report.text_table(rows))
+    outcome = run["outcome"]
+    print(f"\ngate: {'PROMOTED' if outcome == 'promoted' else outcome.upper()} — {run['reason']}")
+    for check in (run.get("gate") or {}).get("checks", []):
+        print(f"  {'✔' if check['passed'] else '✘'} {check['name']:<20} {check['detail']}")
+    print("\ntargets:")
+    for name, ok, detail in report.targets(rows):
+        print(f"  {'✔' if ok else '✘'} {name}: {detail}")
+    print("\nexamples (held-out prompts):")
+    for prompt, ref, new in report.examples(result):
+        print(f"  customer: {prompt}\n    before: {ref[:220]}\n    after:  {new[:220]}")
+    wall = time.monotonic() - progress.start
+    page = report.html_report(
+        title="alignd demo: Harbor Support on SmolLM2-135M-Instruct",
+        result=result,
+        status=run,
+        manifest=SnapshotManifest.load(Path(result.spec["data"])),
+        wall_s=wall,
+    )
+    (workdir / "report.html").write_text(page)
+    print(f"\nreport: {workdir / 'report.html'}   demo wall time: {wall / 60:.1f} min")
+
+
+def run_demo(
     workdir: Path,
     *,
     prompts: int = 300,
@@ -134,20 +219,16 @@ def run_demo(  # noqa: C901
     base_model: str = "smollm2",
     run_spec: dict[str, Any] | None = None,
 ) -> int:
+    """The six stages in order; 0 when the refresh reached a gate decision."""
     progress = Progress()
     workdir = workdir.resolve()
     shutil.rmtree(workdir / "data", ignore_errors=True)  # a fresh registry and store every run
     workdir.mkdir(parents=True, exist_ok=True)
     broker: EmbeddedBroker | None = None
-    daemon: subprocess.Popen[bytes] | None = None
+    daemon: Daemon | None = None
     try:
         progress.begin(0, "a local Kafka-protocol broker (Tansu) on a loopback port")
-        bootstrap = os.environ.get("ALIGND_KAFKA__BOOTSTRAP_SERVERS")
-        if bootstrap is None:
-            broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
-            bootstrap = broker.bootstrap
-            broker.create_topics("alignd.feedback", partitions=2)
-            broker.create_topics("alignd.feedback.dlq")
+        broker, bootstrap = _start_broker(workdir)
         progress.note(f"broker at {bootstrap}")
 
         progress.begin(
@@ -160,90 +241,29 @@ def run_demo(  # noqa: C901
         progress.note(f"produced {len(sim.messages)} messages: {sim.counts}")
 
         progress.begin(2, "alignd serve with a SQLite store and the SFT model as reference")
-        port, token = free_port(), secrets.token_urlsafe(24)
+        port = free_port()
         config = _config(workdir, bootstrap, port, base_model, run_spec or DEMO_RUN_SPEC)
-        env = os.environ | {"ALIGND_ADMIN__TOKEN": token}
-        with (workdir / "daemon.log").open("wb") as log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        url, auth = f"http://127.0.0.1:{port}", {"authorization": f"Bearer {token}"}
-
-        def status() -> dict[str, Any]:
-            try:
-                data: dict[str, Any] = httpx.get(f"{url}/v1/status", timeout=5).json()
-                return data
-            except httpx.HTTPError:
-                return {}
-
-        if not _wait(lambda: status().get("store", {}).get("events") == sim.valid_events, 180):
+        daemon = Daemon(config, port, secrets.token_urlsafe(24), workdir / "daemon.log")
+        if not _wait(
+            lambda: daemon.status().get("store", {}).get("events") == sim.valid_events, 180
+        ):
             raise RuntimeError(f"ingestion did not finish; see {workdir / 'daemon.log'}")
-        consumer = status()["consumer"]
-        progress.note(
-            f"stored {sim.valid_events} events, {consumer['dead_lettered']} dead-lettered with reasons"
-        )
+        dead = daemon.status()["consumer"]["dead_lettered"]
+        progress.note(f"stored {sim.valid_events} events, {dead} dead-lettered with reasons")
 
         progress.begin(3, "snapshot → train the LoRA adapter in a child process")
-        httpx.post(f"{url}/v1/refresh", headers=auth, timeout=10).raise_for_status()
-        if not _wait(lambda: status().get("refresh_running"), 60):
-            raise RuntimeError("the refresh did not start")
-        run_id = status()["last_run_id"]
-        run_dir = workdir / "data" / "runs" / run_id
-        last = ""
-        while status().get("refresh_running"):
-            line = _train_progress(run_dir / "train.log")
-            if progress.stage == 3 and (run_dir / "train" / "adapter").exists():
-                progress.begin(
-                    4, "held-out preference accuracy, KL, factuality, greedy replies; then the gate"
-                )
-            if line != last:
-                progress.note(line)
-                last = line
-            time.sleep(5)
-        run = httpx.get(f"{url}/v1/runs/{run_id}", timeout=10).json()
+        run_id, run_dir = _train(daemon, workdir, progress)
+        run = daemon.run(run_id)
 
         progress.begin(5, "before/after table and HTML report")
         result_path = run_dir / "train" / "result.json"
         if not result_path.exists():
             print(f"\nthe refresh ended as {run['outcome']}: {run['reason']} (see {run_dir})")
             return 1
-        result = json.loads(result_path.read_text())
-        manifest = json.loads((Path(result["spec"]["data"]) / "manifest.json").read_text())
-        heldout = (result["eval"].get("candidate", {}).get("generation") or {}).get("prompts", [])
-        rows = report.before_after(result)
-        print("\n" + report.text_table(rows))
-        print(
-            f"\ngate: {'PROMOTED' if run['outcome'] == 'promoted' else run['outcome'].upper()} — {run['reason']}"
-        )
-        for check in (run.get("gate") or {}).get("checks", []):
-            print(f"  {'✔' if check['passed'] else '✘'} {check['name']:<20} {check['detail']}")
-        print("\ntargets:")
-        for name, ok, detail in report.targets(rows):
-            print(f"  {'✔' if ok else '✘'} {name}: {detail}")
-        print("\nexamples (held-out prompts):")
-        for prompt, ref, new in report.examples(result, heldout):
-            print(f"  customer: {prompt}\n    before: {ref[:220]}\n    after:  {new[:220]}")
-        wall = time.monotonic() - progress.start
-        page = report.html_report(
-            title="alignd demo: Harbor Support on SmolLM2-135M-Instruct",
-            result=result,
-            status=run,
-            manifest=manifest,
-            prompts=heldout,
-            wall_s=wall,
-        )
-        (workdir / "report.html").write_text(page)
-        print(f"\nreport: {workdir / 'report.html'}   demo wall time: {wall / 60:.1f} min")
+        _report(run, RunResult.load(result_path), workdir, progress)
         return 0 if run["outcome"] in {"promoted", "held", "rejected"} else 1
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+        if daemon is not None:
+            daemon.stop()
         if broker is not None:
             broker.stop()

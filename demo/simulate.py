@@ -6,7 +6,8 @@ process, cached by content so a rerun does not regenerate), and plays production
 
 - a rule-based *agent* edits a share of the replies: drops apology sentences and filler,
   keeps what is specific to the request, and — as a real agent does — answers the request
-  concisely with the facts it knows (DESIGN.md: deletion-only edits teach empty replies);
+  concisely with the facts it knows (docs/ARCHITECTURE.md: deletion-only edits teach empty
+  replies);
 - *users* rate other replies up or down by the same rubric (no apology, on topic, short);
 - *annotators* compare a few reply pairs;
 - a small share of realistic noise: malformed JSON, a redelivered duplicate, an empty edit,
@@ -21,12 +22,12 @@ import hashlib
 import json
 import random
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from daemon.child import run_child
 
 SYSTEM = "You are the customer-support assistant of Harbor, an online store. Help the customer."
 APOLOGY = re.compile(
@@ -220,6 +221,24 @@ class Simulation:
     counts: dict[str, int]
 
 
+def _noise(
+    case: Case, reply: str, messages: list[bytes], rng: random.Random, when: datetime
+) -> list[bytes]:
+    """Realistic producer noise: a cut-off message, non-JSON, two redeliveries, an empty edit,
+    and one reply rated both ways (two valid events the dataset filters out)."""
+    extra: list[bytes] = [
+        b'{"schema_version": 1, "event_id": "sim-broken", "type": "edit"',  # cut off
+        b"not json at all",
+    ]
+    extra += rng.sample(messages, 2)  # a producer's redelivery: same bytes again
+    empty = _event("edit", "sim-empty-edit", case, when, completion=reply, edited_completion="   ")
+    extra.append(json.dumps(empty).encode())
+    for label in ("up", "down"):  # the same reply rated both ways
+        rating = _event("rating", f"sim-contra-{label}", case, when, completion=reply, rating=label)
+        extra.append(json.dumps(rating).encode())
+    return extra
+
+
 def build_events(
     cases: list[Case],
     replies: list[str],
@@ -271,37 +290,7 @@ def build_events(
         messages.append(json.dumps(event).encode())
     valid = len(messages)
     if noise and cases:
-        extra: list[bytes] = [
-            b'{"schema_version": 1, "event_id": "sim-broken", "type": "edit"',  # cut off
-            b"not json at all",
-        ]
-        extra += rng.sample(messages, 2)  # a producer's redelivery: same bytes again
-        case = cases[0]
-        extra.append(
-            json.dumps(
-                _event(
-                    "edit",
-                    "sim-empty-edit",
-                    case,
-                    start,
-                    completion=replies[0],
-                    edited_completion="   ",
-                )
-            ).encode()
-        )
-        for label in ("up", "down"):  # the same reply rated both ways
-            extra.append(
-                json.dumps(
-                    _event(
-                        "rating",
-                        f"sim-contra-{label}",
-                        case,
-                        start,
-                        completion=replies[0],
-                        rating=label,
-                    )
-                ).encode()
-            )
+        extra = _noise(cases[0], replies[0], messages, rng, start)
         valid += 2  # the contradictory ratings are valid events; the dataset filters them
         counts["noise"] = len(extra)
         for message in extra:
@@ -330,8 +319,8 @@ def sft_replies(
         cache_dir.mkdir(parents=True, exist_ok=True)
         spec_path = cache_dir / f"replies-{key}.spec.json"
         spec_path.write_text(json.dumps(spec))
-        subprocess.run(
-            [sys.executable, "-m", "trainer.replies", str(spec_path), str(out)], check=True
-        )
+        code = run_child(["-m", "demo.replies", str(spec_path), str(out)])
+        if code != 0:
+            raise RuntimeError(f"reply generation failed with exit code {code}")
     replies: list[str] = json.loads(out.read_text())["replies"]
     return replies

@@ -16,9 +16,8 @@ import pytest
 from daemon_support import Daemon, write_config
 from services import wait_until
 
-from daemon.simulate import build_events, make_cases
-from feedback.consumer import produce_events
-from feedback.embedded_broker import EmbeddedBroker, free_port
+from demo.broker import EmbeddedBroker, free_port, produce_events
+from demo.simulate import build_events, make_cases
 
 pytestmark = pytest.mark.integration
 

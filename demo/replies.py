@@ -1,4 +1,4 @@
-"""``python -m trainer.replies SPEC.json OUT.json`` — the SFT model's replies to prompts.
+"""``python -m demo.replies SPEC.json OUT.json`` — the SFT model's replies to prompts.
 
 Spec: ``{"base_model", "prompts": [messages...], "max_new_tokens", "batch_size",
 "adapter": optional}``. Output: ``{"replies": [...]}`` in prompt order. Greedy decoding, so
@@ -16,14 +16,14 @@ import torch
 from peft import PeftModel
 from tqdm import tqdm
 
-from trainer.evaluate import generate
+from trainer.generation import generate
 from trainer.model import load_base
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m trainer.replies SPEC.json OUT.json", file=sys.stderr)
+        print("usage: python -m demo.replies SPEC.json OUT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
     model, tokenizer = load_base(spec.get("base_model", "smollm2"), torch.device("cpu"))

@@ -1,0 +1,75 @@
+"""Where a refresh's training runs: the :class:`Runner` protocol and the local child runner.
+
+A runner takes the run spec the daemon wrote (``<run_dir>/run.json``), runs
+``python -m trainer.train`` on it somewhere, and says how it ended as a :class:`RunExit`.
+What the run produced is read afterwards from ``<run_dir>/train/result.json`` whatever the
+runner. :class:`LocalRunner` (the default) runs a child process of the daemon;
+``daemon.k8s_runner.KubernetesJobRunner`` runs a Job with the same contract.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from subprocess import Popen
+from typing import Protocol
+
+from daemon.child import start_child, stop_child
+from daemon.config import TrainingConfig
+
+
+class RunExit(StrEnum):
+    """How a training run ended, as the runner saw it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    TIMED_OUT = "timed out"
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    exit: RunExit
+    detail: str  # e.g. "exit code 1", "timed out after 8s", "Job failed"
+
+
+class Runner(Protocol):
+    def run(self, run_id: str, spec_path: Path, stop: threading.Event, timeout_s: float) -> RunEnd:
+        """Run the trainer on ``spec_path``; return when it ended, ``stop`` was set, or the
+        timeout passed (then the run is stopped first)."""
+        ...
+
+
+class LocalRunner:
+    """Runs one trainer child at a time; ``child`` is the running process, if any."""
+
+    def __init__(self, config: TrainingConfig) -> None:
+        self.config = config
+        self.child: Popen[bytes] | None = None
+
+    def run(self, run_id: str, spec_path: Path, stop: threading.Event, timeout_s: float) -> RunEnd:
+        """The trainer child, logging to ``train.log`` beside the spec."""
+        with (spec_path.parent / "train.log").open("ab") as log:
+            self.child = start_child(
+                ["-m", "trainer.train", str(spec_path)],
+                output=log,
+                memory_limit_mb=self.config.memory_limit_mb,
+            )
+            deadline = time.monotonic() + timeout_s
+            try:
+                while self.child.poll() is None:
+                    if stop.wait(0.5):
+                        stop_child(self.child, grace_s=self.config.stop_grace_s)
+                        return RunEnd(RunExit.INTERRUPTED, "stopped during shutdown")
+                    if time.monotonic() > deadline:
+                        stop_child(self.child, grace_s=self.config.stop_grace_s)
+                        return RunEnd(RunExit.TIMED_OUT, f"timed out after {timeout_s:.0f}s")
+                code = self.child.returncode
+                if code == 0:
+                    return RunEnd(RunExit.SUCCEEDED, "exit code 0")
+                return RunEnd(RunExit.FAILED, f"exit code {code}")
+            finally:
+                self.child = None

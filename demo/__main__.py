@@ -1,0 +1,32 @@
+"""``python -m demo`` (what ``make demo`` runs): the whole loop on SmolLM2, simulated feedback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from demo.run import run_demo
+from trainer.spec import DEFAULT_BASE_MODEL
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m demo",
+        description="The whole loop on SmolLM2 with simulated support-desk feedback.",
+    )
+    parser.add_argument(
+        "--workdir", default=".demo", help="replies cache, daemon data, report.html"
+    )
+    parser.add_argument("--prompts", type=int, default=300, help="simulated support conversations")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    args = parser.parse_args(argv)
+    return run_demo(
+        Path(args.workdir), prompts=args.prompts, seed=args.seed, base_model=args.base_model
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

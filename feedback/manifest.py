@@ -1,0 +1,70 @@
+"""The snapshot manifest (``<snapshot>/manifest.json``): the contract between the dataset
+builder and whoever trains on or reports about a snapshot (the daemon, the trainer, the demo).
+
+Written by :func:`feedback.snapshot.write_snapshot`; read with :meth:`SnapshotManifest.load`.
+A missing or malformed file fails with a :class:`pydantic.ValidationError` naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from feedback.base import FrozenModel
+from feedback.config import DatasetConfig
+
+MANIFEST_FORMAT = "alignd-snapshot/1"
+
+
+class SplitCounts(FrozenModel):
+    train: int = Field(ge=0)
+    heldout: int = Field(ge=0)
+
+
+class SnapshotCounts(FrozenModel):
+    """Rows per kind and split."""
+
+    pairs: SplitCounts
+    kto: SplitCounts
+
+
+class KtoBalance(FrozenModel):
+    """Thumbs in the training split and the KTO class weights that balance them."""
+
+    desirable: int = Field(ge=0)
+    undesirable: int = Field(ge=0)
+    desirable_weight: float = Field(gt=0)
+    undesirable_weight: float = Field(gt=0)
+
+
+class EventRange(FrozenModel):
+    """The stored events the snapshot was built from."""
+
+    count: int = Field(ge=0)
+    first_seq: int | None
+    last_seq: int | None
+    first_occurred_at: str | None
+    last_occurred_at: str | None
+
+
+class SnapshotManifest(FrozenModel):
+    format: str = Field(MANIFEST_FORMAT, description="layout version")
+    sha256: str = Field(description="hash of the rows only: same events and rules, same hash")
+    counts: SnapshotCounts
+    pair_sources: dict[str, int] = Field(description="pairs by source: edit, comparison, mined")
+    filtered: dict[str, int] = Field(description="events dropped by each dataset rule")
+    kto_balance: KtoBalance
+    events: EventRange
+    config: DatasetConfig = Field(description="the dataset rules it was built with")
+    built_at: str
+
+    @classmethod
+    def load(cls, snapshot_dir: Path) -> SnapshotManifest:
+        return cls.model_validate_json((snapshot_dir / "manifest.json").read_text())
+
+    def summary(self) -> dict[str, object]:
+        """What an adapter version records about the data it was trained on."""
+        return self.model_dump(
+            mode="json", include={"counts", "filtered", "pair_sources", "events"}
+        )

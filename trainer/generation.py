@@ -1,0 +1,121 @@
+"""Greedy replies, as the served model would give them, and their degeneracy statistics.
+
+Why the statistics exist (docs/ARCHITECTURE.md, "Why the gate looks at replies"): preference
+accuracy and training loss say nothing about collapse; a reply can be short, polite and useless.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from trainer.logprobs import Prompt, as_messages, render_prompt
+from trainer.model import evaluating, using_adapter
+
+_WORD = re.compile(r"\w+")
+
+
+def is_repetitive(text: str) -> bool:
+    """A reply that mostly repeats itself: fewer than 40% distinct 3-grams over ≥ 12 words."""
+    words = _WORD.findall(text.lower())
+    if len(words) < 12:
+        return False
+    grams = list(zip(words, words[1:], words[2:], strict=False))
+    return len(set(grams)) / len(grams) < 0.4
+
+
+# fmt: off
+_STOP = frozenset((
+    "about", "after", "again", "also", "because", "before", "being", "could", "would", "should",
+    "their", "there", "these", "those", "thanks", "thank", "please", "hello", "which", "while",
+    "where", "what", "when", "with", "your", "yours", "have", "from", "this", "that", "just",
+    "some", "will", "into", "them", "they", "been", "were",
+))
+# fmt: on
+
+
+def _salient(text: str) -> set[str]:
+    """Words a relevant reply would echo: numbers (order ids) and longer content words."""
+    words = _WORD.findall(text.lower())
+    return {w for w in words if (w.isdigit() and len(w) >= 3) or (len(w) >= 5 and w not in _STOP)}
+
+
+def is_relevant(prompt: Prompt, reply: str) -> bool:
+    """Does the reply mention something specific from the user's last message?"""
+    messages = as_messages(prompt)
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    wanted = _salient(last_user)
+    return bool(wanted & _salient(reply)) if wanted else True
+
+
+def generation_stats(
+    replies: Sequence[str], prompts: Sequence[Prompt] | None = None, *, short_words: int = 5
+) -> dict[str, float]:
+    """Degeneracy statistics of a set of replies to *different* prompts.
+
+    ``relevance_rate`` (with ``prompts``): share of replies that echo a number or content word
+    of the request — "I'm here to assist you." to every customer scores 0.
+    """
+    if not replies:
+        return {}
+    words = [len(_WORD.findall(r)) for r in replies]
+    n = len(replies)
+    relevance = (
+        {
+            "relevance_rate": sum(is_relevant(p, r) for p, r in zip(prompts, replies, strict=True))
+            / n
+        }
+        if prompts is not None
+        else {}
+    )
+    return relevance | {
+        "num_replies": float(n),
+        "median_words": float(statistics.median(words)),
+        "mean_words": float(statistics.fmean(words)),
+        "empty_rate": sum(w == 0 for w in words) / n,
+        "short_rate": sum(w < short_words for w in words) / n,
+        "repetitive_rate": sum(is_repetitive(r) for r in replies) / n,
+        "distinct_rate": len({r.strip().lower() for r in replies}) / n,
+    }
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    adapter: str | None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy replies (left-padded batches), as the served model would answer."""
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    replies: list[str] = []
+    try:
+        with evaluating(model), using_adapter(model, adapter):
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                texts = [render_prompt(tokenizer, p) for p in chunk]
+                inputs = tokenizer(
+                    texts, return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
+                )
+                new_tokens = output[:, inputs["input_ids"].shape[1] :]
+                replies.extend(
+                    t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                )
+    finally:
+        tokenizer.padding_side = side
+    return replies
