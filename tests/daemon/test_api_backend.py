@@ -1,0 +1,133 @@
+"""The admin API against a small in-memory backend: routes, status codes and the mapping of
+registry error kinds to HTTP codes, without a daemon behind it. (The real service behind the
+same API is tested in test_api.py, test_operator_cli.py and the end-to-end tests.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from daemon.api import make_app
+from daemon.registry import InvalidAdapter, RegistryConflict, VersionNotFound
+
+TOKEN = "in-memory-token"
+AUTH = {"authorization": f"Bearer {TOKEN}", "x-alignd-actor": "carol"}
+
+
+class InMemoryBackend:
+    """Versions v0001..v0003, v0002 active after v0001; v0003 has a corrupted adapter."""
+
+    def __init__(self) -> None:
+        self.history = ["v0001", "v0002"]
+        self.versions = {"v0001", "v0002", "v0003"}
+        self.refreshing = False
+        self.problems: list[str] = []
+        self.calls: list[tuple[str, str]] = []
+
+    def readiness_problems(self) -> list[str]:
+        return self.problems
+
+    def metrics_exposition(self) -> bytes:
+        return b"# TYPE alignd_up gauge\nalignd_up 1\n"
+
+    def status(self) -> dict[str, Any]:
+        return {"active_adapter": self.history[-1], "refresh_running": self.refreshing}
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return [{"version": v} for v in sorted(self.versions)]
+
+    def _known(self, version: str) -> None:
+        if version not in self.versions:
+            raise VersionNotFound(f"no such version: {version}")
+
+    def adapter(self, version: str) -> dict[str, Any]:
+        self._known(version)
+        return {"version": version, "state": "active" if version == self.history[-1] else "x"}
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        return {"run_id": run_id, "outcome": "promoted"} if run_id == "r1" else None
+
+    def promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]:
+        self._known(version)
+        if version == self.history[-1]:
+            raise RegistryConflict(f"{version} is already active")
+        if version == "v0003":
+            raise InvalidAdapter("adapter_model.safetensors: truncated (no header)")
+        self.history.append(version)
+        self.calls.append(("promote", actor))
+        return []
+
+    def rollback(self, *, actor: str, reason: str, to: str | None) -> tuple[str, list[str]]:
+        if len(self.history) < 2:
+            raise RegistryConflict("nothing to roll back to: no earlier active version")
+        self.history.pop()
+        self.calls.append(("rollback", actor))
+        return self.history[-1], ["vllm: connection refused"]
+
+    def reject(self, version: str, *, actor: str, reason: str) -> None:
+        self._known(version)
+        self.calls.append(("reject", actor))
+
+    def request_refresh(self, actor: str) -> tuple[bool, str]:
+        if self.refreshing:
+            return False, "a refresh is already running"
+        self.refreshing = True
+        return True, f"refresh requested by {actor}"
+
+
+@pytest.fixture()
+def backend() -> InMemoryBackend:
+    return InMemoryBackend()
+
+
+@pytest.fixture()
+def client(backend: InMemoryBackend) -> TestClient:
+    return TestClient(make_app(backend, token=TOKEN, max_body_bytes=1024))
+
+
+def test_registry_error_kinds_map_to_status_codes(client: TestClient) -> None:
+    assert client.get("/v1/adapters/v0042").status_code == 404
+    assert client.post("/v1/adapters/v0042/promote", headers=AUTH).status_code == 404
+    assert client.post("/v1/adapters/v0042/reject", headers=AUTH).status_code == 404
+    conflict = client.post("/v1/adapters/v0002/promote", headers=AUTH)
+    assert conflict.status_code == 409 and "already active" in conflict.json()["detail"]
+    invalid = client.post("/v1/adapters/v0003/promote", headers=AUTH)
+    assert invalid.status_code == 409 and "truncated" in invalid.json()["detail"]
+
+
+def test_operator_actions_reach_the_backend_with_the_actor(
+    client: TestClient, backend: InMemoryBackend
+) -> None:
+    promoted = client.post("/v1/adapters/v0001/promote", headers=AUTH, json={"reason": "r"})
+    assert promoted.status_code == 200 and promoted.json()["active"] == "v0001"
+    rolled = client.post("/v1/rollback", headers=AUTH).json()
+    assert rolled == {"active": "v0002", "serving_hook_failures": ["vllm: connection refused"]}
+    assert client.post("/v1/rollback", headers=AUTH).status_code == 200
+    assert client.post("/v1/rollback", headers=AUTH).status_code == 409  # nothing left
+    assert backend.calls == [("promote", "carol"), ("rollback", "carol"), ("rollback", "carol")]
+
+
+def test_refresh_is_accepted_once(client: TestClient) -> None:
+    assert client.post("/v1/refresh", headers=AUTH).status_code == 202
+    busy = client.post("/v1/refresh", headers=AUTH)
+    assert busy.status_code == 409 and "already running" in busy.json()["detail"]
+
+
+def test_reads_readiness_and_metrics(client: TestClient, backend: InMemoryBackend) -> None:
+    assert client.get("/v1/runs/r1").json()["outcome"] == "promoted"
+    assert client.get("/v1/runs/r2").status_code == 404
+    assert [a["version"] for a in client.get("/v1/adapters").json()] == ["v0001", "v0002", "v0003"]
+    assert client.get("/readyz").status_code == 200
+    backend.problems = ["consumer: not connected yet"]
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503 and not_ready.json()["problems"] == backend.problems
+    assert "alignd_up 1" in client.get("/metrics").text
+
+
+def test_without_a_token_every_mutation_is_refused(backend: InMemoryBackend) -> None:
+    client = TestClient(make_app(backend, token=None, max_body_bytes=1024))
+    assert client.post("/v1/refresh", headers=AUTH).status_code == 403
+    assert client.post("/v1/rollback").status_code == 401
+    assert backend.calls == [] and not backend.refreshing
