@@ -51,7 +51,7 @@ class PairLogps(NamedTuple):
         )
 
 
-class Hyperparameters(Protocol):
+class LossSettings(Protocol):
     """The loss settings the adapters read (``trainer.spec.Hyperparameters`` has them all)."""
 
     @property
@@ -68,11 +68,9 @@ class Hyperparameters(Protocol):
     def undesirable_weight(self) -> float: ...
 
 
-PairLossFn = Callable[[PairLogps, Hyperparameters], "L.PairLoss"]
+PairLossFn = Callable[[PairLogps, LossSettings], "L.PairLoss"]
 # (policy_logps, reference_logps, desirable, kl_estimate, hyperparameters)
-UnpairedLossFn = Callable[
-    ["Tensor", "Tensor", "Tensor", "Tensor", Hyperparameters], "L.UnpairedLoss"
-]
+UnpairedLossFn = Callable[["Tensor", "Tensor", "Tensor", "Tensor", LossSettings], "L.UnpairedLoss"]
 
 
 @dataclass(frozen=True)
@@ -92,27 +90,27 @@ class Method:
 
 
 # The adapters call the losses through the module (``L.dpo_loss``), so a test can swap one.
-def _dpo(x: PairLogps, hp: Hyperparameters) -> L.PairLoss:
+def _dpo(x: PairLogps, hp: LossSettings) -> L.PairLoss:
     return L.dpo_loss(*x.four, beta=hp.beta, label_smoothing=hp.label_smoothing)
 
 
-def _robust(x: PairLogps, hp: Hyperparameters) -> L.PairLoss:
+def _robust(x: PairLogps, hp: LossSettings) -> L.PairLoss:
     return L.robust_dpo_loss(*x.four, beta=hp.beta, label_smoothing=hp.label_smoothing)
 
 
-def _ipo(x: PairLogps, hp: Hyperparameters) -> L.PairLoss:
+def _ipo(x: PairLogps, hp: LossSettings) -> L.PairLoss:
     return L.ipo_loss(*x.four, x.chosen_lengths, x.rejected_lengths, beta=hp.beta)
 
 
-def _hinge(x: PairLogps, hp: Hyperparameters) -> L.PairLoss:
+def _hinge(x: PairLogps, hp: LossSettings) -> L.PairLoss:
     return L.hinge_loss(*x.four, beta=hp.beta)
 
 
-def _dpop(x: PairLogps, hp: Hyperparameters) -> L.PairLoss:
+def _dpop(x: PairLogps, hp: LossSettings) -> L.PairLoss:
     return L.dpop_loss(*x.four, beta=hp.beta, lambda_=hp.lambda_)
 
 
-def _simpo(x: PairLogps, hp: Hyperparameters) -> L.PairLoss:
+def _simpo(x: PairLogps, hp: LossSettings) -> L.PairLoss:
     return L.simpo_loss(
         x.policy_chosen,
         x.policy_rejected,
@@ -123,14 +121,14 @@ def _simpo(x: PairLogps, hp: Hyperparameters) -> L.PairLoss:
     )
 
 
-def _orpo(x: PairLogps, hp: Hyperparameters) -> L.PairLoss:
+def _orpo(x: PairLogps, hp: LossSettings) -> L.PairLoss:
     return L.orpo_loss(
         x.policy_chosen, x.policy_rejected, x.chosen_lengths, x.rejected_lengths, beta=hp.beta
     )
 
 
 def _kto(
-    logps: Tensor, reference: Tensor, desirable: Tensor, kl: Tensor, hp: Hyperparameters
+    logps: Tensor, reference: Tensor, desirable: Tensor, kl: Tensor, hp: LossSettings
 ) -> L.UnpairedLoss:
     return L.kto_loss(
         logps,
@@ -144,7 +142,7 @@ def _kto(
 
 
 def _apo_zero(
-    logps: Tensor, reference: Tensor, desirable: Tensor, kl: Tensor, hp: Hyperparameters
+    logps: Tensor, reference: Tensor, desirable: Tensor, kl: Tensor, hp: LossSettings
 ) -> L.UnpairedLoss:
     return L.apo_zero_loss(logps, reference, desirable, beta=hp.beta)
 
