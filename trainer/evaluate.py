@@ -36,7 +36,7 @@ from trainer.generation import generate, generation_stats
 from trainer.logprobs import Encoded, collate, encode, response_logits
 from trainer.model import evaluating, using_adapter
 from trainer.packing import sequence_logps_shared_prefix
-from trainer.spec import AdapterEval, EvalReport, GenerationReport, PreferenceReport, RunSpec
+from trainer.spec import AdapterEval, EvalReport, PreferenceReport, RunSpec
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -134,25 +134,24 @@ def preference_metrics(
         )
     chosen_pt = chosen / evalset.chosen_lengths
     rejected_pt = rejected / evalset.rejected_lengths
-    report = PreferenceReport(
-        num_pairs=len(evalset.chosen),
-        ranking_accuracy=float((chosen_pt > rejected_pt).float().mean()),
-        chosen_logps_per_token=float(chosen_pt.mean()),
-        rejected_logps_per_token=float(rejected_pt.mean()),
-        chosen_logps=float(chosen.mean()),
-    )
-    if adapter is None:
-        return report
-    chosen_rewards = beta * (chosen - evalset.reference_chosen_logps)
-    rejected_rewards = beta * (rejected - evalset.reference_rejected_logps)
-    margins = chosen_rewards - rejected_rewards
-    return report.model_copy(
-        update={
+    rewards: dict[str, float] = {}  # the reference's implicit reward is 0 by definition
+    if adapter is not None:
+        chosen_rewards = beta * (chosen - evalset.reference_chosen_logps)
+        rejected_rewards = beta * (rejected - evalset.reference_rejected_logps)
+        margins = chosen_rewards - rejected_rewards
+        rewards = {
             "reward_accuracy": float((margins > 0).float().mean()),
             "reward_margin": float(margins.mean()),
             "chosen_rewards": float(chosen_rewards.mean()),
             "rejected_rewards": float(rejected_rewards.mean()),
         }
+    return PreferenceReport(
+        num_pairs=len(evalset.chosen),
+        ranking_accuracy=float((chosen_pt > rejected_pt).float().mean()),
+        chosen_logps_per_token=float(chosen_pt.mean()),
+        rejected_logps_per_token=float(rejected_pt.mean()),
+        chosen_logps=float(chosen.mean()),
+        **rewards,
     )
 
 
@@ -305,9 +304,7 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> EvalReport:
                     max_new_tokens=spec.eval.max_new_tokens,
                     batch_size=bs,
                 )
-                report[name]["generation"] = GenerationReport(
-                    **generation_stats(replies, prompts), replies=replies, prompts=list(prompts)
-                )
+                report[name]["generation"] = generation_stats(replies, prompts)
     questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
     if questions:
         for name, adapter in adapters.items():

@@ -15,6 +15,7 @@ import torch
 
 from trainer.logprobs import Prompt, as_messages, render_prompt
 from trainer.model import evaluating, using_adapter
+from trainer.spec import GenerationReport
 
 _WORD = re.compile(r"\w+")
 
@@ -53,34 +54,29 @@ def is_relevant(prompt: Prompt, reply: str) -> bool:
 
 
 def generation_stats(
-    replies: Sequence[str], prompts: Sequence[Prompt] | None = None, *, short_words: int = 5
-) -> dict[str, float]:
-    """Degeneracy statistics of a set of replies to *different* prompts.
+    replies: Sequence[str], prompts: Sequence[Prompt], *, short_words: int = 5
+) -> GenerationReport:
+    """The replies to *different* prompts, with their degeneracy statistics.
 
-    ``relevance_rate`` (with ``prompts``): share of replies that echo a number or content word
-    of the request — "I'm here to assist you." to every customer scores 0.
+    ``relevance_rate``: share of replies that echo a number or content word of the request —
+    "I'm here to assist you." to every customer scores 0.
     """
     if not replies:
-        return {}
+        return GenerationReport(prompts=list(prompts))
     words = [len(_WORD.findall(r)) for r in replies]
     n = len(replies)
-    relevance = (
-        {
-            "relevance_rate": sum(is_relevant(p, r) for p, r in zip(prompts, replies, strict=True))
-            / n
-        }
-        if prompts is not None
-        else {}
+    return GenerationReport(
+        num_replies=n,
+        median_words=float(statistics.median(words)),
+        mean_words=float(statistics.fmean(words)),
+        empty_rate=sum(w == 0 for w in words) / n,
+        short_rate=sum(w < short_words for w in words) / n,
+        repetitive_rate=sum(is_repetitive(r) for r in replies) / n,
+        distinct_rate=len({r.strip().lower() for r in replies}) / n,
+        relevance_rate=sum(is_relevant(p, r) for p, r in zip(prompts, replies, strict=True)) / n,
+        prompts=list(prompts),
+        replies=list(replies),
     )
-    return relevance | {
-        "num_replies": float(n),
-        "median_words": float(statistics.median(words)),
-        "mean_words": float(statistics.fmean(words)),
-        "empty_rate": sum(w == 0 for w in words) / n,
-        "short_rate": sum(w < short_words for w in words) / n,
-        "repetitive_rate": sum(is_repetitive(r) for r in replies) / n,
-        "distinct_rate": len({r.strip().lower() for r in replies}) / n,
-    }
 
 
 @torch.no_grad()
