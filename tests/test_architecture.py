@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,6 +20,7 @@ ABOVE_THE_PRODUCT = {"demo", "tools", "bench", "tests"}  # they import the produ
 INTERNAL = PRODUCT | ABOVE_THE_PRODUCT
 ALLOWED = {"feedback": set(), "trainer": {"feedback"}, "daemon": {"feedback", "trainer"}}
 # The daemon may use the trainer's contract and pure helpers, never its loop or model code.
+BUILD_IGNORED = (".git", ".venv", ".demo", "build", "*.egg-info", "__pycache__", ".*_cache")
 DAEMON_FORBIDDEN_TRAINER_MODULES = {
     "trainer.train",
     "trainer.model",
@@ -119,10 +121,13 @@ def test_code_cites_only_documents_in_the_repository() -> None:
 
 @pytest.mark.integration
 def test_the_wheel_holds_the_product_alone(tmp_path: Path) -> None:
-    # pip's own build of the project, as a user's `pip install alignd` would get it.
+    # pip's own build of the project, as a user's `pip install alignd` would get it, from a
+    # copy of the checkout (showcase and tooling included) so no build/ lands in the checkout.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*BUILD_IGNORED))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(source)],
         check=True, capture_output=True, cwd=tmp_path,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("alignd-*.whl")
