@@ -237,13 +237,29 @@ def factuality(
     return correct / len(questions)
 
 
-def heldout_prompts(spec: RunSpec, pairs: list[Any]) -> list[Any]:
-    """Prompts for the greedy-reply checks: held-out pairs' prompts, then held-out thumbs'."""
-    prompts = [p.prompt for p in pairs]
+def row_tags(row: dict[str, Any]) -> dict[str, str]:
+    """A row's tags as a dict: a snapshot stores ``[{key, value}, ...]``, a JSONL row may give a
+    mapping; rows from before tags were kept have none."""
+    tags = row.get("tags") or {}
+    if isinstance(tags, dict):
+        return {str(k): str(v) for k, v in tags.items()}
+    return {str(t["key"]): str(t["value"]) for t in tags}
+
+
+def heldout_prompts(
+    spec: RunSpec, pairs: list[PairRow], rows: list[dict[str, Any]]
+) -> list[tuple[Any, dict[str, str]]]:
+    """(prompt, tags) for the greedy-reply checks: held-out pairs' prompts, then held-out
+    thumbs', each prompt once (first seen)."""
+    prompted = [(p.prompt, row_tags(r)) for p, r in zip(pairs, rows, strict=True)]
     if not spec.eval_data and is_snapshot(spec.data):
-        prompts += [r["prompt"] for r in read_rows(spec.data, kind="kto", split="heldout")]
-    unique = list({json.dumps(p, sort_keys=True): p for p in prompts}.values())
-    return unique[: spec.eval.generate_max_prompts]
+        prompted += [
+            (r["prompt"], row_tags(r)) for r in read_rows(spec.data, kind="kto", split="heldout")
+        ]
+    unique: dict[str, tuple[Any, dict[str, str]]] = {}
+    for prompt, tags in prompted:
+        unique.setdefault(json.dumps(prompt, sort_keys=True), (prompt, tags))
+    return list(unique.values())[: spec.eval.generate_max_prompts]
 
 
 def _stage(message: str) -> None:
@@ -284,7 +300,8 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> EvalReport:
             batch_size=bs,
         )
         kl_examples = evalset.chosen[: spec.eval.kl_max_examples]
-        prompts = heldout_prompts(spec, pairs)
+        prompted = heldout_prompts(spec, pairs, rows)
+        prompts, tags = [p for p, _ in prompted], [t for _, t in prompted]
         for name, adapter in adapters.items():
             _stage(f"eval {name}: held-out preference, KL, {len(prompts)} greedy replies")
             report[name]["preference"] = preference_metrics(
@@ -304,7 +321,13 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> EvalReport:
                     max_new_tokens=spec.eval.max_new_tokens,
                     batch_size=bs,
                 )
-                report[name]["generation"] = generation_stats(replies, prompts)
+                report[name]["generation"] = generation_stats(
+                    replies,
+                    prompts,
+                    tags=tags,
+                    grounding=spec.eval.grounding,
+                    policy_rules=spec.eval.policy_rules,
+                )
     questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
     if questions:
         for name, adapter in adapters.items():

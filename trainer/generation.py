@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from trainer.claims import states_fact, unsupported_claims
 from trainer.logprobs import Prompt, as_messages, render_prompt
 from trainer.model import evaluating, using_adapter
-from trainer.spec import GenerationReport
+from trainer.spec import GenerationReport, GroundingSpec, PolicyRule
 
 _WORD = re.compile(r"\w+")
 
@@ -53,19 +54,69 @@ def is_relevant(prompt: Prompt, reply: str) -> bool:
     return bool(wanted & _salient(reply)) if wanted else True
 
 
+def _grounding(
+    replies: Sequence[str],
+    prompts: Sequence[Prompt],
+    tags: Sequence[dict[str, str]],
+    grounding: GroundingSpec,
+    rules: Sequence[PolicyRule],
+) -> dict[str, Any]:
+    """Unsupported claims, expected facts and policy rules, per reply and as rates."""
+    unsupported: list[list[str]] = []
+    violations: list[list[str]] = []
+    grounded: list[bool] = []
+    ruled: list[bool] = []
+    for prompt, reply, tag in zip(prompts, replies, tags, strict=True):
+        context = [m["content"] for m in as_messages(prompt)]
+        claims = unsupported_claims(reply, context, grounding.entities)
+        unsupported.append([c.text for c in claims])
+        facts = [f.strip() for f in tag.get(grounding.facts_tag, "").split("|") if f.strip()]
+        if facts:
+            grounded.append(all(states_fact(reply, f, grounding.entities) for f in facts))
+        applying = [rule for rule in rules if rule.applies(tag)]
+        broken = [f"{rule.name}: {v}" for rule in applying for v in rule.violations(reply)]
+        violations.append(broken)
+        if applying:
+            ruled.append(not broken)
+    n = len(replies)
+    return {
+        "unsupported_rate": sum(bool(u) for u in unsupported) / n,
+        "grounded_rate": sum(grounded) / len(grounded) if grounded else None,
+        "grounded_replies": len(grounded),
+        "policy_compliance": sum(ruled) / len(ruled) if ruled else None,
+        "policy_replies": len(ruled),
+        "policy_rules": [rule.name for rule in rules],
+        "unsupported": unsupported,
+        "violations": violations,
+    }
+
+
 def generation_stats(
-    replies: Sequence[str], prompts: Sequence[Prompt], *, short_words: int = 5
+    replies: Sequence[str],
+    prompts: Sequence[Prompt],
+    *,
+    tags: Sequence[dict[str, str]] | None = None,
+    grounding: GroundingSpec | None = None,
+    policy_rules: Sequence[PolicyRule] = (),
+    short_words: int = 5,
 ) -> GenerationReport:
-    """The replies to *different* prompts, with their degeneracy statistics.
+    """The replies to *different* prompts, with their degeneracy and grounding statistics.
 
     ``relevance_rate``: share of replies that echo a number or content word of the request —
-    "I'm here to assist you." to every customer scores 0.
+    "I'm here to assist you." to every customer scores 0. ``unsupported_rate``: share of
+    replies that state a specific (amount, date, ID, …) found nowhere in the conversation
+    (``trainer.claims``); ``grounded_rate``: of the prompts whose tags list expected facts, the
+    share of replies that state all of them; ``policy_compliance``: of the prompts a policy rule
+    applies to (by tag), the share of replies that break none.
     """
+    tags = list(tags) if tags is not None else [{} for _ in prompts]
     if not replies:
-        return GenerationReport(prompts=list(prompts))
+        return GenerationReport(prompts=list(prompts), tags=tags)
     words = [len(_WORD.findall(r)) for r in replies]
     n = len(replies)
     return GenerationReport(
+        **_grounding(replies, prompts, tags, grounding or GroundingSpec(), policy_rules),
+        tags=tags,
         num_replies=n,
         median_words=float(statistics.median(words)),
         mean_words=float(statistics.fmean(words)),

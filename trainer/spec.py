@@ -9,6 +9,7 @@ a hyperparameter name fails before any model is loaded instead of silently using
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -88,15 +89,70 @@ class Detectors(FrozenModel):
     collapse_min_drop: float = Field(0.05, ge=0.0, description="nats per token")
 
 
+def _compiles(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {pattern!r} ({e})") from e
+    return patterns
+
+
+Patterns = Annotated[tuple[str, ...], AfterValidator(_compiles)]
+
+
+class PolicyRule(FrozenModel):
+    """What a reply to a prompt carrying the tags in ``when`` must and must not say.
+
+    Patterns are Python regular expressions, matched case-insensitively anywhere in the reply.
+    Example: ``{name: billing-disclaimer, when: {category: billing}, required: ["billing team
+    confirms"], forbidden: ["\\bguarantee"]}``.
+    """
+
+    name: str = Field(min_length=1, description="named in reports and gate details")
+    when: dict[str, str] = Field(
+        min_length=1, description="tags a prompt must all carry for the rule to apply"
+    )
+    required: Patterns = Field((), description="each must match the reply")
+    forbidden: Patterns = Field((), description="none may match the reply")
+
+    def applies(self, tags: dict[str, str]) -> bool:
+        return all(tags.get(key) == value for key, value in self.when.items())
+
+    def violations(self, reply: str) -> list[str]:
+        """What the reply breaks: ``missing: <pattern>`` / ``forbidden: <pattern>``."""
+        missing = [f"missing: {p}" for p in self.required if not re.search(p, reply, re.I)]
+        return missing + [f"forbidden: {p}" for p in self.forbidden if re.search(p, reply, re.I)]
+
+
+class GroundingSpec(FrozenModel):
+    """How greedy replies are checked against the conversation they answer (``trainer.claims``)."""
+
+    entities: tuple[str, ...] = Field(
+        (),
+        description="names that count as specifics (carriers, plans): stated ⇒ must be supported",
+    )
+    facts_tag: str = Field(
+        "expected_facts",
+        description="tag listing the facts a reply should state, separated by ' | '",
+    )
+
+
 class EvalSpec(FrozenModel):
     """What the trainer evaluates after training, on the held-out data."""
 
     factuality_set: str | None = Field("default", description="'default', a JSONL path, or null")
     factuality_limit: int | None = Field(None, gt=0, description="score only the first N questions")
     kl_max_examples: int = Field(64, ge=0, description="held-out replies for the exact KL")
-    generate_max_prompts: int = Field(16, ge=0, description="greedy replies for generation checks")
+    generate_max_prompts: int = Field(
+        48, ge=0, description="greedy replies for the generation and grounding checks"
+    )
     max_new_tokens: int = Field(128, gt=0, description="reply length cap in generation checks")
     batch_size: int = Field(8, gt=0, description="eval batch")
+    grounding: GroundingSpec = GroundingSpec()
+    policy_rules: tuple[PolicyRule, ...] = Field(
+        (), description="per-tag required / forbidden patterns, checked on held-out replies"
+    )
 
 
 class RunSpec(FrozenModel):
@@ -233,8 +289,23 @@ class GenerationReport(FrozenModel):
     repetitive_rate: float | None = None
     distinct_rate: float | None = Field(None, description="distinct replies to distinct prompts")
     relevance_rate: float | None = Field(None, description="replies that echo the request")
+    unsupported_rate: float | None = Field(
+        None, description="replies stating a specific that the conversation does not contain"
+    )
+    grounded_rate: float | None = Field(
+        None, description="replies stating every expected fact (of prompts that list them)"
+    )
+    grounded_replies: int = Field(0, description="replies to prompts that list expected facts")
+    policy_compliance: float | None = Field(
+        None, description="replies obeying every policy rule that applies (of those with one)"
+    )
+    policy_replies: int = Field(0, description="replies to prompts a policy rule applies to")
+    policy_rules: list[str] = Field([], description="names of the rules checked")
     prompts: list[Any] = Field([], description="the held-out prompts, in reply order")
+    tags: list[dict[str, str]] = Field([], description="each prompt's tags, same order")
     replies: list[str] = Field([], description="greedy replies, same order")
+    unsupported: list[list[str]] = Field([], description="each reply's unsupported specifics")
+    violations: list[list[str]] = Field([], description="each reply's policy violations")
 
     @property
     def degenerate_rate(self) -> float | None:
