@@ -6,7 +6,9 @@ Rules (each filter is counted, so the manifest says what was dropped and why):
 - ``comparison`` → pair;
 - ``rating`` → KTO example (desirable = up); an ``up`` and a ``down`` on the same prompt for
   different replies → also a *mined* pair (up = chosen);
-- ``trivial_edit``: chosen and rejected identical after whitespace/case normalisation;
+- ``trivial_edit``: chosen and rejected identical after whitespace/case normalisation. An
+  ``edit`` whose agent sent the model's reply unchanged is an *accepted* reply: no pair, but a
+  desirable KTO example (like a thumbs-up from the agent);
 - ``length_ratio``: chosen more than k× longer (in words) than rejected — the length-bias
   guard of the DPO checklist: otherwise the cheapest way to win is to be long;
 - ``duplicate_pair`` / ``duplicate_example``: the same row again (first one kept);
@@ -49,6 +51,7 @@ class PairExample:
     source: str  # edit | comparison | mined
     event_ids: tuple[str, ...]
     prompt_sha256: str
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class KTOExample:
     label: bool  # True = desirable
     event_id: str
     prompt_sha256: str
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +94,20 @@ def _texts(event: Event) -> list[str]:
     return texts
 
 
+def _accepted(event: EditEvent) -> bool:
+    return normalize(event.edited_completion) == normalize(event.completion)
+
+
+def _as_thumbs_up(event: EditEvent) -> RatingEvent:
+    """An unchanged send, as the rating it amounts to: the agent approved the reply."""
+    fields = {
+        name: getattr(event, name)
+        for name in RatingEvent.model_fields
+        if name in event.model_fields
+    }
+    return RatingEvent.model_construct(**(fields | {"type": "rating", "rating": "up"}))
+
+
 def _pair_from(event: EditEvent | ComparisonEvent) -> PairExample:
     chosen, rejected = (
         (event.edited_completion, event.completion)
@@ -97,7 +115,13 @@ def _pair_from(event: EditEvent | ComparisonEvent) -> PairExample:
         else (event.chosen, event.rejected)
     )
     return PairExample(
-        _messages(event), chosen, rejected, event.type, (event.event_id,), prompt_key(event.prompt)
+        _messages(event),
+        chosen,
+        rejected,
+        event.type,
+        (event.event_id,),
+        prompt_key(event.prompt),
+        dict(event.tags),
     )
 
 
@@ -121,6 +145,7 @@ def _ratings_to_examples(
                 first.rating == "up",
                 first.event_id,
                 prompt_key(first.prompt),
+                dict(first.tags),
             )
         )
     mined: list[PairExample] = []
@@ -140,6 +165,7 @@ def _ratings_to_examples(
                         "mined",
                         (up.event_id, down.event_id),
                         up.prompt_sha256,
+                        up.tags,
                     )
                 )
     return kto, mined
@@ -158,6 +184,9 @@ def build_examples(events: Sequence[Event], config: DatasetConfig, now: datetime
             out.filtered["too_long"] += 1
         elif isinstance(ev, RatingEvent):
             ratings.append(ev)
+        elif isinstance(ev, EditEvent) and _accepted(ev):
+            out.filtered["trivial_edit"] += 1
+            ratings.append(_as_thumbs_up(ev))
         else:
             candidates.append(_pair_from(ev))
     out.kto, mined = _ratings_to_examples(ratings, config, out.filtered)

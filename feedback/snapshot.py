@@ -3,9 +3,9 @@
 Layout of a snapshot directory::
 
     manifest.json          sha256 of the content, counts, filters, event range, build config
-    pairs/train.parquet    prompt, chosen, rejected (+ source, event_ids)
+    pairs/train.parquet    prompt, chosen, rejected (+ source, event_ids, tags)
     pairs/heldout.parquet
-    kto/train.parquet      prompt, completion, label (+ event_id)
+    kto/train.parquet      prompt, completion, label (+ event_id, tags)
     kto/heldout.parquet
 
 ``prompt`` is a list of ``{role, content}`` messages. The sha256 covers the rows only (not the
@@ -46,6 +46,8 @@ from feedback.manifest import (
 )
 from feedback.store import FeedbackStore
 
+# The events' tags (category, expected facts, ...) as key/value rows: ``datasets`` has no map type.
+TAGS = pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())]))
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 PAIR_SCHEMA = pa.schema(
     [
@@ -54,6 +56,7 @@ PAIR_SCHEMA = pa.schema(
         ("rejected", pa.string()),
         ("source", pa.string()),
         ("event_ids", pa.list_(pa.string())),
+        ("tags", TAGS),
     ]
 )
 KTO_SCHEMA = pa.schema(
@@ -62,9 +65,14 @@ KTO_SCHEMA = pa.schema(
         ("completion", pa.string()),
         ("label", pa.bool_()),
         ("event_id", pa.string()),
+        ("tags", TAGS),
     ]
 )
 SPLITS = ("train", "heldout")
+
+
+def _tag_rows(tags: dict[str, str]) -> list[dict[str, str]]:
+    return [{"key": key, "value": value} for key, value in sorted(tags.items())]
 
 
 def _pair_row(p: PairExample) -> dict[str, Any]:
@@ -74,6 +82,7 @@ def _pair_row(p: PairExample) -> dict[str, Any]:
         "rejected": p.rejected,
         "source": p.source,
         "event_ids": list(p.event_ids),
+        "tags": _tag_rows(p.tags),
     }
 
 
@@ -83,6 +92,7 @@ def _kto_row(k: KTOExample) -> dict[str, Any]:
         "completion": k.completion,
         "label": k.label,
         "event_id": k.event_id,
+        "tags": _tag_rows(k.tags),
     }
 
 

@@ -44,10 +44,10 @@ CASES: list[tuple[str, list[dict[str, Any]], int, int, dict[str, int]]] = [
         {},
     ),
     (
-        "whitespace/case-only edit",
+        "whitespace/case-only edit: no pair, an accepted reply (desirable KTO row)",
         [edit("e1", "It ships  today.", "it ships today.")],
         0,
-        0,
+        1,
         {"trivial_edit": 1},
     ),
     (

@@ -53,7 +53,7 @@ def test_snapshot_layout_manifest_and_datasets(tmp_path: Path) -> None:
     assert (
         counts["pairs"]["train"] + counts["pairs"]["heldout"] == 40 + 40 + 1
     )  # edits, mined, comparison
-    assert counts["kto"]["train"] + counts["kto"]["heldout"] == 80
+    assert counts["kto"]["train"] + counts["kto"]["heldout"] == 80 + 1  # + the accepted reply
     assert counts["pairs"]["heldout"] > 0
     assert manifest["filtered"]["trivial_edit"] == 1
     assert manifest["pair_sources"] == {"edit": 40, "comparison": 1, "mined": 40}
