@@ -27,6 +27,7 @@ from daemon.gate import GateConfig
 from feedback.base import FrozenModel
 from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig
 from trainer.methods import PAIRED_METHODS, check_paired_method
+from trainer.spec import Detectors, EvalSpec, Hyperparameters, LoraSpec, RunSpec
 
 PairMethodName = Annotated[
     str,
@@ -103,6 +104,30 @@ class TrainingConfig(FrozenModel):
     run_spec: dict[str, Any] = Field(
         default_factory=dict, description="run-spec overrides (hyper, lora, eval, detectors)"
     )
+
+    @field_validator("run_spec")
+    @classmethod
+    def _valid_run_spec(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Checked at start-up, not at the first refresh: a typo in a hyperparameter or a bad
+        policy-rule pattern names its key now."""
+        sections: dict[str, type[FrozenModel]] = {
+            "hyper": Hyperparameters,
+            "lora": LoraSpec,
+            "eval": EvalSpec,
+            "detectors": Detectors,
+        }
+        for key, section in value.items():
+            if key not in RunSpec.model_fields:
+                raise ValueError(f"{key}: not a run-spec field")
+            if key in sections:
+                try:
+                    sections[key].model_validate(section)
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    where = ".".join(str(p) for p in (key, *first["loc"]))
+                    raise ValueError(f"{where}: {first['msg']}") from None
+        return value
+
     timeout_s: float = Field(6 * 3600.0, gt=0, description="a run past this is stopped, failed")
     memory_limit_mb: int | None = Field(None, gt=0, description="address-space limit of the child")
     stop_grace_s: float = Field(20.0, ge=0, description="SIGTERM → SIGKILL grace for the child")

@@ -30,6 +30,12 @@ def good_run() -> dict[str, Any]:
         "distinct_rate": 1.0,
         "median_words": 20.0,
         "relevance_rate": 0.9,
+        "num_replies": 48,
+        "unsupported_rate": 0.02,
+        "grounded_rate": 0.85,
+        "policy_compliance": 1.0,
+        "policy_replies": 18,
+        "policy_rules": ["billing-disclaimer"],
     }
     return {
         "candidate": {
@@ -42,7 +48,14 @@ def good_run() -> dict[str, Any]:
             "preference": {"chosen_logps_per_token": -1.02},
             "kl_to_reference": 0.0,
             "factuality": 0.50,
-            "generation": generation | {"median_words": 34.0, "relevance_rate": 0.95},
+            "generation": generation
+            | {
+                "median_words": 34.0,
+                "relevance_rate": 0.95,
+                "unsupported_rate": 0.30,
+                "grounded_rate": 0.10,
+                "policy_compliance": 0.0,
+            },
         },
         "detectors": {
             "non_finite_loss": {"fired": False},
@@ -132,6 +145,45 @@ CASES = [
         "preference_accuracy",
     ),
     ("not measured: no generation", with_("candidate.generation", {}), None, "degenerate_replies"),
+    # the demo adapter: "$16.45" for a $164.58 charge, in 1 of 3 replies
+    (
+        "states unsupported specifics (over the ceiling, under the reference)",
+        with_("candidate.generation.unsupported_rate", 0.33),
+        None,
+        "unsupported_claims",
+    ),
+    (
+        "more unsupported specifics than the reference",
+        with_("reference.generation.unsupported_rate", 0.0)
+        | {"candidate": with_("candidate.generation.unsupported_rate", 0.04)["candidate"]},
+        None,
+        "unsupported_claims",
+    ),
+    (
+        "not measured: no unsupported rate for the reference",
+        with_("reference.generation.unsupported_rate", None),
+        None,
+        "unsupported_claims",
+    ),
+    (
+        "drops the policy sentence",
+        with_("candidate.generation.policy_compliance", 0.6),
+        None,
+        "policy_compliance",
+    ),
+    (
+        "policy compliance below the reference's",
+        with_("reference.generation.policy_compliance", 1.0)
+        | {"candidate": with_("candidate.generation.policy_compliance", 0.97)["candidate"]},
+        None,
+        "policy_compliance",
+    ),
+    (
+        "rules configured, no held-out reply they apply to",
+        with_("candidate.generation.policy_compliance", None),
+        None,
+        "policy_compliance",
+    ),
 ]
 
 
@@ -148,9 +200,9 @@ def test_gate_table(
         assert not decision.promote
         assert failing in failed, decision.reasons
         check = next(c for c in decision.checks if c.name == failing)
-        assert (
-            check.threshold is not None and check.detail
-        )  # every check reports value and threshold
+        assert check.detail  # every check says why
+        if check.value is not None:
+            assert check.threshold is not None  # a measured value is compared with a threshold
 
 
 def test_every_check_is_reported_with_value_and_threshold() -> None:
@@ -166,6 +218,8 @@ def test_every_check_is_reported_with_value_and_threshold() -> None:
         "distinct_replies",
         "reply_length",
         "relevance",
+        "unsupported_claims",
+        "policy_compliance",
         "training_detectors",
     }
     assert all(c.value is not None for c in decision.checks)
@@ -181,3 +235,24 @@ def test_min_gain_over_incumbent() -> None:
     run = with_("candidate.preference.reward_accuracy", 0.82)
     assert decide_promotion(run, INCUMBENT, GateConfig()).promote
     assert not decide_promotion(run, INCUMBENT, GateConfig(min_gain_over_incumbent=0.05)).promote
+
+
+def test_policy_check_passes_when_no_rule_is_configured() -> None:
+    run = with_("candidate.generation.policy_rules", [])
+    run["candidate"]["generation"]["policy_compliance"] = None
+    decision = decide_promotion(run, None, GateConfig())
+    check = next(c for c in decision.checks if c.name == "policy_compliance")
+    assert decision.promote and check.passed and check.value is None
+    assert "no policy rules configured" in check.detail
+
+
+def test_unsupported_threshold_is_the_tighter_of_ceiling_and_reference() -> None:
+    decision = decide_promotion(good_run(), None, GateConfig())
+    check = next(c for c in decision.checks if c.name == "unsupported_claims")
+    assert check.threshold == 0.05 and "ceiling" in check.detail  # reference 0.30 + 0.02 is looser
+    run = with_("reference.generation.unsupported_rate", 0.01)
+    check = next(
+        c for c in decide_promotion(run, None, GateConfig()).checks if c.name == check.name
+    )
+    assert check.threshold == pytest.approx(0.03) and "reference" in check.detail
+    assert check.passed  # candidate 0.02 <= 0.01 + 0.02
