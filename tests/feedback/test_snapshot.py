@@ -15,6 +15,7 @@ from feedback.events import Rejection, parse_event
 from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore, Incoming
 from trainer.data import read_rows, snapshot_sha256, to_pairs
+from trainer.evaluate import row_tags
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
 
@@ -94,3 +95,23 @@ def test_same_events_same_hash_regardless_of_arrival(tmp_path: Path) -> None:
     assert third.sha256 != first.sha256
     a.close()
     b.close()
+
+
+def test_rows_keep_their_events_tags_for_the_evaluation(tmp_path: Path) -> None:
+    """Policy rules and expected facts are matched on held-out prompts by their tags."""
+    tags = {"category": "billing", "expected_facts": "164.58 USD | November 12, 2026"}
+    events = [
+        edit(f"e{i}", f"Sorry! Charged {i}.", f"Charged {i}.", prompt=f"Bill {i}?")
+        for i in range(30)
+    ]
+    events += [rating("r1", "Charged once.", "up", prompt="Bill 99?")]
+    for event in events:
+        event["tags"] = tags
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    fill(store, events)
+    build_snapshot(store, tmp_path / "snap", DatasetConfig(heldout_fraction=0.3), now=NOW)
+    rows = read_rows(tmp_path / "snap", kind="pairs", split="heldout")
+    rows += read_rows(tmp_path / "snap", kind="kto", split="train")
+    rows += read_rows(tmp_path / "snap", kind="kto", split="heldout")
+    assert len(rows) >= 2 and all(row_tags(row) == tags for row in rows)
+    assert datasets.load_dataset("parquet", data_dir=str(tmp_path / "snap" / "pairs"))
