@@ -22,9 +22,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=300, help="simulated support conversations")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    parser.add_argument(
+        "--agent",
+        choices=["grounded", "inventing", "no_policy"],
+        default="grounded",
+        help="how agents edit: from the record (default), or sabotaged: stating specifics the "
+        "record lacks, or leaving out the policy sentence (the gate should reject either)",
+    )
     args = parser.parse_args(argv)
     return run_demo(
-        Path(args.workdir), prompts=args.prompts, seed=args.seed, base_model=args.base_model
+        Path(args.workdir),
+        prompts=args.prompts,
+        seed=args.seed,
+        base_model=args.base_model,
+        agent=args.agent,
     )
 
 

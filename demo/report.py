@@ -74,6 +74,24 @@ def before_after(result: RunResult) -> list[Row]:
             "{:.0%}",
         ),
         Row(
+            "unsupported claims (replies stating a specific the conversation lacks)",
+            ref_gen.unsupported_rate,
+            cand_gen.unsupported_rate,
+            "{:.0%}",
+        ),
+        Row(
+            "grounded (replies stating the record's key fact correctly)",
+            ref_gen.grounded_rate,
+            cand_gen.grounded_rate,
+            "{:.0%}",
+        ),
+        Row(
+            "policy compliance (refund and billing replies with the required sentence)",
+            ref_gen.policy_compliance,
+            cand_gen.policy_compliance,
+            "{:.0%}",
+        ),
+        Row(
             "factuality (115 multiple-choice questions)", ref.factuality, cand.factuality, "{:.1%}"
         ),
         Row(
@@ -112,6 +130,28 @@ def targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
     ref, new = get("median reply length")
     ok = ref is not None and new is not None and ref > 0 and (ref - new) / ref >= 0.3
     out.append(("median length down ≥ 30%", ok, f"{ref or 0:.0f} → {new or 0:.0f} words"))
+    ref, new = get("unsupported claims")
+    ok = ref is not None and new is not None and new <= 0.05 and new <= ref
+    out.append(
+        (
+            "unsupported claims ≤ 5% and not above the reference's",
+            ok,
+            f"{ref or 0:.0%} → {new or 0:.0%}",
+        )
+    )
+    ref, new = get("grounded")
+    ok = ref is not None and new is not None and new >= 0.8 and new >= ref + 0.2
+    out.append(
+        ("grounded ≥ 80% and well above the reference's", ok, f"{ref or 0:.0%} → {new or 0:.0%}")
+    )
+    _, new = get("policy compliance")
+    out.append(
+        (
+            "policy compliance ≥ 95% (refund/billing)",
+            new is not None and new >= 0.95,
+            f"{new or 0:.0%}",
+        )
+    )
     _, new = get("degenerate replies")
     out.append(("≤ 2% degenerate replies", new is not None and new <= 0.02, f"{new or 0:.1%}"))
     ref, new = get("held-out chosen log-prob per token")
@@ -139,25 +179,56 @@ def targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
 
 def text_table(rows: list[Row]) -> str:
     width = max(len(r.name) for r in rows)
-    lines = [f"{'':<{width}}  {'reference (SFT)':>16}  {'promoted adapter':>16}"]
+    lines = [f"{'':<{width}}  {'reference (SFT)':>16}  {'candidate':>16}"]
     lines += [
         f"{r.name:<{width}}  {r.cell(r.reference):>16}  {r.cell(r.adapter):>16}" for r in rows
     ]
     return "\n".join(lines)
 
 
-def examples(result: RunResult, n: int = 3) -> list[tuple[str, str, str]]:
-    """(customer's last message, reference reply, adapter reply) for the first held-out prompts."""
+@dataclass(frozen=True)
+class Example:
+    """One held-out prompt and both replies, with what each states that the prompt lacks."""
+
+    record: str  # the lookup result the assistant was given (system message after its header)
+    customer: str
+    before: str
+    after: str
+    before_unsupported: list[str]
+    after_unsupported: list[str]
+    tags: dict[str, str]
+
+
+def examples(result: RunResult, n: int = 3) -> list[Example]:
+    """Held-out examples, one per kind of request first (a "not found" lookup among them)."""
     ref, cand = result.eval.reference.generation, result.eval.candidate.generation
-    if ref is None or cand is None:
+    if ref is None or cand is None or not cand.replies:
         return []
-    out = []
-    for prompt, before, after in list(zip(cand.prompts, ref.replies, cand.replies, strict=True))[
-        :n
-    ]:
-        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        out.append((text, before, after))
-    return out
+    rows = []
+    for i, prompt in enumerate(cand.prompts):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        tags = cand.tags[i] if i < len(cand.tags) else {}
+        rows.append(
+            Example(
+                record=system.partition("Lookup result:")[2].strip(),
+                customer=messages[-1]["content"],
+                before=ref.replies[i],
+                after=cand.replies[i],
+                before_unsupported=ref.unsupported[i] if i < len(ref.unsupported) else [],
+                after_unsupported=cand.unsupported[i] if i < len(cand.unsupported) else [],
+                tags=tags,
+            )
+        )
+    kinds: dict[str, Example] = {}
+    for row in rows:
+        kind = (
+            "not_found" if row.tags.get("lookup") == "not_found" else row.tags.get("category", "")
+        )
+        kinds.setdefault(kind, row)
+    first = sorted(kinds.values(), key=lambda e: e.tags.get("lookup") != "not_found")
+    rest = [r for r in rows if r not in first]
+    return (first + rest)[:n]
 
 
 def _png(fig: Any) -> str:
@@ -203,7 +274,11 @@ def before_after_png(rows: list[Row]) -> str:
     import matplotlib.pyplot as plt
 
     picks = [
-        r for r in rows if r.name.startswith(("apology", "median", "factuality", "replies that"))
+        r
+        for r in rows
+        if r.name.startswith(
+            ("apology", "median", "unsupported", "grounded", "policy", "factuality")
+        )
     ]
     fig, axes = plt.subplots(1, len(picks), figsize=(3.3 * len(picks), 3.2))
     for ax, row in zip(axes, picks, strict=True):
@@ -267,7 +342,7 @@ def html_report(
     )
     parts.append(
         "<h2>Before / after on held-out prompts</h2><table><tr><th></th><th>reference (SFT)</th>"
-        "<th>promoted adapter</th></tr>"
+        "<th>candidate adapter</th></tr>"
     )
     parts += [
         f"<tr><td>{_esc(r.name)}</td><td>{r.cell(r.reference)}</td><td>{r.cell(r.adapter)}</td></tr>"
@@ -290,10 +365,19 @@ def html_report(
         )
     parts.append(
         "</table><h2>Example replies (held-out)</h2><table><tr><th>customer</th><th>reference (SFT)</th>"
-        "<th>promoted adapter</th></tr>"
+        "<th>candidate adapter</th></tr>"
     )
-    for prompt, ref, new in examples(result, n=5):
-        parts.append(f"<tr><td>{_esc(prompt)}</td><td>{_esc(ref)}</td><td>{_esc(new)}</td></tr>")
+    for ex in examples(result, n=6):
+
+        def flagged(reply: str, claims: list[str]) -> str:
+            note = f"<br><small class='bad'>unsupported: {_esc(', '.join(claims))}</small>"
+            return _esc(reply) + (note if claims else "")
+
+        record = f"<br><small><pre>{_esc(ex.record)}</pre></small>" if ex.record else ""
+        parts.append(
+            f"<tr><td>{_esc(ex.customer)}{record}</td><td>{flagged(ex.before, ex.before_unsupported)}"
+            f"</td><td>{flagged(ex.after, ex.after_unsupported)}</td></tr>"
+        )
     parts.append("</table><h2>Training curves</h2>")
     if result.steps:
         parts.append(f"<img src='data:image/png;base64,{training_curves_png(result.steps)}'>")

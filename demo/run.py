@@ -22,7 +22,14 @@ import yaml
 from daemon.child import start_child, stop_child
 from demo import report
 from demo.broker import EmbeddedBroker, free_port, produce_events
-from demo.simulate import build_events, make_cases, sft_replies
+from demo.simulate import (
+    CARRIERS,
+    POLICY_RULES,
+    Agent,
+    build_events,
+    make_cases,
+    sft_replies,
+)
 from feedback.manifest import SnapshotManifest
 from trainer.spec import RunResult
 
@@ -40,11 +47,11 @@ DEMO_RUN_SPEC: dict[str, Any] = {
     "method": "rpo",
     "hyper": {
         "beta": 0.1,
-        "learning_rate": 1e-4,
+        "learning_rate": 2e-4,
         "epochs": 2,
         "batch_size": 4,
         "warmup_ratio": 0.1,
-        "rpo_alpha": 0.5,
+        "rpo_alpha": 1.0,
         "max_length": 256,
     },
     "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
@@ -53,6 +60,8 @@ DEMO_RUN_SPEC: dict[str, Any] = {
         "max_new_tokens": 80,
         "kl_max_examples": 48,
         "batch_size": 16,
+        "grounding": {"entities": CARRIERS, "ignore": ["2FA"]},
+        "policy_rules": POLICY_RULES,
     },
 }
 
@@ -196,9 +205,16 @@ def _report(run: dict[str, Any], result: RunResult, workdir: Path, progress: Pro
     print("\ntargets:")
     for name, ok, detail in report.targets(rows):
         print(f"  {'✔' if ok else '✘'} {name}: {detail}")
-    print("\nexamples (held-out prompts):")
-    for prompt, ref, new in report.examples(result):
-        print(f"  customer: {prompt}\n    before: {ref[:220]}\n    after:  {new[:220]}")
+    print("\nexamples (held-out prompts; ⚠ = states what the lookup result does not hold):")
+    for ex in report.examples(result, n=4):
+        record = ex.record.replace("\n", "; ")
+        print(f"  lookup:   {record[:220]}\n  customer: {ex.customer}")
+        for label, reply, claims in (
+            ("before", ex.before, ex.before_unsupported),
+            ("after", ex.after, ex.after_unsupported),
+        ):
+            flag = f"  ⚠ unsupported: {', '.join(claims)}" if claims else ""
+            print(f"    {label + ':':<7} {reply[:220]}{flag}")
     wall = time.monotonic() - progress.start
     page = report.html_report(
         title="alignd demo: Harbor Support on SmolLM2-135M-Instruct",
@@ -218,6 +234,7 @@ def run_demo(
     seed: int = 7,
     base_model: str = "smollm2",
     run_spec: dict[str, Any] | None = None,
+    agent: Agent = "grounded",
 ) -> int:
     """The six stages in order; 0 when the refresh reached a gate decision."""
     progress = Progress()
@@ -232,11 +249,13 @@ def run_demo(
         progress.note(f"broker at {bootstrap}")
 
         progress.begin(
-            1, f"{prompts} support prompts, {base_model}'s real replies, agent edits, thumbs, noise"
+            1,
+            f"{prompts} support prompts with lookup records, {base_model}'s real replies, "
+            f"{agent} agent edits, thumbs, noise",
         )
         cases = make_cases(prompts, seed)
         replies = sft_replies(cases, base_model=base_model, cache_dir=workdir / "cache")
-        sim = build_events(cases, replies, seed=seed)
+        sim = build_events(cases, replies, seed=seed, agent=agent)
         produce_events(bootstrap, "alignd.feedback", sim.messages)
         progress.note(f"produced {len(sim.messages)} messages: {sim.counts}")
 

@@ -201,11 +201,17 @@ def _supported_keys(context: Iterable[str], entities: Sequence[str]) -> set[str]
 
 
 def unsupported_claims(
-    reply: str, context: Sequence[str], entities: Sequence[str] = ()
+    reply: str, context: Sequence[str], entities: Sequence[str] = (), ignore: Sequence[str] = ()
 ) -> list[Claim]:
-    """The specifics ``reply`` states that appear nowhere in ``context`` (the conversation)."""
+    """The specifics ``reply`` states that appear nowhere in ``context`` (the conversation);
+    ``ignore`` lists terms that look like specifics but state nothing (``2FA``, ``MP3``)."""
     supported = _supported_keys(context, entities)
-    return [c for c in extract_claims(reply, entities) if c.key not in supported]
+    skip = {term.lower() for term in ignore}
+    return [
+        c
+        for c in extract_claims(reply, entities)
+        if c.key not in supported and c.text.lower() not in skip
+    ]
 
 
 def states_fact(reply: str, fact: str, entities: Sequence[str] = ()) -> bool:

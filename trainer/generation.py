@@ -68,7 +68,7 @@ def _grounding(
     ruled: list[bool] = []
     for prompt, reply, tag in zip(prompts, replies, tags, strict=True):
         context = [m["content"] for m in as_messages(prompt)]
-        claims = unsupported_claims(reply, context, grounding.entities)
+        claims = unsupported_claims(reply, context, grounding.entities, grounding.ignore)
         unsupported.append([c.text for c in claims])
         facts = [f.strip() for f in tag.get(grounding.facts_tag, "").split("|") if f.strip()]
         if facts:

@@ -132,6 +132,9 @@ class GroundingSpec(FrozenModel):
         (),
         description="names that count as specifics (carriers, plans): stated ⇒ must be supported",
     )
+    ignore: tuple[str, ...] = Field(
+        (), description="terms that look like specifics but state nothing, e.g. 2FA, MP3"
+    )
     facts_tag: str = Field(
         "expected_facts",
         description="tag listing the facts a reply should state, separated by ' | '",

@@ -1,8 +1,21 @@
-"""The feedback simulator: realistic agent edits, the rating rubric, valid events, seeded noise."""
+"""The feedback simulator: grounded records, agent edits from the record's facts only, the
+rating rubric, the sabotaged agents, valid events, seeded noise."""
 
 from __future__ import annotations
 
-from demo.simulate import addresses, agent_edit, apologizes, build_events, make_cases, user_rating
+import json
+
+from demo.simulate import (
+    POLICY_SENTENCE,
+    addresses,
+    agent_edit,
+    apologizes,
+    build_events,
+    is_good,
+    make_cases,
+    unsupported,
+    user_rating,
+)
 from feedback.events import Rejection, parse_event
 
 RAMBLE = (
@@ -21,19 +34,51 @@ def test_cases_are_varied_and_seeded() -> None:
 
 
 def test_agent_edit_answers_concisely_without_apologies() -> None:
-    case = next(c for c in make_cases(50, seed=3) if c.category == "order")
+    case = next(c for c in make_cases(50, seed=3) if c.category == "order" and c.found)
     order = case.keywords[0]
     reply = RAMBLE.format(n=order)
     edited = agent_edit(case, reply)
     assert not apologizes(edited) and "hesitate" not in edited
     assert order in edited and addresses(case, edited)
     assert len(edited.split()) < len(reply.split())
-    assert edited.startswith(case.answer)  # substance, not just deletions
+    assert edited == case.answer  # substance, not just deletions
+
+
+def test_records_are_data_and_answers_use_only_their_facts() -> None:
+    cases = make_cases(300, seed=4)
+    for case in cases:
+        system = case.prompt[0]["content"]
+        record = system.partition("Lookup result:\n")[2]
+        assert record and all(": " in line for line in record.splitlines())  # fields, not prose
+        assert case.answer not in system
+        assert is_good(case, case.answer), case  # states the key facts, invents nothing
+        assert unsupported(case, case.invented) or not case.found  # the sabotage does invent
+    orders = [c for c in cases if c.category == "order" and c.found]
+    first_fields = {
+        c.prompt[0]["content"].partition("Lookup result:\n")[2].split(":")[0] for c in orders
+    }
+    assert len(first_fields) > 3  # the fields come in varied order, with distractors
+    missing = [c for c in cases if not c.found]
+    assert 0.05 < len(missing) / len(cases) < 0.25
+    assert all(not c.facts and "could not find" in c.answer for c in missing)
+    policy = [c for c in cases if c.needs_policy]
+    assert policy and all(POLICY_SENTENCE in c.answer for c in policy)
+    assert all(POLICY_SENTENCE not in c.answer for c in cases if not c.needs_policy)
+
+
+def test_a_good_reply_is_sent_unchanged_and_sabotaged_agents_differ() -> None:
+    case = next(c for c in make_cases(50, seed=3) if c.needs_policy)
+    assert agent_edit(case, case.answer) == case.answer  # an unchanged send
+    wrong = case.answer.replace(case.facts[0].split()[0], "999.99")
+    assert agent_edit(case, wrong) == case.answer  # a wrong amount is corrected
+    assert POLICY_SENTENCE not in agent_edit(case, RAMBLE, "no_policy")
+    assert unsupported(case, agent_edit(case, RAMBLE, "inventing"))
 
 
 def test_rating_rubric() -> None:
-    case = next(c for c in make_cases(50, seed=3) if c.category == "order")
+    case = next(c for c in make_cases(50, seed=3) if c.category == "order" and c.found)
     assert user_rating(case, case.answer) == "up"
+    assert user_rating(case, case.invented) == "down"  # invents a carrier and weekdays
     assert user_rating(case, RAMBLE.format(n=case.keywords[0])) == "down"  # apologises
     assert user_rating(case, "Please check our website for updates.") == "down"  # off topic
 
@@ -49,3 +94,12 @@ def test_events_are_valid_v1_with_counted_noise() -> None:
     assert len({v.event_id for v in valid}) == sim.valid_events
     assert len(valid) == sim.valid_events + 2  # two redelivered duplicates
     assert sim.counts["edit"] > sim.counts["rating"] > sim.counts["comparison"] > 0
+
+
+def test_events_carry_the_tags_the_evaluation_reads() -> None:
+    cases = make_cases(40, seed=6)
+    sim = build_events(cases, [RAMBLE.format(n=1) for _ in cases], seed=6, noise=False)
+    tags = [json.loads(m)["tags"] for m in sim.messages]
+    assert {t["category"] for t in tags} <= {"order", "refund", "billing", "account", "shipping"}
+    assert any("expected_facts" in t for t in tags)
+    assert {t["lookup"] for t in tags} == {"found", "not_found"}

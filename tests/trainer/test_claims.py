@@ -155,3 +155,9 @@ def test_generation_stats_grounding_rates() -> None:
     ]
     untagged = generation_stats(replies, prompts)
     assert untagged.grounded_rate is None and untagged.policy_compliance is None
+
+
+def test_ignored_terms_are_not_claims() -> None:
+    reply = "Turn on 2FA and use an MP3 player."
+    assert [c.text for c in unsupported_claims(reply, CONTEXT)] == ["2FA", "MP3"]
+    assert unsupported_claims(reply, CONTEXT, ignore=("2fa", "MP3")) == []
