@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from demo.simulate import agent_edit, make_cases, sentences, sft_replies
+from demo.scenario import make_cases
+from demo.simulate import agent_edit, sentences, sft_replies
 
 DEMO_PROMPTS, DEMO_SEED = 300, 7  # daemon.demo's defaults: the same cases, the same cache key
 

@@ -22,14 +22,8 @@ import yaml
 from daemon.child import start_child, stop_child
 from demo import report
 from demo.broker import EmbeddedBroker, free_port, produce_events
-from demo.simulate import (
-    CARRIERS,
-    POLICY_RULES,
-    Agent,
-    build_events,
-    make_cases,
-    sft_replies,
-)
+from demo.scenario import CARRIERS, POLICY_RULES, make_cases
+from demo.simulate import Agent, build_events, sft_replies
 from feedback.manifest import SnapshotManifest
 from trainer.spec import RunResult
 

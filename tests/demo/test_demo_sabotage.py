@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "daemon"))  # so it also runs
 from daemon_support import Daemon, write_config
 
 from demo.broker import EmbeddedBroker, free_port, produce_events
-from demo.simulate import CARRIERS, POLICY_RULES, build_events, make_cases
+from demo.scenario import CARRIERS, POLICY_RULES, make_cases
+from demo.simulate import build_events
 
 pytestmark = pytest.mark.integration
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 
+from demo.scenario import POLICY_SENTENCE, make_cases
 from demo.simulate import (
-    POLICY_SENTENCE,
     addresses,
     agent_edit,
     apologizes,
     build_events,
     is_good,
-    make_cases,
     unsupported,
     user_rating,
 )
