@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from daemon.states import FINISHED, ActivationTrigger
-from feedback.consumer import BatchReport
+from feedback.consumer import BLOCKED_REASONS, BatchReport
 from feedback.events import REASONS
 
 
@@ -48,6 +48,13 @@ class Metrics:
         )
         self.consumer_ready = Gauge(
             "alignd_consumer_ready", "1 when the consumer reaches the broker and store", registry=r
+        )
+        self.consumer_blocked = Gauge(
+            "alignd_consumer_blocked",
+            "1 while a fetch error retrying cannot fix stops ingestion (unsupported codec, "
+            "corrupt batch)",
+            ["reason"],
+            registry=r,
         )
         # snapshots and refreshes
         self.snapshot_examples = Gauge(
@@ -122,6 +129,8 @@ class Metrics:
         # Pre-create label values so rate() works from the first scrape.
         for reason in sorted(REASONS):
             self.events_dead_lettered.labels(reason=reason)
+        for blocked in BLOCKED_REASONS:
+            self.consumer_blocked.labels(reason=blocked).set(0)
         for event_type in ("rating", "edit", "comparison"):
             self.events_stored.labels(type=event_type)
         for outcome in FINISHED:

@@ -162,6 +162,19 @@ class Refresher:
             log.info("refresh %s: %s (%s)", run_id, outcome.outcome, outcome.reason)
         return outcome
 
+    def expire_snapshots(self, cutoff: datetime) -> int:
+        """Retention: a snapshot built before ``cutoff`` holds only events older than it."""
+        removed = 0
+        for manifest_path in self.snapshots_dir.glob("*/manifest.json"):
+            try:
+                built = datetime.fromisoformat(SnapshotManifest.load(manifest_path.parent).built_at)
+            except (ValidationError, ValueError, OSError):
+                continue  # not ours to judge: left for an operator
+            if built < cutoff:
+                shutil.rmtree(manifest_path.parent, ignore_errors=True)
+                removed += 1
+        return removed
+
     def _snapshot(self, run_id: str) -> tuple[SnapshotManifest, Path]:
         """Build the snapshot; snapshots are stored by content hash, so equal ones are shared."""
         seq = self.store.max_seq()

@@ -38,7 +38,7 @@ from daemon.registry import Registry, ServingHook, VersionInfo, current_pointer_
 from daemon.scheduler import RefreshState, refresh_due
 from daemon.serving import vllm_hook
 from daemon.states import ActivationTrigger, RefreshTrigger
-from feedback.consumer import FeedbackConsumer
+from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
 from feedback.events import EditEvent, RatingEvent
 from feedback.store import FeedbackStore
 from trainer.spec import AdapterEval, EvalReport
@@ -234,8 +234,14 @@ class Service:
     def retention(self) -> None:
         days = self.config.store.retention_days
         if days:
-            removed = self.store.delete_older_than(datetime.now(UTC) - timedelta(days=days))
-            log.info("retention: removed %d events older than %d days", removed, days)
+            cutoff = datetime.now(UTC) - timedelta(days=days)
+            removed = self.store.delete_older_than(cutoff)
+            removed["snapshots"] = self.refresher.expire_snapshots(cutoff)
+            log.info(
+                "retention (%d days): removed %s",
+                days,
+                ", ".join(f"{n} from {where}" for where, n in removed.items()),
+            )
 
     def drift_probe(self) -> float | None:
         """KL(active ‖ reference) on recent production replies, computed in a child process."""
@@ -296,6 +302,9 @@ class Service:
     def metrics_exposition(self) -> bytes:
         """The Prometheus text exposition, gauges read at scrape time."""
         self.metrics.consumer_ready.set(1 if self.consumer.ready else 0)
+        for reason in BLOCKED_REASONS:
+            blocked = self.consumer.blocked == reason
+            self.metrics.consumer_blocked.labels(reason=reason).set(1 if blocked else 0)
         for partition, lag in self.consumer.partition_lag.items():
             self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
         return generate_latest(self.metrics.registry)

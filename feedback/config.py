@@ -22,6 +22,9 @@ class KafkaConfig(FrozenModel):
     dlq_max_message_bytes: int = Field(
         900_000, gt=0, description="longer rejected messages are dead-lettered truncated"
     )
+    dlq_max_key_bytes: int = Field(
+        1024, gt=0, description="longer keys of rejected messages are dead-lettered truncated"
+    )
     group_id: str = Field("alignd", description="consumer group")
     client_id: str = Field("alignd", description="client id reported to the broker")
     max_poll_records: int = Field(500, gt=0, description="events per stored batch")
@@ -78,6 +81,12 @@ class EventLimits(FrozenModel):
     max_text_chars: int = Field(32_000, gt=0, description="per prompt message or reply")
     max_prompt_messages: int = Field(64, gt=0, description="chat messages per prompt")
     max_tags: int = Field(16, ge=0, description="entries in an event's tags map")
+    max_future_skew_s: int = Field(
+        3600, ge=0, description="occurred_at further ahead of the consumer's clock is refused"
+    )
+    max_age_days: int | None = Field(
+        3650, gt=0, description="occurred_at older than this is refused (null: no floor)"
+    )
 
 
 class DatasetConfig(FrozenModel):

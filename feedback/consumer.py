@@ -6,6 +6,14 @@ dead-letter topic. If either fails, nothing is committed, the consumer seeks bac
 batch's first offsets and retries with back-off, and it reports not-ready meanwhile. It
 never exits on its own; only ``stop`` (or ``until_idle_s`` for backfills) ends the loop,
 after finishing the batch in hand and committing it.
+
+Only *connectivity* retries: an event that validates but that the database refuses (a
+constraint, a value the driver cannot send) is found by writing the batch one event at a time
+and dead-lettered as ``store_rejected``; the rest of its batch is stored. A fetch error that
+retrying cannot fix (a compression codec this process lacks, a corrupt record batch) sets
+``blocked`` to a reason code, which the daemon exports as ``alignd_consumer_blocked`` and
+logs at ERROR with what to do; the consumer keeps retrying at the longest back-off, so the fix
+(install the codec, move the group's offset past the corrupt batch) needs no restart.
 """
 
 from __future__ import annotations
@@ -21,18 +29,35 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    CorruptRecordError,
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    UnsupportedCodecError,
+)
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.exc import SQLAlchemyError
 
 from feedback.config import EventLimits, KafkaConfig
 from feedback.events import Rejection, parse_event
-from feedback.store import FeedbackStore, Incoming, WriteOutcome
+from feedback.store import FeedbackStore, Incoming, WriteOutcome, is_data_error
 
 log = logging.getLogger("alignd.feedback.consumer")
 
 REASON_HEADER = "alignd-reason"
 DETAIL_HEADER = "alignd-detail"
+# Fetch errors a retry cannot fix, by the reason code ``alignd_consumer_blocked`` carries.
+PERMANENT_ERRORS: dict[type[KafkaError], str] = {
+    UnsupportedCodecError: "unsupported_codec",
+    CorruptRecordError: "corrupt_batch",
+}
+BLOCKED_REASONS = tuple(PERMANENT_ERRORS.values())
+_BLOCKED_HINTS = {
+    "unsupported_codec": "install the codec's library (python-snappy, lz4, zstandard)",
+    "corrupt_batch": "inspect the partition; move the group's offset past the corrupt batch",
+}
 
 
 @dataclass
@@ -88,6 +113,14 @@ class DeadLetterUnavailable(RuntimeError):
     pass
 
 
+def _merge(total: WriteOutcome, part: WriteOutcome) -> None:
+    total.stored += part.stored
+    total.duplicates += part.duplicates
+    total.conflicts += part.conflicts
+    for kind, n in part.stored_by_type.items():
+        total.stored_by_type[kind] = total.stored_by_type.get(kind, 0) + n
+
+
 class FeedbackConsumer:
     """Runs the ingestion loop in the calling thread; ``ready`` is safe to read from others."""
 
@@ -106,6 +139,7 @@ class FeedbackConsumer:
         self.totals = IngestTotals()
         self.ready = False
         self.last_error: str | None = None
+        self.blocked: str | None = None  # a BLOCKED_REASONS code while a fetch cannot progress
         self.last_assigned: float | None = None
         self.partition_lag: dict[int, int] = {}  # updated by the loop; safe to read elsewhere
         self._consumer: KafkaConsumer | None = None
@@ -145,7 +179,7 @@ class FeedbackConsumer:
     def handle(self, records: dict[TopicPartition, list[Any]]) -> BatchReport:
         """Validate, store, dead-letter and commit one polled batch (raises on failure)."""
         report = BatchReport()
-        valid: list[Incoming] = []
+        valid: list[tuple[Any, Incoming]] = []
         invalid: list[tuple[Any, Rejection]] = []
         for tp, batch in records.items():
             for record in batch:
@@ -154,11 +188,9 @@ class FeedbackConsumer:
                 if isinstance(parsed, Rejection):
                     invalid.append((record, parsed))
                 else:
-                    valid.append(Incoming(parsed, f"{tp.topic}/{tp.partition}/{record.offset}"))
-        try:
-            outcome: WriteOutcome = self.store.write_batch(valid)
-        except SQLAlchemyError as e:
-            raise StoreUnavailable(f"store write failed: {type(e).__name__}: {e}") from e
+                    source = f"{tp.topic}/{tp.partition}/{record.offset}"
+                    valid.append((record, Incoming(parsed, source)))
+        outcome = self._store(valid, invalid)
         report.stored, report.duplicates, report.conflicts = (
             outcome.stored,
             outcome.duplicates,
@@ -170,34 +202,86 @@ class FeedbackConsumer:
         self._commit(records)
         return report
 
+    def _store(
+        self, valid: list[tuple[Any, Incoming]], invalid: list[tuple[Any, Rejection]]
+    ) -> WriteOutcome:
+        """Write the batch; if the database refuses a row, isolate it (appended to ``invalid``)."""
+        try:
+            return self.store.write_batch([item for _, item in valid])
+        except SQLAlchemyError as e:
+            if not is_data_error(e):
+                raise StoreUnavailable(f"store write failed: {_db_error(e, message=True)}") from e
+            log.warning(
+                "the store refused a batch of %d events (%s); writing them one at a time",
+                len(valid),
+                _db_error(e),
+            )
+        total = WriteOutcome()
+        for record, item in valid:
+            try:
+                _merge(total, self.store.write_batch([item]))
+            except SQLAlchemyError as e:
+                if not is_data_error(e):
+                    raise StoreUnavailable(
+                        f"store write failed: {_db_error(e, message=True)}"
+                    ) from e
+                detail = f"(event): the store refused it ({_db_error(e)})"
+                invalid.append((record, Rejection("store_rejected", detail)))
+        return total
+
     def _dead_letter(self, invalid: list[tuple[Any, Rejection]]) -> None:
         if not invalid:
             return
         assert self._producer is not None
         futures = []
         for record, rejection in invalid:
-            headers = [
-                (REASON_HEADER, rejection.reason.encode()),
-                (DETAIL_HEADER, rejection.detail[:1000].encode("utf-8", "replace")),
-                ("alignd-source-topic", record.topic.encode()),
-                ("alignd-source-partition", str(record.partition).encode()),
-                ("alignd-source-offset", str(record.offset).encode()),
-            ]
-            value = record.value if record.value is not None else b""
-            if len(value) > self.kafka.dlq_max_message_bytes:  # would not fit a Kafka message
-                headers.append(("alignd-truncated-from-bytes", str(len(value)).encode()))
-                value = value[: self.kafka.dlq_max_message_bytes]
+            headers, key, value = self._dlq_record(record, rejection)
             futures.append(
-                self._producer.send(
-                    self.kafka.dlq_topic, value=value, key=record.key, headers=headers
-                )
+                self._producer.send(self.kafka.dlq_topic, value=value, key=key, headers=headers)
             )
         self._producer.flush(timeout=30)
-        for future in futures:
+        for (record, rejection), future in zip(invalid, futures, strict=True):
             try:
                 future.get(timeout=30)
+            except MessageSizeTooLargeError:
+                # Still too large for the broker (its limit is below ours): the reason and the
+                # source offset always fit, so send those alone rather than stall on it.
+                headers, _, _ = self._dlq_record(record, rejection)
+                headers.append(("alignd-payload-dropped", b"too large for the dead-letter topic"))
+                retry = self._producer.send(self.kafka.dlq_topic, value=b"", headers=headers)
+                try:
+                    retry.get(timeout=30)
+                except KafkaError as e:
+                    raise DeadLetterUnavailable(f"dead-letter send failed: {e}") from e
             except KafkaError as e:
                 raise DeadLetterUnavailable(f"dead-letter send failed: {e}") from e
+
+    def _dlq_record(
+        self, record: Any, rejection: Rejection
+    ) -> tuple[list[tuple[str, bytes]], bytes | None, bytes]:
+        """Headers, key and value of one dead letter, within ``dlq_max_message_bytes`` in all.
+
+        The original key is kept up to ``dlq_max_key_bytes``; the value gets what is left.
+        A cut is recorded in a header. The source's own headers are not copied.
+        """
+        headers = [
+            (REASON_HEADER, rejection.reason.encode()),
+            (DETAIL_HEADER, rejection.detail[:1000].encode("utf-8", "replace")),
+            ("alignd-source-topic", record.topic.encode()),
+            ("alignd-source-partition", str(record.partition).encode()),
+            ("alignd-source-offset", str(record.offset).encode()),
+        ]
+        key: bytes | None = record.key
+        if key is not None and len(key) > self.kafka.dlq_max_key_bytes:
+            headers.append(("alignd-key-truncated-from-bytes", str(len(key)).encode()))
+            key = key[: self.kafka.dlq_max_key_bytes]
+        value = record.value if record.value is not None else b""
+        overhead = 512 + len(key or b"") + sum(len(k) + len(v) for k, v in headers)
+        room = max(0, self.kafka.dlq_max_message_bytes - overhead)
+        if len(value) > room:  # would not fit a Kafka message
+            headers.append(("alignd-truncated-from-bytes", str(len(value)).encode()))
+            value = value[:room]
+        return headers, key, value
 
     def _commit(self, records: dict[TopicPartition, list[Any]]) -> None:
         assert self._consumer is not None
@@ -247,11 +331,21 @@ class FeedbackConsumer:
                         self.on_batch(report)
                     last_records = now
                     self._set_ready(True)
+                    self._unblock()
                 elif now - last_ping >= self.ping_interval_s:
                     self._ping()
                     last_ping = now
                     self._set_ready(True)
                 backoff = 0.5
+            except tuple(PERMANENT_ERRORS) as e:
+                self.totals.failures += 1
+                self._block(e)
+                # kafka-python's fetcher spins forever on a batch whose decoding failed (its
+                # record iterator is spent, yet the batch is never let go): start a fresh client,
+                # which resumes at the group's committed offsets.
+                self._close_consumer()
+                stop.wait(self.kafka.retry_backoff_max_s)
+                continue
             except (
                 KafkaError,
                 OSError,
@@ -299,6 +393,24 @@ class FeedbackConsumer:
             return now - started > until_idle_s + 30
         return all(v == 0 for v in self.lag().values())
 
+    def _block(self, error: KafkaError) -> None:
+        reason = next(code for kind, code in PERMANENT_ERRORS.items() if isinstance(error, kind))
+        self._set_ready(False, f"{type(error).__name__}: {error}")
+        if self.blocked != reason:
+            log.error(
+                "ingestion BLOCKED (%s): %s. Retrying cannot fix this: %s. Retrying every %.0fs.",
+                reason,
+                self.last_error,
+                _BLOCKED_HINTS[reason],
+                self.kafka.retry_backoff_max_s,
+            )
+        self.blocked = reason
+
+    def _unblock(self) -> None:
+        if self.blocked is not None:
+            log.info("ingestion unblocked (was %s)", self.blocked)
+        self.blocked = None
+
     def _set_ready(self, ready: bool, error: str | None = None) -> None:
         if ready != self.ready:
             log.info("consumer %s", "ready" if ready else f"not ready: {error}")
@@ -310,6 +422,23 @@ class FeedbackConsumer:
         if self._producer is not None:
             self._producer.close(timeout=10)
             self._producer = None
+        self._close_consumer()
+
+    def _close_consumer(self) -> None:
         if self._consumer is not None:
             self._consumer.close(autocommit=False)
             self._consumer = None
+
+
+def _db_error(error: SQLAlchemyError, *, message: bool = False) -> str:
+    """The driver's error class and SQLSTATE; its message only for connectivity errors
+    (``message``). Never SQLAlchemy's own text, which repeats the statement's parameters, nor a
+    refused row's message: PostgreSQL's quote the row ("Failing row contains ..."), i.e.
+    customer text."""
+    orig = getattr(error, "orig", None)
+    name = type(orig).__name__ if orig is not None else type(error).__name__
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    out = f"{name} {sqlstate}" if sqlstate else name
+    if message:
+        out += ": " + str(orig if orig is not None else error).splitlines()[0][:300]
+    return out

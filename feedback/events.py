@@ -8,8 +8,12 @@ One JSON object per Kafka message. Every event carries the envelope (``schema_ve
 - ``edit``: ``completion`` (what the model said) and ``edited_completion`` (what the agent sent);
 - ``comparison``: ``chosen`` and ``rejected`` — an annotator's preference.
 
-Validation is strict: unknown fields, wrong types (no coercion of ``"1"`` to ``1``), blank
-texts, control characters and anything over the configured limits are rejected with a
+Validation is strict: unknown fields, duplicate keys, wrong types (no coercion of ``"1"`` or
+``true`` to ``1``), blank or invisible-only texts, control, line-separator and bidi-override
+characters in *any* string (ids, actor, tags included: PostgreSQL refuses a NUL, and one event
+the store refuses must never reach it), implausible timestamps (``limits.max_future_skew_s``
+ahead of now, or older than ``limits.max_age_days``) and anything over the configured limits
+are rejected with a
 :class:`Rejection` whose ``reason`` is a short stable code (it becomes a metric label and a
 DLQ header) and whose ``detail`` names the field. ``python -m feedback.events`` regenerates
 the published JSON Schema in ``feedback/schema/``.
@@ -22,6 +26,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,7 +44,17 @@ from feedback.base import FrozenModel
 from feedback.config import EventLimits
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "feedback-event-v1.schema.json"
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# C0 controls but tab/LF/CR, DEL, C1 controls, the line/paragraph separators, bidi embeddings,
+# overrides and isolates ("Trojan Source"), and the non-characters U+FFFE/U+FFFF.
+_CONTROL = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufffe\uffff]"
+)
+# Whitespace plus characters that render as nothing (zero-width, joiners, soft hyphen, BOM,
+# variation selectors, Hangul fillers): a text made only of these is blank.
+_INVISIBLE = re.compile(
+    "[\\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]*"
+)
 _DEFAULT_LIMITS = EventLimits()
 
 
@@ -50,15 +65,29 @@ def _limits(info: ValidationInfo) -> EventLimits:
     return limits
 
 
-def _check_text(value: str, info: ValidationInfo) -> str:
-    if not value.strip():
-        raise ValueError("empty_text: must not be empty or whitespace")
+def _check_chars(value: str) -> str:
     if _CONTROL.search(value):
-        raise ValueError("control_character: contains a control character")
+        raise ValueError("control_character: contains a control or bidi-override character")
+    return value
+
+
+def _check_text(value: str, info: ValidationInfo) -> str:
+    if _INVISIBLE.fullmatch(value):
+        raise ValueError("empty_text: must not be empty, whitespace or invisible characters")
+    _check_chars(value)
     limit = _limits(info).max_text_chars
     if len(value) > limit:
         raise ValueError(f"text_too_long: {len(value)} characters, limit {limit}")
     return value
+
+
+def _check_name(value: str | None) -> str | None:
+    """Ids and names in the envelope: printable, and not blank when given."""
+    if value is None:
+        return None
+    if _INVISIBLE.fullmatch(value):
+        raise ValueError("empty_text: must not be empty, whitespace or invisible characters")
+    return _check_chars(value)
 
 
 class _Strict(FrozenModel):
@@ -77,9 +106,11 @@ class Actor(_Strict):
     kind: Literal["user", "agent", "annotator", "system"]
     id: str = Field(min_length=1, max_length=256)
 
+    _id = field_validator("id")(_check_name)
+
 
 class _Envelope(_Strict):
-    schema_version: Literal[1]
+    schema_version: Literal[1]  # an int: true and 1.0 are refused before validation
     event_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")
     occurred_at: AwareDatetime
     prompt: list[ChatMessage] = Field(min_length=1)
@@ -87,6 +118,35 @@ class _Envelope(_Strict):
     served_adapter: str | None = Field(None, max_length=128)
     actor: Actor | None = None
     tags: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict)
+
+    _names = field_validator("trace_id", "served_adapter")(_check_name)
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _version_is_an_int(cls, value: Any) -> Any:
+        # Strict mode still lets the JSON literals true and 1.0 equal Literal[1].
+        if type(value) is not int:
+            raise ValueError(f"unsupported_version: {value!r} is not the integer 1")
+        return value
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _plausible_time(cls, value: datetime, info: ValidationInfo) -> datetime:
+        context = info.context or {}
+        if context.get("stored"):  # checked when it was ingested; the clock has moved since
+            return value
+        limits = _limits(info)
+        now = context.get("now") or datetime.now(UTC)
+        if value > now + timedelta(seconds=limits.max_future_skew_s):
+            raise ValueError(
+                f"implausible_time: {value.isoformat()} is more than "
+                f"{limits.max_future_skew_s}s ahead of the consumer's clock"
+            )
+        if limits.max_age_days is not None and value < now - timedelta(days=limits.max_age_days):
+            raise ValueError(
+                f"implausible_time: {value.isoformat()} is older than {limits.max_age_days} days"
+            )
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -108,6 +168,9 @@ class _Envelope(_Strict):
             raise ValueError(f"too_many_tags: {len(value)} tags, limit {limit}")
         if any(not 0 < len(k) <= 64 for k in value):
             raise ValueError("bad_tag: tag keys must be 1 to 64 characters")
+        for key, text in value.items():
+            _check_name(key)
+            _check_chars(text)
         return value
 
 
@@ -169,6 +232,9 @@ CUSTOM_REASONS = frozenset(
         "bad_prompt",
         "too_many_tags",
         "bad_tag",
+        "unsupported_version",
+        "implausible_time",
+        "duplicate_key",
     }
 )
 REASONS = frozenset(
@@ -177,9 +243,9 @@ REASONS = frozenset(
         *CUSTOM_REASONS,
         "wrong_type",
         "invalid_value",
-        "unsupported_version",
         "oversize",
         "invalid_utf8",
+        "store_rejected",  # valid, but the database refused it (feedback.consumer)
     }
 )
 
@@ -208,8 +274,35 @@ def _rejection(err: ValidationError) -> Rejection:
     return Rejection("invalid_value", f"{where}: {message}")
 
 
-def parse_event(raw: bytes | None, limits: EventLimits = _DEFAULT_LIMITS) -> Event | Rejection:
-    """Validate one Kafka message value. Never raises on bad input."""
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _duplicate_key(text: str) -> str | None:
+    """The first key an object repeats (JSON allows it; the last would silently win)."""
+    try:
+        json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        return str(e)
+    except (ValueError, RecursionError):  # not JSON at all: the validator says so
+        return None
+    return None
+
+
+def parse_event(
+    raw: bytes | None, limits: EventLimits = _DEFAULT_LIMITS, *, now: datetime | None = None
+) -> Event | Rejection:
+    """Validate one Kafka message value against ``now`` (default: the clock). Never raises on
+    bad input."""
     if raw is None:
         return Rejection("invalid_json", "(event): empty message (tombstone)")
     if len(raw) > limits.max_message_bytes:
@@ -219,21 +312,29 @@ def parse_event(raw: bytes | None, limits: EventLimits = _DEFAULT_LIMITS) -> Eve
     except UnicodeDecodeError as e:
         return Rejection("invalid_utf8", f"(event): byte {e.start}: {e.reason}")
     try:
-        return EVENT_ADAPTER.validate_json(text, context={"limits": limits})
+        event = EVENT_ADAPTER.validate_json(text, context={"limits": limits, "now": now})
     except ValidationError as e:
         return _rejection(e)
     except RecursionError:  # pathologically deep JSON nesting
         return Rejection("invalid_json", "(event): nesting too deep")
+    repeated = _duplicate_key(text)  # only valid events pay for the second parse
+    if repeated is not None:
+        detail = f"(event): key {repeated[:64]!r} appears twice in one object"
+        return Rejection("duplicate_key", detail)
+    return event
 
 
 _NO_LIMITS = EventLimits(
-    max_message_bytes=2**62, max_text_chars=2**62, max_prompt_messages=2**31, max_tags=2**31
+    max_message_bytes=2**62,
+    max_text_chars=2**62,
+    max_prompt_messages=2**31,
+    max_tags=2**31,
 )
 
 
 def load_stored(text: str) -> Event:
     """Re-read an event this store accepted earlier; limits were applied at ingestion."""
-    return EVENT_ADAPTER.validate_json(text, context={"limits": _NO_LIMITS})
+    return EVENT_ADAPTER.validate_json(text, context={"limits": _NO_LIMITS, "stored": True})
 
 
 def canonical_json(event: Event) -> str:

@@ -5,6 +5,10 @@ rebuilt from the raw events whenever the rules change. Writes are idempotent on 
 a redelivered event is counted as a duplicate; an event that reuses an id with *different*
 content is counted as a conflict and kept out (recorded in ``feedback_conflicts``), never
 overwriting what was stored first. One batch is one transaction.
+
+Times are stored in UTC (SQLite keeps no offset: a ``+05:00`` time stored as written would be
+five hours off for retention). :func:`is_data_error` tells a row the database refuses (retrying
+cannot help: the consumer dead-letters that one event) from an unreachable database (retry).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from feedback.events import Event, canonical_json, content_sha256, load_stored, prompt_key
 
@@ -92,6 +97,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each commit in WAL mode
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
+
+
+def is_data_error(error: SQLAlchemyError) -> bool:
+    """True when the database refused *these rows* (a constraint, a value it cannot store);
+    False for connectivity, locks and timeouts, where the same write can succeed later."""
+    if isinstance(error, OperationalError | InterfaceError):
+        return False
+    return not (isinstance(error, DBAPIError) and error.connection_invalidated)
 
 
 def _aware(value: datetime) -> datetime:
@@ -157,7 +170,7 @@ class FeedbackStore:
                     {
                         "event_id": ev.event_id,
                         "type": ev.type,
-                        "occurred_at": ev.occurred_at,
+                        "occurred_at": ev.occurred_at.astimezone(UTC),
                         "ingested_at": now,
                         "prompt_sha256": prompt_key(ev.prompt),
                         "content_sha256": digest,
@@ -222,8 +235,16 @@ class FeedbackStore:
                 yield StoredEvent(int(row.seq), ev, _aware(row.ingested_at))
             last = int(rows[-1].seq)
 
-    def delete_older_than(self, cutoff: datetime) -> int:
-        """Retention: drop events that occurred before ``cutoff``; returns how many."""
+    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
+        """Retention over every table holding customer text: events that occurred before
+        ``cutoff`` and conflicting copies received before it. Returns rows removed per table."""
+        cutoff = cutoff.astimezone(UTC)
         with self.engine.begin() as conn:
-            result = conn.execute(delete(events_table).where(events_table.c.occurred_at < cutoff))
-            return int(result.rowcount or 0)
+            events = conn.execute(delete(events_table).where(events_table.c.occurred_at < cutoff))
+            conflicts = conn.execute(
+                delete(conflicts_table).where(conflicts_table.c.received_at < cutoff)
+            )
+            return {
+                events_table.name: int(events.rowcount or 0),
+                conflicts_table.name: int(conflicts.rowcount or 0),
+            }

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer
+from sqlalchemy import text
 
 from demo.broker import EmbeddedBroker, produce_events
 from feedback.config import KafkaConfig
@@ -37,7 +38,7 @@ def valid(i: int) -> dict[str, Any]:
 def hostile(rng: random.Random, i: int) -> bytes:  # noqa: C901 — one branch per kind of fault
     """One malformed or hostile message, of many kinds."""
     base = valid(i) | {"event_id": f"bad-{i}"}
-    kind = rng.randrange(16)
+    kind = rng.randrange(18)
     if kind == 2 and i % 500 and rng.random() < 0.9:  # keep the huge ones to a few dozen
         kind = 3
     if kind == 0:
@@ -87,6 +88,23 @@ def hostile(rng: random.Random, i: int) -> bytes:  # noqa: C901 — one branch p
         return json.dumps({k: v for k, v in base.items() if k != missing}).encode()  # missing field
     if kind == 14:
         return json.dumps(base | {"schema_version": rng.choice([0, 2, "1", 1.5])}).encode()
+    if kind == 16:  # what PostgreSQL refuses, or a reader is fooled by, in any string
+        bad = rng.choice(["\u0000", "\u0085", "\u2028", "\u202e", "\u2066", "\u0007"])
+        where = rng.choice(["served_adapter", "trace_id", "actor", "tags", "completion"])
+        if where == "actor":
+            return json.dumps(base | {"actor": {"kind": "user", "id": f"u{bad}1"}}).encode()
+        if where == "tags":
+            return json.dumps(base | {"tags": {"category": f"x{bad}"}}).encode()
+        return json.dumps(base | {where: f"v{bad}1"}).encode()
+    if kind == 17:  # lax values: a bool or float version, a repeated key, invisible text, year 9999
+        lax = rng.randrange(4)
+        if lax == 0:
+            return json.dumps(base | {"schema_version": rng.choice([True, 1.0])}).encode()
+        if lax == 1:
+            return json.dumps(base).encode()[:-1] + b', "rating": "down"}'
+        if lax == 2:
+            return json.dumps(base | {"completion": "\u200b\u2060\ufeff"}).encode()
+        return json.dumps(base | {"occurred_at": "9999-01-01T00:00:00Z"}).encode()
     return json.dumps(base | {"completion": "   \n\t "}).encode()  # blank text
 
 
@@ -107,7 +125,10 @@ def test_parse_event_never_raises_and_always_gives_a_known_reason(raw: bytes) ->
 
 
 @pytest.mark.integration
-def test_ten_thousand_hostile_messages_through_the_consumer(tmp_path: Path, fault_figures) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_ten_thousand_hostile_messages_through_the_consumer(
+    tmp_path: Path, fault_figures, backend: str, request: pytest.FixtureRequest
+) -> None:
     rng = random.Random(0)
     messages: list[bytes] = []
     n_valid = n_bad = 0
@@ -124,7 +145,14 @@ def test_ten_thousand_hostile_messages_through_the_consumer(tmp_path: Path, faul
         broker.create_topics("alignd.feedback.dlq")
         # 1 MB messages exceed Kafka's default message size; the producer splits them into their own requests
         produce_events(broker.bootstrap, "alignd.feedback", messages, max_request_size=2_000_000)
-        store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+        url = (
+            request.getfixturevalue("postgres_url")
+            if backend == "postgresql"
+            else f"sqlite:///{tmp_path / 'f.db'}"
+        )
+        store = FeedbackStore(url)
+        with store.engine.begin() as conn:  # the PostgreSQL server is shared by the session
+            conn.execute(text("DELETE FROM feedback_events"))
         consumer = FeedbackConsumer(
             KafkaConfig(
                 bootstrap_servers=broker.bootstrap,
@@ -165,7 +193,7 @@ def test_ten_thousand_hostile_messages_through_the_consumer(tmp_path: Path, faul
         assert len(seen) == n_bad  # every bad message, once per source offset
         assert set(seen.values()) <= REASONS and len(set(seen.values())) >= 10
         fault_figures(
-            "12k messages, 85% hostile",
+            f"12k messages, 85% hostile ({backend})",
             produced=len(messages),
             stored=store.count(),
             duplicates=totals.duplicates,

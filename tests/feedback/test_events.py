@@ -102,6 +102,73 @@ BAD: list[tuple[str, bytes, str, str]] = [
         "too_many_tags",
         "tags",
     ),
+    # Every string of the envelope is checked like message text (PostgreSQL refuses NUL).
+    (
+        "NUL in adapter",
+        encode(rating("x", served_adapter="v1\x00")),
+        "control_character",
+        "served_adapter",
+    ),
+    (
+        "NUL in actor",
+        encode(rating("x", actor={"kind": "user", "id": "u\x00"})),
+        "control_character",
+        "actor.id",
+    ),
+    ("NUL in tag value", encode(rating("x", tags={"k": "\x00"})), "control_character", "tags"),
+    ("NUL in tag key", encode(rating("x", tags={"k\x00": "v"})), "control_character", "tags"),
+    ("NUL in trace id", encode(rating("x", trace_id="t\x00")), "control_character", "trace_id"),
+    (
+        "blank actor id",
+        encode(rating("x", actor={"kind": "user", "id": "\u200b"})),
+        "empty_text",
+        "actor.id",
+    ),
+    ("C1 control", encode(rating("x", completion="a\x85b")), "control_character", "completion"),
+    (
+        "line separator",
+        encode(rating("x", completion="a\u2028b")),
+        "control_character",
+        "completion",
+    ),
+    (
+        "bidi override",
+        encode(rating("x", completion="a\u202eb")),
+        "control_character",
+        "completion",
+    ),
+    ("bidi isolate", encode(rating("x", completion="a\u2066b")), "control_character", "completion"),
+    (
+        "zero-width only",
+        encode(rating("x", completion="\u200b\u200d\ufeff \u2060")),
+        "empty_text",
+        "completion",
+    ),
+    (
+        "version true",
+        encode(rating("x") | {"schema_version": True}),
+        "unsupported_version",
+        "schema_version",
+    ),
+    (
+        "version 1.0",
+        encode(rating("x") | {"schema_version": 1.0}),
+        "unsupported_version",
+        "schema_version",
+    ),
+    ("duplicate key", encode(rating("x"))[:-1] + b', "rating": "down"}', "duplicate_key", "rating"),
+    (
+        "year 9999",
+        encode(rating("x") | {"occurred_at": "9999-01-01T00:00:00Z"}),
+        "implausible_time",
+        "occurred_at",
+    ),
+    (
+        "year 1990",
+        encode(rating("x") | {"occurred_at": "1990-01-01T00:00:00Z"}),
+        "implausible_time",
+        "occurred_at",
+    ),
     ("huge and deep", b"[" * 150_000 + b"]" * 150_000, "oversize", ""),
     ("deep but small", b'{"a":' * 5000 + b"1" + b"}" * 5000, "invalid_json", ""),
 ]
@@ -113,6 +180,22 @@ def test_bad_events_rejected_with_reason(name: str, raw: bytes, reason: str, fie
     assert isinstance(parsed, Rejection), f"{name} was accepted"
     assert parsed.reason == reason, parsed
     assert field in parsed.detail
+
+
+def test_visible_unicode_is_kept() -> None:
+    # Joiners inside emoji and right-to-left marks are text, not tricks.
+    for text in ("ok 👩\u200d💻", "שלום\u200f ok", "naïve café"):
+        assert not isinstance(parse_event(encode(rating("x", completion=text))), Rejection)
+
+
+def test_time_plausibility_follows_the_clock_and_the_limits() -> None:
+    from datetime import UTC, datetime
+
+    raw = encode(rating("x") | {"occurred_at": "2026-11-20T12:00:00+02:00"})
+    now = datetime(2026, 11, 20, 9, 30, tzinfo=UTC)  # the event is 30 minutes ahead
+    assert not isinstance(parse_event(raw, now=now), Rejection)
+    ahead = parse_event(raw, EventLimits(max_future_skew_s=600), now=now)
+    assert isinstance(ahead, Rejection) and ahead.reason == "implausible_time"
 
 
 def test_limits_are_configurable() -> None:

@@ -74,8 +74,31 @@ def test_read_back_in_order_and_counts(store: FeedbackStore) -> None:
 def test_retention_by_age(store: FeedbackStore) -> None:
     store.write_batch([Incoming(ev(rating("old") | {"occurred_at": "2025-01-01T00:00:00Z"})),
                        Incoming(ev(rating("new", completion="x")))])  # fmt: skip
-    assert store.delete_older_than(datetime(2026, 1, 1, tzinfo=UTC)) == 1
+    assert store.delete_older_than(datetime(2026, 1, 1, tzinfo=UTC)) == {
+        "feedback_events": 1,
+        "feedback_conflicts": 0,
+    }
     assert [s.event.event_id for s in store.iter_events()] == ["new"]
+
+
+def test_retention_compares_instants_not_wall_clocks(store: FeedbackStore) -> None:
+    # 10:00 at +05:00 is 05:00 UTC: before a 06:00 UTC cutoff although "10:00" is after it.
+    east = rating("east") | {"occurred_at": "2026-11-20T10:00:00+05:00"}
+    west = rating("west", completion="y") | {"occurred_at": "2026-11-20T04:00:00-03:00"}
+    store.write_batch([Incoming(ev(east)), Incoming(ev(west))])
+    removed = store.delete_older_than(datetime(2026, 11, 20, 6, 0, tzinfo=UTC))
+    assert removed["feedback_events"] == 1
+    assert [s.event.event_id for s in store.iter_events()] == ["west"]  # 07:00 UTC
+
+
+def test_retention_reaches_the_conflicts_table(store: FeedbackStore) -> None:
+    first = datetime(2026, 11, 1, tzinfo=UTC)
+    store.write_batch([Incoming(ev(rating("r1")))], now=first)
+    store.write_batch([Incoming(ev(rating("r1", completion="other text")))], now=first)
+    assert store.conflicts() == 1
+    removed = store.delete_older_than(datetime(2026, 11, 21, tzinfo=UTC))
+    assert removed == {"feedback_events": 1, "feedback_conflicts": 1}
+    assert store.conflicts() == 0 and store.count() == 0
 
 
 def test_sqlite_uses_wal(tmp_path: Path) -> None:
