@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from daemon.child import run_child
 from daemon.client import cmd_client
-from daemon.config import AligndConfig, ConfigError, load_config
+from daemon.config import AligndConfig, ConfigError, load_config, with_split_salt
 from trainer.methods import METHODS
 from trainer.spec import (
     DEFAULT_BASE_MODEL,
@@ -164,7 +164,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
     config = _config(args)
     store = FeedbackStore(config.store.url)
     try:
-        manifest = build_snapshot(store, Path(args.out), config.dataset)
+        manifest = build_snapshot(store, Path(args.out), with_split_salt(config).dataset)
     finally:
         store.close()
     print(

@@ -9,6 +9,7 @@ the key named; secrets are redacted whenever the config is printed or logged.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -223,3 +224,32 @@ def load_config(path: Path | str | None = None) -> AligndConfig:
             key = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {key}: {err['msg']} (env ALIGND_{key.upper().replace('.', '__')})")
         raise ConfigError("\n".join(lines)) from e
+
+
+SALT_FILE = "split-salt"
+
+
+def with_split_salt(config: AligndConfig) -> AligndConfig:
+    """``config`` with a secret held-out split salt: the configured one, else the one kept in
+    ``<data_dir>/split-salt``, generated (and written 0600) on the first start.
+
+    With a public salt anyone could compute offline which prompts the gate holds out and
+    steer exactly those; the file keeps the split stable across restarts.
+    """
+    if config.dataset.split_salt is not None:
+        return config
+    path = config.paths.data_dir / SALT_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".tmp")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    salt = path.read_text().strip()
+    if not salt:
+        raise ValueError(f"dataset.split_salt: {path} is empty; delete it to generate a new one")
+    dataset = config.dataset.model_copy(update={"split_salt": SecretStr(salt)})
+    return config.model_copy(update={"dataset": dataset})

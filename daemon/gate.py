@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from feedback.base import FrozenModel
+from feedback.manifest import ActorShares
 from trainer.spec import AdapterEval, DetectorFinding, EvalReport
 
 DETECTORS = ("non_finite_loss", "reference_mismatch", "sign_bug", "likelihood_collapse")
@@ -72,7 +74,29 @@ class GateConfig(FrozenModel):
     min_policy_compliance: float | None = Field(
         0.95, ge=0, le=1, description="floor on replies obeying the policy rules that apply"
     )
+    max_actor_share: float | None = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="largest share of the snapshot's rows (all, and held-out) one actor may "
+        "supply; events naming no actor count as one",
+    )
+    curated_heldout: Path | None = Field(
+        None,
+        description="an operator-curated pairs file (JSONL/parquet: prompt, chosen, rejected) "
+        "every candidate is also scored on",
+    )
+    min_curated_accuracy: float | None = Field(
+        0.6, ge=0, le=1, description="reward accuracy on curated_heldout, when one is set"
+    )
     block_on_detectors: bool = Field(True, description="any training detector fired → reject")
+
+    @field_validator("curated_heldout")
+    @classmethod
+    def _curated_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
 
 
 @dataclass(frozen=True)
@@ -326,13 +350,51 @@ def _policy_check(cand: AdapterEval, ref: AdapterEval, config: GateConfig) -> Ch
     return _bounded(name, generation.policy_compliance, bounds, what + detail, upper=False)
 
 
+def _evidence_checks(
+    cand: AdapterEval, actors: ActorShares | None, config: GateConfig
+) -> list[Check]:
+    """Whose evidence the held-out numbers are, and the operator's own curated set."""
+    checks = []
+    if config.max_actor_share is not None:
+        if actors is None:
+            checks.append(Check("actor_share", False, None, config.max_actor_share, "not measured"))
+        else:
+            share = max(actors.largest_share, actors.largest_heldout_share)
+            top = actors.top[0] if actors.top else None
+            who = f" ({top.kind or 'no'} actor {top.actor})" if top else ""
+            checks.append(
+                _at_most(
+                    "actor_share",
+                    share,
+                    config.max_actor_share,
+                    "largest single-actor share of the snapshot's rows" + who,
+                )
+            )
+    if config.curated_heldout is not None and config.min_curated_accuracy is not None:
+        accuracy = cand.curated.reward_accuracy if cand.curated else None
+        checks.append(
+            _at_least(
+                "curated_accuracy",
+                accuracy,
+                config.min_curated_accuracy,
+                "reward accuracy on the curated held-out set",
+            )
+        )
+    return checks
+
+
 def decide_promotion(
-    report: EvalReport, detectors: Mapping[str, DetectorFinding], config: GateConfig
+    report: EvalReport,
+    detectors: Mapping[str, DetectorFinding],
+    config: GateConfig,
+    actors: ActorShares | None = None,
 ) -> Decision:
     """Promote or reject, from the run's eval report (candidate, reference and — when an
-    adapter was active — incumbent, all on the same held-out set) and its training detectors."""
+    adapter was active — incumbent, all on the same held-out set), its training detectors and
+    who supplied the snapshot's rows (its manifest's ``actors``)."""
     cand, ref = report.candidate, report.reference
     checks = _preference_checks(cand, report.incumbent, config)
+    checks += _evidence_checks(cand, actors, config)
     checks += _reference_checks(cand, ref, config)
     checks += _generation_checks(cand, ref, config)
     checks += _grounding_checks(cand, ref, config)

@@ -225,7 +225,9 @@ class Refresher:
         if result.adapter_dir is None:
             return outcome.end(Outcome.FAILED, "the run succeeded but names no adapter")
 
-        decision = decide_promotion(result.eval, result.detectors, self.config.gate)
+        decision = decide_promotion(
+            result.eval, result.detectors, self.config.gate, manifest.actors
+        )
         outcome.gate = decision.as_dict()
         self.metrics.gate_decisions.labels(
             outcome="promote" if decision.promote else "reject"
@@ -276,6 +278,7 @@ class Refresher:
                 "incumbent_adapter": str(active_dir) if active_dir else None,
                 "reference_cache": str(self.data_dir / "cache" / "reference.sqlite"),
                 "init_adapter": str(active_dir) if active_dir and training.warm_start else None,
+                "eval": {"curated_pairs": _path(self.config.gate.curated_heldout)},
             },
             training.run_spec,
         )
@@ -342,6 +345,10 @@ class Refresher:
             log.warning("active version %s: its manifest's eval report does not parse", active)
             return
         self._record_eval("active", evaluation.candidate)
+
+
+def _path(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
 
 
 def make_runner(config: TrainingConfig) -> Runner:

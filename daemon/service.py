@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from daemon.api import make_app
 from daemon.child import run_child
-from daemon.config import AligndConfig
+from daemon.config import AligndConfig, with_split_salt
 from daemon.metrics import Metrics
 from daemon.refresh import Refresher
 from daemon.registry import Registry, ServingHook, VersionInfo, current_pointer_hook
@@ -52,9 +52,9 @@ def _parse(ts: str | None) -> datetime | None:
 
 class Service:
     def __init__(self, config: AligndConfig) -> None:
-        self.config = config
+        config.paths.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.config = with_split_salt(config)
         data = config.paths.data_dir
-        data.mkdir(parents=True, exist_ok=True)
         self.store = FeedbackStore(config.store.url)
         hooks: list[ServingHook] = []
         if config.serving.current_pointer:

@@ -93,9 +93,20 @@ class DatasetConfig(FrozenModel):
     """How stored events become training rows (see ``feedback.dataset``)."""
 
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts held out")
-    split_salt: str = Field("alignd-v1", description="changing it reshuffles the held-out split")
+    split_salt: SecretStr | None = Field(
+        None,
+        description="secret that decides which prompts are held out (changing it reshuffles "
+        "the split); null: the daemon generates one on first start and keeps it in "
+        "<data_dir>/split-salt",
+    )
     max_length_ratio: float = Field(2.0, gt=1.0, description="drop pairs whose chosen is k× longer")
     max_chars: int = Field(8_000, gt=0, description="drop rows with a longer text")
     recency_days: int | None = Field(None, gt=0, description="only events this recent")
     mine_rating_pairs: bool = Field(True, description="an up and a down on one prompt → a pair")
     max_mined_pairs_per_prompt: int = Field(4, gt=0, description="cap on up × down combinations")
+    max_rows_per_actor: int | None = Field(
+        2000, gt=0, description="rows of each kind one actor may supply (most recent kept)"
+    )
+    max_rows_per_prompt: int | None = Field(
+        20, gt=0, description="rows of each kind for one normalised prompt (most recent kept)"
+    )

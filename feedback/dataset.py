@@ -6,13 +6,27 @@ Rules (each filter is counted, so the manifest says what was dropped and why):
 - ``comparison`` → pair;
 - ``rating`` → KTO example (desirable = up); an ``up`` and a ``down`` on the same prompt for
   different replies → also a *mined* pair (up = chosen);
-- ``trivial_edit``: chosen and rejected identical after whitespace/case normalisation. An
-  ``edit`` whose agent sent the model's reply unchanged is an *accepted* reply: no pair, but a
-  desirable KTO example (like a thumbs-up from the agent);
+- texts are compared, and prompts keyed for dedupe, caps and the held-out split, after
+  :func:`normalize` (NFKC, case, zero-width and format characters, punctuation that does not
+  sit between two letters or digits, whitespace): "Where is my order?" and "where is my
+  order" are one prompt and land on one side of the split;
+- ``trivial_edit``: chosen and rejected identical after normalisation. An ``edit`` whose agent
+  sent the model's reply unchanged is an *accepted* reply: no pair, but a desirable KTO example
+  (like a thumbs-up from the agent);
 - ``length_ratio``: chosen more than k× longer (in words) than rejected — the length-bias
   guard of the DPO checklist: otherwise the cheapest way to win is to be long;
-- ``duplicate_pair`` / ``duplicate_example``: the same row again (first one kept);
-- ``contradictory_label``: the same (prompt, reply) rated both up and down — all dropped;
+- votes are counted per *voter* (the event's actor, or the event itself when it names none):
+  a voter's later vote on the same row replaces its earlier one (``duplicate_*``);
+- ``duplicate_pair`` / ``duplicate_example``: the same row again, by the same or another voter
+  on the same side (first one kept);
+- ``outvoted_pair`` / ``outvoted_label``: A>B and B>A (or up and down on one reply) — the
+  side with more distinct voters wins, the other side's rows are dropped and counted; one
+  opposite vote does not erase fifty;
+- ``contradictory_pair`` / ``contradictory_label``: a tie between the two sides — all dropped;
+- ``actor_cap`` / ``prompt_cap``: rows beyond ``max_rows_per_actor`` from one actor, or
+  ``max_rows_per_prompt`` for one prompt, per kind (the most recent are kept); events with no
+  actor are not capped per actor (they have no identity) but count as one ``(unattributed)``
+  actor in the manifest's shares;
 - ``too_long``: a text over the character cap; ``outside_window``: older than the window.
 
 Events are processed in (occurred_at, event_id) order, so the same events always give the
@@ -22,14 +36,18 @@ same rows in the same order, whatever order they were read in.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import product
+from typing import TypeVar
 
 from feedback.config import DatasetConfig
-from feedback.events import ComparisonEvent, EditEvent, Event, RatingEvent, prompt_key
+from feedback.events import ComparisonEvent, EditEvent, Event, RatingEvent
 
 Messages = list[dict[str, str]]
 FILTERS = (
@@ -37,10 +55,16 @@ FILTERS = (
     "length_ratio",
     "duplicate_pair",
     "duplicate_example",
+    "outvoted_pair",
+    "outvoted_label",
+    "contradictory_pair",
     "contradictory_label",
+    "actor_cap",
+    "prompt_cap",
     "too_long",
     "outside_window",
 )
+UNATTRIBUTED = "(unattributed)"
 
 
 @dataclass(frozen=True)
@@ -50,8 +74,13 @@ class PairExample:
     rejected: str
     source: str  # edit | comparison | mined
     event_ids: tuple[str, ...]
-    prompt_sha256: str
+    prompt_sha256: str  # of the normalised prompt: the dedupe, cap and split key
     tags: dict[str, str] = field(default_factory=dict)
+    actor: str = ""  # "kind:id" of the event's actor; "" when it names none
+
+    @property
+    def voter(self) -> str:
+        return self.actor or f"event:{self.event_ids[0]}"
 
 
 @dataclass(frozen=True)
@@ -62,6 +91,7 @@ class KTOExample:
     event_id: str
     prompt_sha256: str
     tags: dict[str, str] = field(default_factory=dict)
+    actor: str = ""
 
 
 @dataclass
@@ -71,8 +101,35 @@ class Examples:
     filtered: Counter[str] = field(default_factory=Counter)
 
 
+# Characters that render as nothing: zero-width space/joiners, marks, soft hyphen, BOM,
+# variation selectors, bidi controls. NFKC keeps them, so they are removed explicitly.
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u206f\ufe00-\ufe0f\ufeff]"
+)
+# Punctuation that does not sit between two word characters ("ships today." but not "12.34").
+_LOOSE_PUNCT = re.compile(r"[^\w\s]+(?!\w)|(?<!\w)[^\w\s]+")
+
+
 def normalize(text: str) -> str:
-    return " ".join(text.split()).lower()
+    """The comparison form of a text: NFKC, casefolded, invisible characters and loose
+    punctuation removed, whitespace collapsed."""
+    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).casefold()
+    return " ".join(_LOOSE_PUNCT.sub(" ", text).split())
+
+
+def prompt_id(event: Event) -> str:
+    """A stable hash of the normalised prompt (roles and normalised contents)."""
+    payload = json.dumps([[m.role, normalize(m.content)] for m in event.prompt])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def actor_of(event: Event) -> str:
+    return f"{event.actor.kind}:{event.actor.id}" if event.actor else ""
+
+
+def _voter(event: Event) -> str:
+    return actor_of(event) or f"event:{event.event_id}"
 
 
 def _words(text: str) -> int:
@@ -120,8 +177,9 @@ def _pair_from(event: EditEvent | ComparisonEvent) -> PairExample:
         rejected,
         event.type,
         (event.event_id,),
-        prompt_key(event.prompt),
+        prompt_id(event),
         dict(event.tags),
+        actor_of(event),
     )
 
 
@@ -130,22 +188,22 @@ def _ratings_to_examples(
 ) -> tuple[list[KTOExample], list[PairExample]]:
     by_reply: dict[tuple[str, str], list[RatingEvent]] = defaultdict(list)
     for r in ratings:
-        by_reply[(prompt_key(r.prompt), normalize(r.completion))].append(r)
+        by_reply[(prompt_id(r), normalize(r.completion))].append(r)
     kto: list[KTOExample] = []
     for group in by_reply.values():
-        if len({r.rating for r in group}) > 1:
-            filtered["contradictory_label"] += len(group)
+        winners = _majority(group, _voter, lambda r: r.rating, filtered, "label", "example")
+        if not winners:
             continue
-        first = group[0]
-        filtered["duplicate_example"] += len(group) - 1
+        first = winners[0]
         kto.append(
             KTOExample(
                 _messages(first),
                 first.completion,
                 first.rating == "up",
                 first.event_id,
-                prompt_key(first.prompt),
+                prompt_id(first),
                 dict(first.tags),
+                actor_of(first),
             )
         )
     mined: list[PairExample] = []
@@ -166,9 +224,68 @@ def _ratings_to_examples(
                         (up.event_id, down.event_id),
                         up.prompt_sha256,
                         up.tags,
+                        up.actor,
                     )
                 )
     return kto, mined
+
+
+Vote = TypeVar("Vote")
+
+
+def _majority(
+    votes: list[Vote],
+    voter: Callable[[Vote], str],
+    side: Callable[[Vote], str],
+    filtered: Counter[str],
+    conflict: str,
+    row: str,
+) -> list[Vote]:
+    """The votes on the side more distinct voters took (in arrival order); [] on a tie.
+
+    A voter's last vote counts (earlier ones are ``duplicate_<row>``); the losing side's votes
+    are ``outvoted_<conflict>``, a tie drops every vote as ``contradictory_<conflict>``.
+    """
+    last: dict[str, Vote] = {}
+    for vote in votes:
+        last[voter(vote)] = vote
+    filtered[f"duplicate_{row}"] += len(votes) - len(last)
+    counted = [v for v in votes if last[voter(v)] is v]
+    tally = Counter(side(v) for v in counted)
+    ranked = tally.most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        filtered[f"contradictory_{conflict}"] += len(counted)
+        return []
+    winner = ranked[0][0]
+    filtered[f"outvoted_{conflict}"] += len(counted) - tally[winner]
+    kept = [v for v in counted if side(v) == winner]
+    filtered[f"duplicate_{row}"] += len(kept) - 1
+    return kept
+
+
+Row = TypeVar("Row", PairExample, KTOExample)
+
+
+def _cap(
+    rows: list[Row],
+    key: Callable[[Row], str],
+    limit: int | None,
+    filtered: Counter[str],
+    name: str,
+) -> list[Row]:
+    """At most ``limit`` rows per key, the most recent kept (rows arrive oldest first)."""
+    if limit is None:
+        return rows
+    seen: Counter[str] = Counter()
+    keep = [False] * len(rows)
+    for i in range(len(rows) - 1, -1, -1):
+        k = key(rows[i])
+        if not k or seen[k] < limit:  # "" (no actor) is not an identity to cap on
+            seen[k] += 1
+            keep[i] = True
+        else:
+            filtered[name] += 1
+    return [row for row, kept in zip(rows, keep, strict=True) if kept]
 
 
 def build_examples(events: Sequence[Event], config: DatasetConfig, now: datetime) -> Examples:
@@ -191,18 +308,8 @@ def build_examples(events: Sequence[Event], config: DatasetConfig, now: datetime
             candidates.append(_pair_from(ev))
     out.kto, mined = _ratings_to_examples(ratings, config, out.filtered)
 
-    seen: set[tuple[str, str, str]] = set()
-    for pair in candidates + mined:
-        key = (pair.prompt_sha256, normalize(pair.chosen), normalize(pair.rejected))
-        if key[1] == key[2]:
-            out.filtered["trivial_edit"] += 1
-        elif _words(pair.chosen) > config.max_length_ratio * max(1, _words(pair.rejected)):
-            out.filtered["length_ratio"] += 1
-        elif key in seen:
-            out.filtered["duplicate_pair"] += 1
-        else:
-            seen.add(key)
-            out.pairs.append(pair)
+    out.pairs = _resolve_pairs(candidates + mined, config, out.filtered)
+    _apply_caps(out, config)
     return out
 
 
@@ -226,3 +333,41 @@ def kto_balance(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
     if ratio > 4.0 / 3.0:
         return 1.0, ratio / (4.0 / 3.0)
     return 1.0, 1.0
+
+
+def _resolve_pairs(
+    pairs: list[PairExample], config: DatasetConfig, filtered: Counter[str]
+) -> list[PairExample]:
+    """Drop trivial and too-long pairs; settle A>B against B>A on one prompt by majority."""
+    # A>B and B>A on one prompt are votes on one question: group them by the unordered pair.
+    questions: dict[tuple[str, str, str], list[tuple[str, PairExample]]] = defaultdict(list)
+    for pair in pairs:
+        chosen, rejected = normalize(pair.chosen), normalize(pair.rejected)
+        if chosen == rejected:
+            filtered["trivial_edit"] += 1
+        elif _words(pair.chosen) > config.max_length_ratio * max(1, _words(pair.rejected)):
+            filtered["length_ratio"] += 1
+        else:
+            low, high = sorted((chosen, rejected))
+            questions[(pair.prompt_sha256, low, high)].append((chosen, pair))
+    kept = []
+    for votes in questions.values():
+        winners = _majority(votes, lambda v: v[1].voter, lambda v: v[0], filtered, "pair", "pair")
+        if winners:
+            kept.append(winners[0][1])
+    return kept
+
+
+def _apply_caps(out: Examples, config: DatasetConfig) -> None:
+    def actor(row: PairExample | KTOExample) -> str:
+        return row.actor
+
+    def prompt(row: PairExample | KTOExample) -> str:
+        return row.prompt_sha256
+
+    for name, key, limit in (
+        ("actor_cap", actor, config.max_rows_per_actor),
+        ("prompt_cap", prompt, config.max_rows_per_prompt),
+    ):
+        out.pairs = _cap(out.pairs, key, limit, out.filtered, name)
+        out.kto = _cap(out.kto, key, limit, out.filtered, name)

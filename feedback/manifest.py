@@ -8,6 +8,7 @@ A missing or malformed file fails with a :class:`pydantic.ValidationError` namin
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -48,6 +49,27 @@ class EventRange(FrozenModel):
     last_occurred_at: str | None
 
 
+class ActorShare(FrozenModel):
+    """One actor's rows: ``actor`` is sha256("kind:id")[:12], or ``(unattributed)``."""
+
+    actor: str
+    kind: str = Field(description="user | agent | annotator | system; empty if unattributed")
+    rows: int = Field(ge=0)
+    heldout_rows: int = Field(ge=0)
+    share: float = Field(ge=0, le=1)
+    heldout_share: float = Field(ge=0, le=1)
+
+
+class ActorShares(FrozenModel):
+    """How much of the snapshot each actor supplied (pairs and KTO rows together)."""
+
+    distinct: int = Field(ge=0, description="actors, the unattributed bucket counted as one")
+    unattributed_rows: int = Field(ge=0, description="rows from events that name no actor")
+    largest_share: float = Field(ge=0, le=1, description="of all rows")
+    largest_heldout_share: float = Field(ge=0, le=1, description="of the held-out rows")
+    top: list[ActorShare] = Field(description="the five largest suppliers")
+
+
 class SnapshotManifest(FrozenModel):
     format: str = Field(MANIFEST_FORMAT, description="layout version")
     sha256: str = Field(description="hash of the rows only: same events and rules, same hash")
@@ -56,6 +78,10 @@ class SnapshotManifest(FrozenModel):
     filtered: dict[str, int] = Field(description="events dropped by each dataset rule")
     kto_balance: KtoBalance
     events: EventRange
+    actors: ActorShares | None = Field(None, description="None in manifests before shares")
+    split_salt: Literal["secret", "public-default"] = Field(
+        "public-default", description="whether held-out membership is predictable offline"
+    )
     config: DatasetConfig = Field(description="the dataset rules it was built with")
     built_at: str
 
@@ -66,5 +92,5 @@ class SnapshotManifest(FrozenModel):
     def summary(self) -> dict[str, object]:
         """What an adapter version records about the data it was trained on."""
         return self.model_dump(
-            mode="json", include={"counts", "filtered", "pair_sources", "events"}
+            mode="json", include={"counts", "filtered", "pair_sources", "events", "actors"}
         )

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from feedback.config import DatasetConfig
 from feedback.dataset import (
     FILTERS,
+    UNATTRIBUTED,
     Examples,
     KTOExample,
     PairExample,
@@ -39,6 +41,8 @@ from feedback.dataset import (
 )
 from feedback.manifest import (
     MANIFEST_FORMAT,
+    ActorShare,
+    ActorShares,
     EventRange,
     KtoBalance,
     SnapshotCounts,
@@ -69,6 +73,7 @@ KTO_SCHEMA = pa.schema(
     ]
 )
 SPLITS = ("train", "heldout")
+PUBLIC_SALT = "alignd-v1"
 
 
 def _tag_rows(tags: dict[str, str]) -> list[dict[str, str]]:
@@ -96,6 +101,61 @@ def _kto_row(k: KTOExample) -> dict[str, Any]:
     }
 
 
+def split_salt(config: DatasetConfig) -> str:
+    """The configured secret, or the public default (predictable: library use and tests; the
+    daemon always sets a secret one, see ``daemon.config.with_split_salt``)."""
+    return config.split_salt.get_secret_value() if config.split_salt else PUBLIC_SALT
+
+
+def split_of(prompt_sha256: str, config: DatasetConfig) -> str:
+    """``train`` or ``heldout``: stable per (normalised) prompt under one salt."""
+    held = is_heldout(prompt_sha256, config.heldout_fraction, split_salt(config))
+    return "heldout" if held else "train"
+
+
+def actor_shares(examples: Examples, config: DatasetConfig, top: int = 5) -> ActorShares:
+    """Who supplied the rows (pairs and KTO together), overall and in the held-out split.
+
+    Actors are named by a hash of ``kind:id`` (the manifest is no place for account ids);
+    events with no actor form one ``(unattributed)`` bucket.
+    """
+    rows: Counter[str] = Counter()
+    heldout: Counter[str] = Counter()
+    everything: list[PairExample | KTOExample] = [*examples.pairs, *examples.kto]
+    for row in everything:
+        who = row.actor or UNATTRIBUTED
+        rows[who] += 1
+        if split_of(row.prompt_sha256, config) == "heldout":
+            heldout[who] += 1
+    total, total_heldout = sum(rows.values()), sum(heldout.values())
+
+    def share(n: int, of: int) -> float:
+        return n / of if of else 0.0
+
+    def named(who: str) -> tuple[str, str]:
+        if who == UNATTRIBUTED:
+            return who, ""
+        return hashlib.sha256(who.encode()).hexdigest()[:12], who.partition(":")[0]
+
+    return ActorShares(
+        distinct=len(rows),
+        unattributed_rows=rows[UNATTRIBUTED],
+        largest_share=share(max(rows.values(), default=0), total),
+        largest_heldout_share=share(max(heldout.values(), default=0), total_heldout),
+        top=[
+            ActorShare(
+                actor=named(who)[0],
+                kind=named(who)[1],
+                rows=n,
+                heldout_rows=heldout[who],
+                share=share(n, total),
+                heldout_share=share(heldout[who], total_heldout),
+            )
+            for who, n in sorted(rows.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        ],
+    )
+
+
 def split_rows(
     examples: Examples, config: DatasetConfig
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -105,14 +165,10 @@ def split_rows(
         "kto": {s: [] for s in SPLITS},
     }
 
-    def split_of(prompt_sha256: str) -> str:
-        held = is_heldout(prompt_sha256, config.heldout_fraction, config.split_salt)
-        return "heldout" if held else "train"
-
     for p in examples.pairs:
-        out["pairs"][split_of(p.prompt_sha256)].append(_pair_row(p))
+        out["pairs"][split_of(p.prompt_sha256, config)].append(_pair_row(p))
     for k in examples.kto:
-        out["kto"][split_of(k.prompt_sha256)].append(_kto_row(k))
+        out["kto"][split_of(k.prompt_sha256, config)].append(_kto_row(k))
     return out
 
 
@@ -157,6 +213,8 @@ def write_snapshot(
             undesirable_weight=weight_u,
         ),
         events=event_range,
+        actors=actor_shares(examples, config),
+        split_salt="secret" if config.split_salt else "public-default",
         config=config,
         built_at=(built_at or datetime.now(UTC)).isoformat(),
     )

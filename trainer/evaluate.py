@@ -328,6 +328,20 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> EvalReport:
                     grounding=spec.eval.grounding,
                     policy_rules=spec.eval.policy_rules,
                 )
+    if spec.eval.curated_pairs is not None:
+        curated = build_pair_eval_set(
+            model,
+            tokenizer,
+            to_pairs(read_rows(spec.eval.curated_pairs)),
+            max_length=hp.max_length,
+            max_prompt_length=hp.max_prompt_length,
+            batch_size=bs,
+        )
+        for name, adapter in adapters.items():
+            _stage(f"eval {name}: curated preference set")
+            report[name]["curated"] = preference_metrics(
+                model, curated, adapter=adapter, beta=hp.beta, pad_id=pad, batch_size=bs
+            )
     questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
     if questions:
         for name, adapter in adapters.items():

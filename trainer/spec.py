@@ -156,6 +156,11 @@ class EvalSpec(FrozenModel):
     policy_rules: tuple[PolicyRule, ...] = Field(
         (), description="per-tag required / forbidden patterns, checked on held-out replies"
     )
+    curated_pairs: Path | None = Field(
+        None,
+        description="an operator-curated pairs file (prompt, chosen, rejected), scored next to "
+        "the stream's held-out split",
+    )
 
 
 class RunSpec(FrozenModel):
@@ -321,6 +326,7 @@ class AdapterEval(FrozenModel):
     """Everything measured about one adapter (or the reference) on the held-out split."""
 
     preference: PreferenceReport | None = None
+    curated: PreferenceReport | None = Field(None, description="on eval.curated_pairs")
     kl_to_reference: float | None = Field(None, description="nats per response token")
     generation: GenerationReport | None = None
     factuality: float | None = Field(None, description="multiple-choice accuracy")

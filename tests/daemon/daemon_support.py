@@ -44,6 +44,17 @@ def edit_events(prefix: str, flipped: bool = False) -> list[bytes]:
     return out
 
 
+def curated_pairs(path: Path) -> Path:
+    """An operator's curated held-out set: the good direction, on orders the stream never had."""
+    rows = [
+        {"prompt": f"Where is my order {n}?", "chosen": f"Order {n} ships today.",
+         "rejected": f"So sorry, order {n} is delayed."}
+        for n in range(2000, 2040)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def write_config(
     tmp_path: Path,
     broker: EmbeddedBroker,
@@ -97,6 +108,7 @@ def write_config(
             "chosen_logp_tolerance": None,
             "kl_budget": 5.0,
             "min_preference_accuracy": 0.75,
+            "max_actor_share": None,  # these events name no actor; tests that do turn it on
         },
         "admin": {"port": port, "drain_s": 20},
     }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from daemon_support import ORDERS, Daemon, edit_events, write_config
+from daemon_support import ORDERS, Daemon, curated_pairs, edit_events, write_config
 from services import wait_until
 
 from daemon.registry import Registry, check_adapter_dir
@@ -33,7 +33,16 @@ def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
         broker.create_topics("alignd.feedback.dlq")
         port = free_port()
         daemon = Daemon(
-            write_config(tmp_path, broker, tiny_model_dir, port, max_steps=12), tmp_path, port
+            write_config(
+                tmp_path,
+                broker,
+                tiny_model_dir,
+                port,
+                max_steps=12,
+                overrides={"gate": {"curated_heldout": str(curated_pairs(tmp_path / "c.jsonl"))}},
+            ),
+            tmp_path,
+            port,
         )
         try:
             # 1. good feedback → refresh → v0001 passes the gate and becomes active
@@ -51,17 +60,19 @@ def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
                 and daemon.get("/v1/status")["active_adapter"] == "v0001"
             )
 
-            # 2. contradictory feedback (every edit reversed) → the next candidate is rejected
-            produce_events(
-                broker.bootstrap, "alignd.feedback", edit_events("flipped", flipped=True)
+            # 2. every edit reversed, twice: the reversed side wins each pair's vote, so the
+            # stream's own held-out split agrees with it; the curated set rejects the candidate
+            flipped = edit_events("flipped-a", flipped=True) + edit_events(
+                "flipped-b", flipped=True
             )
+            produce_events(broker.bootstrap, "alignd.feedback", flipped)
             assert wait_until(
-                lambda: daemon.get("/v1/status")["store"]["events"] == 2 * len(ORDERS), 60
+                lambda: daemon.get("/v1/status")["store"]["events"] == 3 * len(ORDERS), 60
             )
             second = daemon.refresh_and_wait()
             assert second["outcome"] == "rejected", second
             failed = [c["name"] for c in second["gate"]["checks"] if not c["passed"]]
-            assert "preference_accuracy" in failed
+            assert "curated_accuracy" in failed, second["gate"]
             assert daemon.get("/v1/status")["active_adapter"] == "v0001"
             # the reversed edits are the same (prompt, reply) texts: every reference log-prob
             # comes from the cache the first refresh filled, none is recomputed
@@ -88,13 +99,11 @@ def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
             assert os.readlink(current) == "adapters/v0001"
 
             # 4. the counters moved
-            assert daemon.metric("alignd_events_stored_total", type="edit") == 2 * len(ORDERS)
+            assert daemon.metric("alignd_events_stored_total", type="edit") == 3 * len(ORDERS)
             assert daemon.metric("alignd_events_dead_lettered_total", reason="invalid_json") == 1
             assert daemon.metric("alignd_refresh_runs_total", outcome="promoted") == 1
             assert daemon.metric("alignd_refresh_runs_total", outcome="rejected") == 1
-            assert (
-                daemon.metric("alignd_gate_failed_checks_total", check="preference_accuracy") == 1
-            )
+            assert daemon.metric("alignd_gate_failed_checks_total", check="curated_accuracy") == 1
             assert daemon.metric("alignd_rollbacks_total", trigger="operator") == 1
             assert daemon.metric("alignd_consumer_ready") == 1
             assert daemon.metric("alignd_last_training_loss") > 0

@@ -9,17 +9,26 @@ import pytest
 
 from daemon.gate import Decision, GateConfig
 from daemon.gate import decide_promotion as gate_decision
+from feedback.manifest import ActorShares
 from trainer.spec import EvalReport
+
+# Forty actors, none supplying more than 4% of the rows.
+SPREAD = ActorShares(
+    distinct=40, unattributed_rows=0, largest_share=0.04, largest_heldout_share=0.05, top=[]
+)
 
 
 def decide_promotion(
-    run: dict[str, Any], incumbent: dict[str, Any] | None, config: GateConfig
+    run: dict[str, Any],
+    incumbent: dict[str, Any] | None,
+    config: GateConfig,
+    actors: ActorShares | None = SPREAD,
 ) -> Decision:
     """The gate on a run written as plain data (as result.json holds it), parsed as the daemon does."""
     report = EvalReport.model_validate(
         {"candidate": run["candidate"], "reference": run["reference"], "incumbent": incumbent}
     )
-    return gate_decision(report, run["detectors"], config)
+    return gate_decision(report, run["detectors"], config, actors)
 
 
 def good_run() -> dict[str, Any]:
@@ -220,9 +229,37 @@ def test_every_check_is_reported_with_value_and_threshold() -> None:
         "relevance",
         "unsupported_claims",
         "policy_compliance",
+        "actor_share",
         "training_detectors",
     }
     assert all(c.value is not None for c in decision.checks)
+
+
+def test_one_actor_supplying_most_of_the_evidence_is_rejected() -> None:
+    flood = SPREAD.model_copy(update={"largest_share": 0.2, "largest_heldout_share": 0.87})
+    decision = decide_promotion(good_run(), None, GateConfig(), flood)
+    check = next(c for c in decision.checks if c.name == "actor_share")
+    assert not decision.promote and not check.passed and check.value == 0.87
+    # Unknown shares (a manifest from before shares) are not evidence of a spread.
+    assert not decide_promotion(good_run(), None, GateConfig(), None).promote
+    assert decide_promotion(good_run(), None, GateConfig(max_actor_share=None), None).promote
+
+
+def test_curated_set_is_checked_when_one_is_configured(tmp_path) -> None:
+    curated = tmp_path / "curated.jsonl"
+    curated.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    config = GateConfig(curated_heldout=curated)
+    run = good_run()
+    assert not decide_promotion(run, None, config).promote  # configured but not measured
+    run["candidate"]["curated"] = {"num_pairs": 40, "reward_accuracy": 0.55}
+    check = next(
+        c for c in decide_promotion(run, None, config).checks if c.name == "curated_accuracy"
+    )
+    assert not check.passed and check.value == 0.55
+    run["candidate"]["curated"]["reward_accuracy"] = 0.9
+    assert decide_promotion(run, None, config).promote
+    with pytest.raises(ValueError, match="not a file"):
+        GateConfig(curated_heldout=tmp_path / "missing.jsonl")
 
 
 def test_checks_can_be_switched_off() -> None:

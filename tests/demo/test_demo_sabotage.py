@@ -1,6 +1,9 @@
 """Sabotage through the demo pipeline (simulator → broker → daemon → trainer → gate) on a tiny
 model: after good feedback is promoted, the same conversations arrive again with chosen and
-rejected flipped (a producer bug). The gate must reject the candidate and name the check.
+rejected flipped (a producer bug), from the same agents. Each agent's later word replaces its
+earlier one, so the stream's own held-out split now agrees with the flipped data and its
+accuracy cannot catch this; the operator's curated held-out set (pairs the stream never
+supplied) must, and the gate must name that check.
 
 (With real SmolLM2 replies most reversed edits never reach training: the agent's edit is much
 shorter than the rambling reply, so reversed they fail the dataset's length-ratio guard. The
@@ -21,7 +24,7 @@ from daemon_support import Daemon, write_config
 
 from demo.broker import EmbeddedBroker, free_port, produce_events
 from demo.scenario import CARRIERS, POLICY_RULES, make_cases
-from demo.simulate import build_events
+from demo.simulate import agent_edit, build_events
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +49,17 @@ def flipped(messages: list[bytes]) -> list[bytes]:
     return out
 
 
+def curated_set(path: Path) -> Path:
+    """What an operator curates: the right answer over the rambling one, on other requests."""
+    rows = [
+        {"prompt": c.prompt, "chosen": agent_edit(c, reply_for(c), "grounded"),
+         "rejected": reply_for(c)}
+        for c in make_cases(40, seed=97)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_flipped_feedback_is_rejected_by_the_gate(tiny_model_dir: Path, tmp_path: Path) -> None:
     cases = make_cases(80, seed=11)
     sim = build_events(cases, [reply_for(c) for c in cases], seed=11, noise=False)
@@ -59,7 +73,13 @@ def test_flipped_feedback_is_rejected_by_the_gate(tiny_model_dir: Path, tmp_path
             tiny_model_dir,
             port,
             max_steps=16,
-            overrides={"dataset": {"max_length_ratio": 10.0}},
+            overrides={
+                "dataset": {"max_length_ratio": 10.0},
+                "gate": {
+                    "curated_heldout": str(curated_set(tmp_path / "curated.jsonl")),
+                    "max_actor_share": 0.3,
+                },
+            },
         )
         daemon = Daemon(config, tmp_path, port)
         try:
@@ -77,7 +97,7 @@ def test_flipped_feedback_is_rejected_by_the_gate(tiny_model_dir: Path, tmp_path
             bad = daemon.refresh_and_wait()
             assert bad["outcome"] == "rejected", bad
             failed = [c["name"] for c in bad["gate"]["checks"] if not c["passed"]]
-            assert "preference_accuracy" in failed, bad["gate"]
+            assert "curated_accuracy" in failed, bad["gate"]
             assert daemon.get("/v1/status")["active_adapter"] == good["version"]
         finally:
             daemon.stop()
