@@ -94,7 +94,9 @@ def _config(
         },
         "store": {"url": f"sqlite:///{workdir / 'data' / 'feedback.db'}"},
         "paths": {"data_dir": str(workdir / "data")},
-        "dataset": {"heldout_fraction": 0.25},
+        # A fixed salt keeps the demo's held-out split (and its numbers) the same run to run;
+        # an install without one gets a secret generated on first start.
+        "dataset": {"heldout_fraction": 0.25, "split_salt": "alignd-demo"},
         "schedule": {
             "cron": None,
             "min_new_pairs": None,

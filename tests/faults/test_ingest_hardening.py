@@ -50,9 +50,14 @@ def config(broker: EmbeddedBroker, topic: str = TOPIC, **kw: Any) -> KafkaConfig
                        retry_backoff_max_s=1.0, **kw)  # fmt: skip
 
 
-def drain(kafka: KafkaConfig, store: FeedbackStore) -> FeedbackConsumer:
+def drain(kafka: KafkaConfig, store: FeedbackStore, deadline_s: float = 90) -> FeedbackConsumer:
+    """Consume until the topic is drained, or ``deadline_s`` (a stuck consumer never drains)."""
     consumer = FeedbackConsumer(kafka, store)
-    consumer.run(threading.Event(), until_idle_s=2)
+    stop = threading.Event()
+    timer = threading.Timer(deadline_s, stop.set)
+    timer.start()
+    consumer.run(stop, until_idle_s=2)
+    timer.cancel()
     consumer.close()
     return consumer
 

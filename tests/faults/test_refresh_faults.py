@@ -76,6 +76,7 @@ def make_refresher(tmp_path: Path, model: Path, **training: Any) -> Refresher:
             "min_policy_compliance": None,
             "chosen_logp_tolerance": None,
             "kl_budget": 5.0,
+            "max_actor_share": None,  # these events name no actor
         },
     )
     store = FeedbackStore(config.store.url)
@@ -84,6 +85,20 @@ def make_refresher(tmp_path: Path, model: Path, **training: Any) -> Refresher:
     return Refresher(
         config, store, Registry(tmp_path / "data" / "registry"), Metrics(CollectorRegistry())
     )
+
+
+def test_retention_removes_snapshots_built_before_the_cutoff(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    refresher = make_refresher(tmp_path, tiny_model_dir)
+    _, snapshot = refresher._snapshot("r1")
+    assert snapshot.is_dir()
+    assert refresher.expire_snapshots(datetime.now(UTC) - timedelta(days=1)) == 0
+    assert snapshot.is_dir()
+    assert refresher.expire_snapshots(datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert not snapshot.exists()
 
 
 def assert_registry_intact(refresher: Refresher, versions: list[str], active: str | None) -> None:
