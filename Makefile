@@ -64,9 +64,9 @@ sweep-beta: setup
 # "Benchmarks"). Uses the demo's cached SFT replies (.demo/cache) or generates them once.
 bench: setup
 	$(PIP) install -q -e ".[dev,demo,bench]"
-	$(PY) bench/train_vs_trl.py
-	$(PY) bench/refresh_incremental.py
-	$(PY) bench/ingest_throughput.py
+	PYTHONPATH=. $(PY) bench/train_vs_trl.py
+	PYTHONPATH=. $(PY) bench/refresh_incremental.py
+	PYTHONPATH=. $(PY) bench/ingest_throughput.py
 
 # Re-wrap the alert rules (the source of truth) into the kustomize PrometheusRule.
 deploy-rules: setup
