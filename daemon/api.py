@@ -6,23 +6,27 @@ codes by type: :class:`~daemon.registry.VersionNotFound` → 404, any other
 :class:`~daemon.registry.RegistryError` (a conflict with the registry's state, an invalid
 adapter) → 409.
 
-Mutating endpoints need ``Authorization: Bearer <token>``: 401 without one, 403 with a wrong
-one. The comparison is constant-time by construction (``hmac.compare_digest`` over SHA-256
-digests, so even a token of a different length takes the same path). Without a configured
-token the mutating endpoints are refused. The token is never logged or echoed.
+Every endpoint under ``/v1/`` needs ``Authorization: Bearer <token>`` (401 without one, 403
+with a wrong one): reads take the admin token or the read-only token (``admin.read_token``),
+changes only the admin token. ``/healthz``, ``/readyz`` and ``/metrics`` stay open and carry no
+event content (error types, never messages). Request bodies are bounded while they stream in,
+before authentication (:class:`BodyLimit`). The comparison is constant-time by construction
+(``hmac.compare_digest`` over SHA-256 digests, so even a token of a different length takes the
+same path). Without a configured token the endpoints it opens are refused. The token is never logged or echoed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.registry import RegistryError, VersionNotFound
 
@@ -39,7 +43,9 @@ class AdminBackend(Protocol):
     def adapter(self, version: str) -> dict[str, Any]: ...
     def run(self, run_id: str) -> dict[str, Any] | None: ...
     def promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]: ...
-    def rollback(self, *, actor: str, reason: str, to: str | None) -> tuple[str, list[str]]: ...
+    def rollback(
+        self, *, actor: str, reason: str, to: str | None, force: bool = False
+    ) -> tuple[str, list[str]]: ...
     def reject(self, version: str, *, actor: str, reason: str) -> None: ...
     def request_refresh(self, actor: str) -> tuple[bool, str]: ...
 
@@ -54,11 +60,62 @@ class RollbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     to: str | None = Field(None, max_length=64)
     reason: str = Field("operator rollback", max_length=1000)
+    force: bool = Field(False, description="allow a version an operator rejected")
 
 
 class ReasonBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field("operator request", max_length=1000)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body is read at most ``max_body`` bytes far, *before* routing
+    and authentication, whether it comes with ``Content-Length`` or chunked; beyond that the
+    answer is 413 and the rest is never read (uvicorn then closes the connection). The body read
+    is replayed to the app, so endpoints see it unchanged."""
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"request body over {self.max_body} bytes"},
+            status_code=413,
+            headers={"connection": "close"},
+        )
+        await response(scope, receive, send)
 
 
 def _digest(value: str) -> bytes:
@@ -77,35 +134,38 @@ def registry_call(fn: Callable[[], T]) -> T:
 
 # The route table: long, and the complexity counted is the routes, not branching logic.
 def make_app(  # noqa: C901
-    backend: AdminBackend, *, token: str | None, max_body_bytes: int
+    backend: AdminBackend,
+    *,
+    token: str | None,
+    max_body_bytes: int,
+    read_token: str | None = None,
 ) -> FastAPI:
-    """The app; ``token`` None refuses every mutating request."""
+    """The app. ``token`` (admin scope) may read and change; ``read_token`` may only read;
+    without ``token`` every mutating request is refused, without either every read under /v1/."""
     app = FastAPI(title="alignd admin API", version="1")
-    expected, max_body = token, max_body_bytes
+    app.add_middleware(BodyLimit, max_body=max_body_bytes)
+    admin_digest = _digest(token) if token else None
+    read_digest = _digest(read_token) if read_token else None
 
-    @app.middleware("http")
-    async def limit_body(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return JSONResponse({"detail": f"request body over {max_body} bytes"}, status_code=413)
-        if request.method in {"POST", "PUT", "PATCH"}:
-            body = (
-                await request.body()
-            )  # chunked bodies: counted after reading, still bounded below
-            if len(body) > max_body:
-                return JSONResponse(
-                    {"detail": f"request body over {max_body} bytes"}, status_code=413
-                )
-        return await call_next(request)
+    def bearer(request: Request) -> bytes:
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return _digest(presented)
+
+    def reader(request: Request) -> None:
+        """Reads under /v1/ (manifests, runs, status): the read-only or the admin token."""
+        presented = bearer(request)
+        # both comparisons always run: the time taken does not say which token was close
+        ok_admin = admin_digest is not None and hmac.compare_digest(presented, admin_digest)
+        ok_read = read_digest is not None and hmac.compare_digest(presented, read_digest)
+        if not (ok_admin or ok_read):
+            raise HTTPException(403, "invalid token")
 
     def operator(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if expected is None or not hmac.compare_digest(_digest(token), _digest(expected)):
+        presented = bearer(request)
+        if admin_digest is None or not hmac.compare_digest(presented, admin_digest):
             raise HTTPException(403, "invalid token")
         actor = request.headers.get("x-alignd-actor", "operator")
         return "".join(c for c in actor[:64] if c.isalnum() or c in "-_.@") or "operator"
@@ -124,15 +184,15 @@ def make_app(  # noqa: C901
     def metrics() -> Response:
         return Response(backend.metrics_exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/status")
+    @app.get("/v1/status", dependencies=[Depends(reader)])
     def status() -> dict[str, Any]:
         return backend.status()
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", dependencies=[Depends(reader)])
     def adapters() -> list[dict[str, Any]]:
         return backend.adapters()
 
-    @app.get("/v1/adapters/{version}")
+    @app.get("/v1/adapters/{version}", dependencies=[Depends(reader)])
     def adapter(version: str) -> dict[str, Any]:
         return registry_call(lambda: backend.adapter(version))
 
@@ -160,7 +220,7 @@ def make_app(  # noqa: C901
     ) -> dict[str, Any]:
         body = body or RollbackBody()
         version, failures = registry_call(
-            lambda: backend.rollback(actor=actor, reason=body.reason, to=body.to)
+            lambda: backend.rollback(actor=actor, reason=body.reason, to=body.to, force=body.force)
         )
         return {"active": version, "serving_hook_failures": failures}
 
@@ -171,7 +231,7 @@ def make_app(  # noqa: C901
             raise HTTPException(409, message)
         return {"accepted": True, "message": message}
 
-    @app.get("/v1/runs/{run_id}")
+    @app.get("/v1/runs/{run_id}", dependencies=[Depends(reader)])
     def run(run_id: str) -> dict[str, Any]:
         status = backend.run(run_id)
         if status is None:

@@ -132,7 +132,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("kafka").setLevel(logging.ERROR)
-    store = FeedbackStore(config.store.url)
+    store = FeedbackStore(config.store.connect_url())
     consumer = FeedbackConsumer(config.kafka, store, config.limits)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -162,7 +162,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
     from feedback.store import FeedbackStore
 
     config = _config(args)
-    store = FeedbackStore(config.store.url)
+    store = FeedbackStore(config.store.connect_url())
     try:
         manifest = build_snapshot(store, Path(args.out), with_split_salt(config).dataset)
     finally:
@@ -268,8 +268,11 @@ def make_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ALIGND_URL", "http://127.0.0.1:8080"),
         help="admin API of the running daemon (env ALIGND_URL)",
     )
-    client.add_argument("--token", help="admin bearer token (env ALIGND_ADMIN__TOKEN)")
-    client.add_argument("--token-file", help="file holding the admin token")
+    client.add_argument(
+        "--token",
+        help="bearer token (env ALIGND_ADMIN__TOKEN; for reads ALIGND_ADMIN__READ_TOKEN will do)",
+    )
+    client.add_argument("--token-file", help="file holding the token")
     client.add_argument("--json", action="store_true", help="machine-readable output")
     status = sub.add_parser("status", parents=[client], help="what the daemon is doing")
     status.set_defaults(func=cmd_client, action="status")
@@ -300,6 +303,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     rollback.add_argument("--to", help="a specific earlier active version")
     rollback.add_argument("--reason", default="operator rollback")
+    rollback.add_argument(
+        "--force", action="store_true", help="allow a version an operator rejected"
+    )
     rollback.set_defaults(func=cmd_client, action="rollback")
     reject = adapters_sub.add_parser(
         "reject", parents=[client], help="mark a held candidate rejected"

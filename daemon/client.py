@@ -23,7 +23,12 @@ def _api(
     import httpx
 
     headers = {"x-alignd-actor": os.environ.get("USER", "operator")}
-    token = args.token or os.environ.get("ALIGND_ADMIN__TOKEN")
+    # the admin token, else a read-only one (enough for status, list, show, runs)
+    token = (
+        args.token
+        or os.environ.get("ALIGND_ADMIN__TOKEN")
+        or os.environ.get("ALIGND_ADMIN__READ_TOKEN")
+    )
     if not token and args.token_file:
         token = Path(args.token_file).read_text().strip()
     if token:
@@ -84,8 +89,9 @@ def _client(args: argparse.Namespace) -> int:
                 f"{last.get('reason', '')}",
                 f"consumer:         {ready}, lag {consumer['lag']}, stored {consumer['stored']}, "
                 f"dead-lettered {consumer['dead_lettered']}",
-                f"store:            {data['store']['events']} events, new since last snapshot "
-                f"{data['store']['new_since_last_snapshot']}",
+                f"store:            last seq {data['store']['last_seq']}, new since last "
+                f"snapshot {data['store']['new_since_last_snapshot'] or '(not counted yet)'}"
+                + (f", ERROR {data['store']['error']}" if data["store"].get("error") else ""),
             ]
         )
         _print(args, data, human)
@@ -127,7 +133,12 @@ def _client(args: argparse.Namespace) -> int:
         )
         _print(args, data, f"active: {data['active']}" + _hook_note(data))
     elif action == "rollback":
-        data = _api(args, "POST", "/v1/rollback", {"to": args.to, "reason": args.reason})
+        data = _api(
+            args,
+            "POST",
+            "/v1/rollback",
+            {"to": args.to, "reason": args.reason, "force": args.force},
+        )
         _print(args, data, f"rolled back; active: {data['active']}" + _hook_note(data))
     elif action == "reject":
         data = _api(args, "POST", f"/v1/adapters/{args.version}/reject", {"reason": args.reason})

@@ -141,9 +141,19 @@ class TrainingConfig(FrozenModel):
 class AdminConfig(FrozenModel):
     host: str = Field("127.0.0.1", description="admin API / metrics bind address")
     port: int = Field(8080, ge=0, le=65535, description="admin API / metrics port")
-    token: SecretStr | None = Field(None, description="bearer token for mutating endpoints")
-    token_file: Path | None = Field(None, description="file holding the bearer token")
-    max_body_bytes: int = Field(16_384, gt=0, description="request bodies larger are refused")
+    token: SecretStr | None = Field(None, description="admin bearer token: reads and changes")
+    token_file: Path | None = Field(None, description="file holding the admin bearer token")
+    read_token: SecretStr | None = Field(
+        None, description="read-only bearer token: GET under /v1/ (dashboards, on-call)"
+    )
+    read_token_file: Path | None = Field(None, description="file holding the read-only token")
+    max_body_bytes: int = Field(
+        16_384, gt=0, description="request bodies larger are refused while streaming, before auth"
+    )
+    max_connections: int = Field(
+        64, gt=0, description="concurrent connections and requests; beyond it 503"
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after")
     drain_s: float = Field(25.0, gt=0, description="SIGTERM → exit bound (< pod grace period)")
     json_logs: bool = Field(False, description="structured JSON-lines logs")
 
@@ -187,8 +197,10 @@ class AligndConfig(BaseSettings):
         return env_settings, init_settings
 
     def redacted(self) -> dict[str, Any]:
-        """The resolved config as plain data, secrets shown as '**********'."""
+        """The resolved config as plain data, secrets shown as '**********' (and a password in
+        ``store.url`` as ``***``)."""
         redacted: dict[str, Any] = _redact(self.model_dump(mode="python"))
+        redacted["store"]["url"] = self.store.display_url()
         return redacted
 
 

@@ -116,6 +116,12 @@ class Metrics:
         )
         self.rollbacks = Counter("alignd_rollbacks_total", "Rollbacks", ["trigger"], registry=r)
         self.active_info = Info("alignd_active_adapter", "The active adapter version", registry=r)
+        self.serving_pending = Gauge(
+            "alignd_serving_pending",
+            "1 while the last activation's serving hooks have not all succeeded (replayed each "
+            "tick until serving agrees with the registry)",
+            registry=r,
+        )
         self.drift_kl = Gauge(
             "alignd_drift_kl_nats",
             "Active adapter's KL to the reference on recent production prompts",

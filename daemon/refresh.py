@@ -321,8 +321,10 @@ class Refresher:
         self.publish_active()
         return failures
 
-    def rollback(self, *, actor: str, reason: str, to: str | None = None) -> tuple[str, list[str]]:
-        version, failures = self.registry.rollback(actor=actor, reason=reason, to=to)
+    def rollback(
+        self, *, actor: str, reason: str, to: str | None = None, force: bool = False
+    ) -> tuple[str, list[str]]:
+        version, failures = self.registry.rollback(actor=actor, reason=reason, to=to, force=force)
         self.metrics.rollbacks.labels(trigger=ActivationTrigger.OPERATOR).inc()
         self.publish_active()
         return version, failures

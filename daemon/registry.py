@@ -11,22 +11,37 @@ Every change is atomic: a version is assembled in ``adapters/.staging-*`` and re
 place; ``active.json`` is written to a temp file, fsynced and renamed; the audit log is
 appended and fsynced. A crash at any moment leaves either the old state or the new one;
 leftover staging directories are removed when the registry is opened.
+
+Changes are serialised across threads (a lock) and processes (``flock`` on ``.lock``): the
+state a promote or rollback checks is the state it changes. An activation is recorded in
+``active.json`` as ``serving: pending`` before the serving hooks run and ``done`` once they
+all succeeded; :meth:`Registry.replay_serving` runs the hooks again for a pending activation
+(the daemon calls it at start-up and on every tick), so a crash between the two, or a model
+server that was down, is repaired until serving agrees with the registry. Each version's
+manifest records its files' sha256 (``files``), checked before the version is activated.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import struct
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("alignd.registry")
 
 VERSION_RE = re.compile(r"^v\d{4,}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -103,6 +118,14 @@ def check_safetensors(path: Path) -> None:
         )
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_adapter_dir(path: Path) -> None:
     """Raise unless ``path`` holds a servable PEFT LoRA adapter."""
     for name in ADAPTER_FILES:
@@ -136,8 +159,22 @@ class Registry:
         self.active_path = root / "active.json"
         self.audit_path = root / "audit.jsonl"
         self.hooks = hooks or []
-        for leftover in self.adapters.glob(".staging-*"):  # a crash mid-registration
-            shutil.rmtree(leftover, ignore_errors=True)
+        self.lock_path = root / ".lock"
+        self._thread_lock = threading.RLock()
+        with self._locked():  # another process may be registering: its staging is not ours
+            for leftover in self.adapters.glob(".staging-*"):  # a crash mid-registration
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the registry: one change at a time across threads and processes."""
+        with self._thread_lock:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing releases the flock
 
     # --- reading ------------------------------------------------------------------------------
     def version_dir(self, version: str) -> Path:
@@ -151,16 +188,25 @@ class Registry:
     def versions(self) -> list[str]:
         return sorted(p.name for p in self.adapters.iterdir() if VERSION_RE.match(p.name))
 
-    def active(self) -> str | None:
+    def _active_record(self) -> dict[str, Any]:
         if not self.active_path.exists():
-            return None
-        value = json.loads(self.active_path.read_text()).get("version")
+            return {}
+        data: dict[str, Any] = json.loads(self.active_path.read_text())
+        return data
+
+    def active(self) -> str | None:
+        value = self._active_record().get("version")
         return str(value) if value else None
 
     def history(self) -> list[str]:
-        if not self.active_path.exists():
-            return []
-        return [str(v) for v in json.loads(self.active_path.read_text()).get("history", [])]
+        return [str(v) for v in self._active_record().get("history", [])]
+
+    def serving_state(self) -> str | None:
+        """'pending' while the serving hooks of the last activation have not all succeeded,
+        'done' once they have; None before any activation. (Files written before this field
+        existed count as done.)"""
+        record = self._active_record()
+        return str(record.get("serving", "done")) if record else None
 
     def audit(self) -> Iterator[dict[str, Any]]:
         if not self.audit_path.exists():
@@ -189,6 +235,30 @@ class Registry:
         gate = self.manifest(version).get("gate") or {}
         return "candidate" if gate.get("promote") else "rejected"
 
+    def _operator_rejected(self, version: str) -> bool:
+        actions = [
+            e.get("action")
+            for e in self.audit()
+            if e.get("version") == version and e.get("action") in {"reject", "promote", "rollback"}
+        ]
+        return bool(actions) and actions[-1] == "reject"
+
+    def check_files(self, version: str) -> None:
+        """Raise :class:`InvalidAdapter` unless the version's files are servable and match the
+        sha256 its manifest recorded at registration (older manifests without hashes: servable
+        is checked, with a warning)."""
+        path = self.version_dir(version)
+        check_adapter_dir(path)
+        recorded = self.manifest(version).get("files")
+        if not recorded:
+            log.warning("%s: its manifest records no file hashes (registered before 0.2)", version)
+            return
+        for name in ADAPTER_FILES:
+            if recorded.get(name) != file_sha256(path / name):
+                raise InvalidAdapter(
+                    f"{version}/{name} does not match the sha256 recorded when it was registered"
+                )
+
     def show(self, version: str) -> VersionInfo:
         manifest = self.manifest(version)
         return VersionInfo(
@@ -215,13 +285,19 @@ class Registry:
     ) -> str:
         """Copy a trained adapter in as a new immutable version; returns its name."""
         check_adapter_dir(adapter_dir)
+        with self._locked():
+            return self._register(adapter_dir, manifest, actor)
+
+    def _register(self, adapter_dir: Path, manifest: dict[str, Any], actor: str) -> str:
         staging = self.adapters / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
             for name in ADAPTER_FILES:
                 shutil.copy2(adapter_dir / name, staging / name)
+            check_adapter_dir(staging)  # what was copied, not only the source
             version = self._next_version()
-            full = {**manifest, "version": version, "created_at": _now()}
+            files = {name: file_sha256(staging / name) for name in ADAPTER_FILES}
+            full = {**manifest, "version": version, "created_at": _now(), "files": files}
             (staging / "manifest.json").write_text(
                 json.dumps(full, indent=1, sort_keys=True, default=str)
             )
@@ -246,23 +322,59 @@ class Registry:
         self, version: str, *, action: str, actor: str, reason: str, history: list[str]
     ) -> list[str]:
         previous = self.active()
-        check_adapter_dir(self.version_dir(version))
-        atomic_write_json(
-            self.active_path, {"version": version, "history": history, "changed_at": _now()}
-        )
+        self.check_files(version)
+        record = {
+            "version": version,
+            "history": history,
+            "changed_at": _now(),
+            "previous": previous,
+            "serving": "pending",
+        }
+        atomic_write_json(self.active_path, record)
         self._append_audit(action, actor, reason, version=version, previous=previous)
+        return self._serve(record, actor)
+
+    def _serve(self, record: dict[str, Any], actor: str) -> list[str]:
+        """Run the serving hooks for ``record`` (the active one); mark it done if all succeed.
+        Failures are recorded and returned; the activation stays pending (replayed later)."""
+        version, previous = str(record["version"]), record.get("previous")
         failures = []
-        for hook in self.hooks:  # serving hooks: failures are recorded, the registry stays valid
+        for hook in self.hooks:
             try:
                 hook(version, self.version_dir(version), previous)
             except Exception as e:
                 failures.append(f"{getattr(hook, '__name__', type(hook).__name__)}: {e}")
         if failures:
             self._append_audit("serving_hook_failed", actor, "; ".join(failures), version=version)
+        else:
+            atomic_write_json(self.active_path, {**record, "serving": "done"})
         return failures
+
+    def replay_serving(self, *, actor: str = "alignd-startup") -> list[str] | None:
+        """If the last activation's hooks have not all succeeded (a crash between recording it
+        and serving it, a model server that was down), run them again. Returns None when
+        nothing was pending, else the failures (empty: serving now agrees)."""
+        with self._locked():
+            record = self._active_record()
+            if not record or record.get("serving", "done") == "done":
+                return None
+            log.warning(
+                "activation of %s was recorded but not served everywhere: replaying the hooks",
+                record.get("version"),
+            )
+            failures = self._serve(record, actor)
+            if not failures:
+                self._append_audit(
+                    "serving_replayed", actor, "serving now agrees", version=record["version"]
+                )
+            return failures
 
     def promote(self, version: str, *, actor: str, reason: str, force: bool = False) -> list[str]:
         """Make ``version`` active. Refuses a version the gate rejected unless ``force``."""
+        with self._locked():
+            return self._promote(version, actor=actor, reason=reason, force=force)
+
+    def _promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]:
         state = self.state(version)
         if state == "active":
             raise RegistryConflict(f"{version} is already active")
@@ -275,28 +387,47 @@ class Registry:
             version, action="promote", actor=actor, reason=reason, history=history
         )
 
-    def rollback(self, *, actor: str, reason: str, to: str | None = None) -> tuple[str, list[str]]:
-        """Re-activate the previous active version, or ``to``."""
-        history = self.history()
-        if to is None:
-            if len(history) < 2:
-                raise RegistryConflict("nothing to roll back to: no earlier active version")
-            to = history[-2]
-            history = history[:-1]
-        else:
-            self.version_dir(to)
-            if to not in history:
-                raise RegistryConflict(f"{to} was never active; promote it instead")
+    def rollback(
+        self, *, actor: str, reason: str, to: str | None = None, force: bool = False
+    ) -> tuple[str, list[str]]:
+        """Re-activate the previous active version, or ``to``. A version an operator rejected
+        after it was active is skipped (or, named as ``to``, refused) unless ``force``."""
+        with self._locked():
+            history = self.history()
+            if to is None:
+                earlier = [
+                    v
+                    for v in history[:-1]
+                    if v != self.active() and (force or not self._operator_rejected(v))
+                ]
+                if not earlier:
+                    raise RegistryConflict(
+                        "nothing to roll back to: no earlier active version that was not rejected"
+                        if len(history) >= 2
+                        else "nothing to roll back to: no earlier active version"
+                    )
+                to = earlier[-1]
+            else:
+                self.version_dir(to)
+                if to not in history:
+                    raise RegistryConflict(f"{to} was never active; promote it instead")
+                if to == self.active():
+                    raise RegistryConflict(f"{to} is already active")
+                if self._operator_rejected(to) and not force:
+                    raise RegistryConflict(
+                        f"{to} was rejected by an operator; use force to roll back to it anyway"
+                    )
             history = history[: history.index(to) + 1]
-        return to, self._activate(
-            to, action="rollback", actor=actor, reason=reason, history=history
-        )
+            return to, self._activate(
+                to, action="rollback", actor=actor, reason=reason, history=history
+            )
 
     def reject(self, version: str, *, actor: str, reason: str) -> None:
-        if self.state(version) == "active":
-            raise RegistryConflict(f"{version} is active; roll back first")
-        self.version_dir(version)
-        self._append_audit("reject", actor, reason, version=version)
+        with self._locked():
+            if self.state(version) == "active":
+                raise RegistryConflict(f"{version} is active; roll back first")
+            self.version_dir(version)
+            self._append_audit("reject", actor, reason, version=version)
 
 
 def current_pointer_hook(registry_root: Path) -> ServingHook:

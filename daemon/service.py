@@ -32,12 +32,14 @@ from pydantic import ValidationError
 from daemon.api import make_app
 from daemon.child import run_child
 from daemon.config import AligndConfig, with_split_salt
+from daemon.lock import InstanceLock
 from daemon.metrics import Metrics
 from daemon.refresh import Refresher
 from daemon.registry import Registry, ServingHook, VersionInfo, current_pointer_hook
 from daemon.scheduler import RefreshState, refresh_due
 from daemon.serving import vllm_hook
 from daemon.states import ActivationTrigger, RefreshTrigger
+from feedback.config import read_secret
 from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
 from feedback.events import EditEvent, RatingEvent
 from feedback.store import FeedbackStore
@@ -53,9 +55,16 @@ def _parse(ts: str | None) -> datetime | None:
 class Service:
     def __init__(self, config: AligndConfig) -> None:
         config.paths.data_dir.mkdir(parents=True, exist_ok=True)
+        # first, before anything is cleaned up or recovered: one daemon per directory and store
+        self.instance_lock = InstanceLock(
+            config.paths.data_dir,
+            store_url=config.store.connect_url(),
+            group_id=config.kafka.group_id,
+        )
+        self.instance_lock.acquire()
         config = self.config = with_split_salt(config)
         data = config.paths.data_dir
-        self.store = FeedbackStore(config.store.url)
+        self.store = FeedbackStore(config.store.connect_url())
         hooks: list[ServingHook] = []
         if config.serving.current_pointer:
             hooks.append(current_pointer_hook(data / "registry"))
@@ -73,6 +82,7 @@ class Service:
         self.consumer_stop = threading.Event()
         self.refresh_stop = threading.Event()
         self.manual_refresh: str | None = None
+        self._new_counts: dict[str, int] | None = None  # as of the last tick
         self._lock = threading.Lock()
         self._refresh_thread: threading.Thread | None = None
         self._consumer_thread: threading.Thread | None = None
@@ -86,21 +96,21 @@ class Service:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def admin_token(self) -> str | None:
-        admin = self.config.admin
-        if admin.token is not None:
-            return admin.token.get_secret_value()
-        if admin.token_file is not None:
-            return admin.token_file.read_text().strip() or None
-        return None
+        return read_secret(self.config.admin.token, self.config.admin.token_file)
 
     def app(self) -> FastAPI:
         """The admin API over this service."""
+        admin = self.config.admin
         return make_app(
-            self, token=self.admin_token(), max_body_bytes=self.config.admin.max_body_bytes
+            self,
+            token=self.admin_token(),
+            read_token=read_secret(admin.read_token, admin.read_token_file),
+            max_body_bytes=admin.max_body_bytes,
         )
 
     def start(self) -> None:
         log.info("starting alignd with config %s", json.dumps(self.config.redacted(), default=str))
+        self.replay_serving()
         self.refresher.publish_active()
         if self.refresher.state.last_success_at:
             self.metrics.last_success.set(
@@ -142,6 +152,8 @@ class Service:
                 port=admin.port,
                 log_level="warning",
                 access_log=False,
+                limit_concurrency=admin.max_connections,
+                timeout_keep_alive=int(admin.keep_alive_s),
             )
         )
         self._http_thread = threading.Thread(target=self.http.run, name="admin-http", daemon=True)
@@ -176,6 +188,7 @@ class Service:
             self._http_thread.join(5)
         self.consumer.close()
         self.store.close()
+        self.instance_lock.release()
 
     # --- refresh scheduling -------------------------------------------------------------------
     def request_refresh(self, actor: str) -> tuple[bool, str]:
@@ -191,13 +204,23 @@ class Service:
     def _refresh_busy(self) -> bool:
         return self._refresh_thread is not None and self._refresh_thread.is_alive()
 
+    def replay_serving(self) -> None:
+        """An activation recorded but not yet served everywhere (a crash between the two, a
+        model server that was down) is replayed until serving agrees with the registry."""
+        failures = self.registry.replay_serving()
+        if failures:
+            log.warning("serving still disagrees with the registry: %s", "; ".join(failures))
+        self.metrics.serving_pending.set(1 if self.registry.serving_state() == "pending" else 0)
+
     def tick(self) -> None:
         """Gather the state, ask the pure decision, start a refresh worker if due."""
+        self.replay_serving()
         with self._lock:
             if self.stopping.is_set():
                 return
             state = self.refresher.state
             counts = self.store.counts_by_type(since_seq=state.last_snapshot_seq)
+            self._new_counts = counts  # status shows these: it never counts the store itself
             now = datetime.now(UTC)
             decision = refresh_due(
                 RefreshState(
@@ -324,11 +347,27 @@ class Service:
             version, trigger=ActivationTrigger.OPERATOR, actor=actor, reason=reason, force=force
         )
 
-    def rollback(self, *, actor: str, reason: str, to: str | None) -> tuple[str, list[str]]:
-        return self.refresher.rollback(actor=actor, reason=reason, to=to)
+    def rollback(
+        self, *, actor: str, reason: str, to: str | None, force: bool = False
+    ) -> tuple[str, list[str]]:
+        return self.refresher.rollback(actor=actor, reason=reason, to=to, force=force)
 
     def reject(self, version: str, *, actor: str, reason: str) -> None:
         self.registry.reject(version, actor=actor, reason=reason)
+
+    def _store_status(self) -> dict[str, Any]:
+        """Cheap: the newest sequence number (an index lookup) and the counts the last refresh
+        tick took; never a full count. Errors by type only."""
+        try:
+            last_seq: int | None = self.store.max_seq()
+            error = None
+        except Exception as e:
+            last_seq, error = None, type(e).__name__
+        return {
+            "last_seq": last_seq,
+            "new_since_last_snapshot": self._new_counts,
+            "error": error,
+        }
 
     def status(self) -> dict[str, Any]:
         state = self.refresher.state
@@ -346,12 +385,7 @@ class Service:
                 "stored": self.consumer.totals.stored,
                 "dead_lettered": sum(self.consumer.totals.dead_lettered.values()),
             },
-            "store": {
-                "events": self.store.count(),
-                "new_since_last_snapshot": self.store.counts_by_type(
-                    since_seq=state.last_snapshot_seq
-                ),
-            },
+            "store": self._store_status(),
             "uptime_s": time.time() - self.started_at,
             "pid": os.getpid(),
         }

@@ -143,7 +143,9 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = httpx.get(f"{self.url}/v1/status", timeout=5).json()
+            data: dict[str, Any] = httpx.get(
+                f"{self.url}/v1/status", headers=self.auth, timeout=5
+            ).json()
             return data
         except httpx.HTTPError:
             return {}
@@ -152,7 +154,9 @@ class Daemon:
         httpx.post(f"{self.url}/v1/refresh", headers=self.auth, timeout=10).raise_for_status()
 
     def run(self, run_id: str) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.url}/v1/runs/{run_id}", timeout=10).json()
+        data: dict[str, Any] = httpx.get(
+            f"{self.url}/v1/runs/{run_id}", headers=self.auth, timeout=10
+        ).json()
         return data
 
     def stop(self) -> None:
@@ -260,7 +264,7 @@ def run_demo(
         config = _config(workdir, bootstrap, port, base_model, run_spec or DEMO_RUN_SPEC)
         daemon = Daemon(config, port, secrets.token_urlsafe(24), workdir / "daemon.log")
         if not _wait(
-            lambda: daemon.status().get("store", {}).get("events") == sim.valid_events, 180
+            lambda: daemon.status().get("store", {}).get("last_seq") == sim.valid_events, 180
         ):
             raise RuntimeError(f"ingestion did not finish; see {workdir / 'daemon.log'}")
         dead = daemon.status()["consumer"]["dead_lettered"]

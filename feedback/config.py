@@ -6,11 +6,27 @@ reads the environment itself. Unknown keys are errors, so a typo fails at start-
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from feedback.base import FrozenModel
+
+
+def read_secret(value: SecretStr | None, file: Path | None) -> str | None:
+    """A secret given inline or, when ``file`` is set, read from that file (trailing newline
+    stripped). An unreadable or empty file is an error naming the file, never a silent
+    fallback to no secret."""
+    if file is not None:
+        try:
+            text = Path(file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read secret file {file}: {e.strerror}") from e
+        if not text:
+            raise ValueError(f"secret file {file} is empty")
+        return text
+    return value.get_secret_value() if value is not None else None
 
 
 class KafkaConfig(FrozenModel):
@@ -39,6 +55,9 @@ class KafkaConfig(FrozenModel):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_plain_username: str | None = Field(None, description="SASL user")
     sasl_plain_password: SecretStr | None = Field(None, description="SASL password (redacted)")
+    sasl_plain_password_file: Path | None = Field(
+        None, description="file holding the SASL password (e.g. a mounted Secret)"
+    )
     ssl_cafile: str | None = Field(None, description="CA bundle for SSL")
     ssl_certfile: str | None = Field(None, description="client certificate for SSL")
     ssl_keyfile: str | None = Field(None, description="client key for SSL")
@@ -53,8 +72,8 @@ class KafkaConfig(FrozenModel):
         optional = {
             "sasl_mechanism": self.sasl_mechanism,
             "sasl_plain_username": self.sasl_plain_username,
-            "sasl_plain_password": (
-                self.sasl_plain_password.get_secret_value() if self.sasl_plain_password else None
+            "sasl_plain_password": read_secret(
+                self.sasl_plain_password, self.sasl_plain_password_file
             ),
             "ssl_cafile": self.ssl_cafile,
             "ssl_certfile": self.ssl_certfile,
@@ -71,7 +90,40 @@ class StoreConfig(FrozenModel):
         "sqlite:///alignd-data/feedback.db",
         description="sqlite:///PATH or postgresql+psycopg://USER:PASS@HOST/DB",
     )
+    password_file: Path | None = Field(
+        None,
+        description="file holding the database password, put into url (e.g. a mounted Secret); "
+        "keep the password out of url itself, which is shown redacted but lives in the config",
+    )
     retention_days: int | None = Field(None, gt=0, description="drop events older than this")
+
+    @field_validator("url")
+    @classmethod
+    def _parsable(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError as e:
+            raise ValueError("not a database URL") from e  # never echo it: it may hold a password
+        return value
+
+    def connect_url(self) -> str:
+        """``url`` with the password from ``password_file`` when one is set."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url)
+        password = read_secret(None, self.password_file)
+        if password is not None:
+            url = url.set(password=password)
+        return url.render_as_string(hide_password=False)
+
+    def display_url(self) -> str:
+        """``url`` with any password replaced by ``***``: for logs and ``config show``."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
 
 
 class EventLimits(FrozenModel):

@@ -354,7 +354,7 @@ class FeedbackConsumer:
                 SQLAlchemyError,
             ) as e:
                 self.totals.failures += 1
-                self._set_ready(False, f"{type(e).__name__}: {e}")
+                self._set_ready(False, error_summary(e))
                 self._rewind(records)
                 log.warning("ingestion paused (%s); retrying in %.1fs", self.last_error, backoff)
                 stop.wait(backoff)
@@ -395,7 +395,7 @@ class FeedbackConsumer:
 
     def _block(self, error: KafkaError) -> None:
         reason = next(code for kind, code in PERMANENT_ERRORS.items() if isinstance(error, kind))
-        self._set_ready(False, f"{type(error).__name__}: {error}")
+        self._set_ready(False, error_summary(error))
         if self.blocked != reason:
             log.error(
                 "ingestion BLOCKED (%s): %s. Retrying cannot fix this: %s. Retrying every %.0fs.",
@@ -428,6 +428,16 @@ class FeedbackConsumer:
         if self._consumer is not None:
             self._consumer.close(autocommit=False)
             self._consumer = None
+
+
+def error_summary(error: BaseException) -> str:
+    """What readiness, status and the logs say about an ingestion error: the type, and for
+    non-database errors the first line of the message, at most 200 characters. A database
+    error gives its class and SQLSTATE only: its text can quote the rows (customer text)."""
+    if isinstance(error, SQLAlchemyError):
+        return _db_error(error)
+    first = (str(error).splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _db_error(error: SQLAlchemyError, *, message: bool = False) -> str:

@@ -121,7 +121,9 @@ class FeedbackStore:
             if str(path) not in {"", ":memory:"}:
                 path.parent.mkdir(parents=True, exist_ok=True)
         self.url = url
-        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        # hide_parameters: SQLAlchemy's error messages never repeat a statement's values (the
+        # events' text), whoever logs or returns them
+        self.engine: Engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)

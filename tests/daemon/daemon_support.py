@@ -138,7 +138,8 @@ class Daemon:
             return False
 
     def get(self, path: str) -> Any:
-        response = httpx.get(self.url + path, timeout=10)
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        response = httpx.get(self.url + path, timeout=10, headers=auth)
         response.raise_for_status()
         return response.json()
 

@@ -13,6 +13,9 @@ from daemon.config import AligndConfig
 from daemon.service import Service
 
 TOKEN = "s3cret-admin-token-value"
+READ_TOKEN = "read-only-token-value"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+READS = ["/v1/status", "/v1/adapters", "/v1/adapters/v0001", "/v1/runs/r-1"]
 MUTATING = [
     ("POST", "/v1/adapters/v0001/promote"),
     ("POST", "/v1/adapters/v0001/reject"),
@@ -24,6 +27,7 @@ MUTATING = [
 @pytest.fixture()
 def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
     monkeypatch.setenv("ALIGND_ADMIN__TOKEN", TOKEN)
+    monkeypatch.setenv("ALIGND_ADMIN__READ_TOKEN", READ_TOKEN)
     config = AligndConfig(
         paths={"data_dir": tmp_path / "data"},
         store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
@@ -88,7 +92,8 @@ def test_promote_and_rollback_with_the_token(
     )
     assert client.post("/v1/adapters/v0002/promote", headers=auth).status_code == 200
     assert client.post("/v1/rollback", headers=auth).json()["active"] == "v0001"
-    assert [a["state"] for a in client.get("/v1/adapters").json()] == ["active", "retired"]
+    states = [a["state"] for a in client.get("/v1/adapters", headers=auth).json()]
+    assert states == ["active", "retired"]
     audit = list(service.registry.audit())
     assert audit[-1]["actor"] == "alice" and audit[-1]["action"] == "rollback"
 
@@ -96,14 +101,14 @@ def test_promote_and_rollback_with_the_token(
 @pytest.mark.parametrize("version", ["..%2F..%2Fetc", "v0001..", "v00x1", "%2e%2e"])
 def test_path_parameters_cannot_escape_the_registry(client: TestClient, version: str) -> None:
     auth = {"authorization": f"Bearer {TOKEN}"}
-    assert client.get(f"/v1/adapters/{version}").status_code in {404, 422}
+    assert client.get(f"/v1/adapters/{version}", headers=auth).status_code in {404, 422}
     assert client.post(f"/v1/adapters/{version}/promote", headers=auth).status_code in {404, 422}
 
 
 def test_unknown_version_and_run_are_404(client: TestClient) -> None:
-    assert client.get("/v1/adapters/v0042").status_code == 404
-    assert client.get("/v1/runs/r-nope").status_code == 404
-    assert client.get("/v1/runs/..%2Fstate").status_code == 404
+    assert client.get("/v1/adapters/v0042", headers=AUTH).status_code == 404
+    assert client.get("/v1/runs/r-nope", headers=AUTH).status_code == 404
+    assert client.get("/v1/runs/..%2Fstate", headers=AUTH).status_code == 404
 
 
 def test_request_body_size_is_limited(client: TestClient) -> None:
@@ -112,6 +117,56 @@ def test_request_body_size_is_limited(client: TestClient) -> None:
         "/v1/rollback", headers=auth, content=b'{"reason": "' + b"x" * 5000 + b'"}'
     )
     assert response.status_code == 413
+
+
+def test_chunked_body_is_bounded_before_authentication(client: TestClient) -> None:
+    """No Content-Length, no token: the size limit answers, not the (later) auth check."""
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(64):
+            yield b"x" * 256
+
+    response = client.post("/v1/rollback", content=chunks())
+    assert response.status_code == 413
+    small = client.post("/v1/rollback", content=iter([b'{"reason": "ok"}']))
+    assert small.status_code == 401  # within the limit: on to authentication
+
+
+@pytest.mark.parametrize("path", READS)
+def test_reads_under_v1_need_a_token(client: TestClient, path: str) -> None:
+    assert client.get(path).status_code == 401
+    assert client.get(path, headers={"authorization": "Bearer nope"}).status_code == 403
+    for token in (TOKEN, READ_TOKEN):
+        assert client.get(path, headers={"authorization": f"Bearer {token}"}).status_code in {
+            200,
+            404,
+        }
+
+
+@pytest.mark.parametrize(("method", "path"), MUTATING)
+def test_the_read_token_cannot_change_anything(client: TestClient, method: str, path: str) -> None:
+    read = {"authorization": f"Bearer {READ_TOKEN}"}
+    assert client.request(method, path, headers=read).status_code == 403
+
+
+def test_probes_and_metrics_stay_open(client: TestClient) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code in {200, 503}
+    assert client.get("/metrics").status_code == 200
+
+
+def test_status_never_counts_the_whole_store(
+    client: TestClient, service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/v1/status is cheap: the newest seq and the last tick's counts, no COUNT(*) per call."""
+
+    def refuse(**_: object) -> int:
+        raise AssertionError("status counted the store")
+
+    monkeypatch.setattr(service.store, "count", refuse)
+    monkeypatch.setattr(service.store, "counts_by_type", refuse)
+    body = client.get("/v1/status", headers=AUTH).json()
+    assert body["store"]["last_seq"] == 0 and body["store"]["error"] is None
 
 
 def test_unknown_body_fields_are_rejected(client: TestClient) -> None:
@@ -135,7 +190,7 @@ def test_token_never_appears_in_logs_or_errors(
         client.post(
             "/v1/adapters/v0009/promote", headers={"authorization": f"Bearer {TOKEN}"}
         ).text,
-        client.get("/v1/status").text,
+        client.get("/v1/status", headers=AUTH).text,
     ]
     assert all(TOKEN not in body for body in bodies)
     assert TOKEN not in caplog.text

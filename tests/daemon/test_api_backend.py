@@ -59,7 +59,9 @@ class InMemoryBackend:
         self.calls.append(("promote", actor))
         return []
 
-    def rollback(self, *, actor: str, reason: str, to: str | None) -> tuple[str, list[str]]:
+    def rollback(
+        self, *, actor: str, reason: str, to: str | None, force: bool = False
+    ) -> tuple[str, list[str]]:
         if len(self.history) < 2:
             raise RegistryConflict("nothing to roll back to: no earlier active version")
         self.history.pop()
@@ -88,7 +90,7 @@ def client(backend: InMemoryBackend) -> TestClient:
 
 
 def test_registry_error_kinds_map_to_status_codes(client: TestClient) -> None:
-    assert client.get("/v1/adapters/v0042").status_code == 404
+    assert client.get("/v1/adapters/v0042", headers=AUTH).status_code == 404
     assert client.post("/v1/adapters/v0042/promote", headers=AUTH).status_code == 404
     assert client.post("/v1/adapters/v0042/reject", headers=AUTH).status_code == 404
     conflict = client.post("/v1/adapters/v0002/promote", headers=AUTH)
@@ -116,9 +118,10 @@ def test_refresh_is_accepted_once(client: TestClient) -> None:
 
 
 def test_reads_readiness_and_metrics(client: TestClient, backend: InMemoryBackend) -> None:
-    assert client.get("/v1/runs/r1").json()["outcome"] == "promoted"
-    assert client.get("/v1/runs/r2").status_code == 404
-    assert [a["version"] for a in client.get("/v1/adapters").json()] == ["v0001", "v0002", "v0003"]
+    assert client.get("/v1/runs/r1", headers=AUTH).json()["outcome"] == "promoted"
+    assert client.get("/v1/runs/r2", headers=AUTH).status_code == 404
+    listed = client.get("/v1/adapters", headers=AUTH).json()
+    assert [a["version"] for a in listed] == ["v0001", "v0002", "v0003"]
     assert client.get("/readyz").status_code == 200
     backend.problems = ["consumer: not connected yet"]
     not_ready = client.get("/readyz")
@@ -130,4 +133,5 @@ def test_without_a_token_every_mutation_is_refused(backend: InMemoryBackend) -> 
     client = TestClient(make_app(backend, token=None, max_body_bytes=1024))
     assert client.post("/v1/refresh", headers=AUTH).status_code == 403
     assert client.post("/v1/rollback").status_code == 401
+    assert client.get("/v1/adapters", headers=AUTH).status_code == 403  # reads too
     assert backend.calls == [] and not backend.refreshing

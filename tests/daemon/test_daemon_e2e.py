@@ -50,7 +50,7 @@ def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
                 broker.bootstrap, "alignd.feedback", [*edit_events("good"), b"{not json"]
             )
             assert wait_until(
-                lambda: daemon.get("/v1/status")["store"]["events"] == len(ORDERS), 60
+                lambda: daemon.get("/v1/status")["store"]["last_seq"] == len(ORDERS), 60
             )
             assert httpx.get(f"{daemon.url}/readyz", timeout=5).status_code == 200
             first = daemon.refresh_and_wait()
@@ -67,7 +67,7 @@ def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
             )
             produce_events(broker.bootstrap, "alignd.feedback", flipped)
             assert wait_until(
-                lambda: daemon.get("/v1/status")["store"]["events"] == 3 * len(ORDERS), 60
+                lambda: daemon.get("/v1/status")["store"]["last_seq"] == 3 * len(ORDERS), 60
             )
             second = daemon.refresh_and_wait()
             assert second["outcome"] == "rejected", second

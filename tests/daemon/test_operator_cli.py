@@ -48,7 +48,9 @@ def url(tmp_path: Path):
 
 def test_operator_workflow(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     auth = ["--url", url, "--token", TOKEN]
-    assert main(["adapters", "list", "--url", url]) == 0
+    assert main(["adapters", "list", "--url", url]) == 1  # reads need a token too
+    assert "401" in capsys.readouterr().err
+    assert main(["adapters", "list", *auth]) == 0
     table = capsys.readouterr().out
     assert "VERSION" in table and "v0001" in table and "candidate" in table
     assert main(["adapters", "promote", "v0001", *auth]) == 0
@@ -57,9 +59,9 @@ def test_operator_workflow(url: str, capsys: pytest.CaptureFixture[str]) -> None
     capsys.readouterr()
     assert main(["adapters", "rollback", *auth]) == 0
     assert "active: v0001" in capsys.readouterr().out
-    assert main(["status", "--url", url, "--json"]) == 0
+    assert main(["status", *auth, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["active_adapter"] == "v0001"
-    assert main(["adapters", "show", "v0002", "--url", url]) == 0
+    assert main(["adapters", "show", "v0002", *auth]) == 0
     assert "v0002 (retired)" in capsys.readouterr().out
 
 

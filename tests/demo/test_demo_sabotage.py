@@ -85,7 +85,7 @@ def test_flipped_feedback_is_rejected_by_the_gate(tiny_model_dir: Path, tmp_path
         try:
             produce_events(broker.bootstrap, "alignd.feedback", sim.messages)
             assert wait_until(
-                lambda: daemon.get("/v1/status")["store"]["events"] == sim.valid_events, 60
+                lambda: daemon.get("/v1/status")["store"]["last_seq"] == sim.valid_events, 60
             )
             good = daemon.refresh_and_wait()
             assert good["outcome"] == "promoted", good
@@ -93,7 +93,7 @@ def test_flipped_feedback_is_rejected_by_the_gate(tiny_model_dir: Path, tmp_path
             sabotage = flipped(sim.messages)
             produce_events(broker.bootstrap, "alignd.feedback", sabotage)
             total = sim.valid_events + len(sabotage)
-            assert wait_until(lambda: daemon.get("/v1/status")["store"]["events"] == total, 60)
+            assert wait_until(lambda: daemon.get("/v1/status")["store"]["last_seq"] == total, 60)
             bad = daemon.refresh_and_wait()
             assert bad["outcome"] == "rejected", bad
             failed = [c["name"] for c in bad["gate"]["checks"] if not c["passed"]]
@@ -160,7 +160,7 @@ def grounded_refresh(tmp_path: Path, agent: str, *, steps: int = 28) -> tuple[di
         try:
             produce_events(broker.bootstrap, "alignd.feedback", sim.messages)
             assert wait_until(
-                lambda: daemon.get("/v1/status")["store"]["events"] == sim.valid_events, 60
+                lambda: daemon.get("/v1/status")["store"]["last_seq"] == sim.valid_events, 60
             )
             run = daemon.refresh_and_wait(timeout_s=900)
             return run, daemon.get("/v1/status")

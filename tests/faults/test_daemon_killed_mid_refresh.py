@@ -75,7 +75,7 @@ def test_daemon_sigkilled_mid_refresh(tiny_model_dir: Path, tmp_path: Path) -> N
         short = write_config(tmp_path, broker, tiny_model_dir, port, max_steps=8)
         daemon = Daemon(short, tmp_path, port)
         produce_events(broker.bootstrap, "alignd.feedback", edit_events("good"))
-        assert wait_until(lambda: daemon.get("/v1/status")["store"]["events"] == len(ORDERS), 60)
+        assert wait_until(lambda: daemon.get("/v1/status")["store"]["last_seq"] == len(ORDERS), 60)
         assert daemon.refresh_and_wait()["outcome"] == "promoted"
         daemon.stop()
 
@@ -125,7 +125,7 @@ def test_daemon_sigkilled_at_random_points_of_refreshes(
         try:
             produce_events(broker.bootstrap, "alignd.feedback", edit_events("good"))
             assert wait_until(
-                lambda: daemon.get("/v1/status")["store"]["events"] == len(ORDERS), 60
+                lambda: daemon.get("/v1/status")["store"]["last_seq"] == len(ORDERS), 60
             )
             started = time.monotonic()
             assert daemon.refresh_and_wait()["outcome"] == "promoted"

@@ -41,6 +41,10 @@ def event(i: int, prefix: str = "s") -> bytes:
     ).encode()
 
 
+READ_TOKEN = "ingest-faults-read-token"
+AUTH = {"authorization": f"Bearer {READ_TOKEN}"}
+
+
 def serve_config(tmp_path: Path, bootstrap: str, port: int, db: Path) -> Path:
     path = tmp_path / "alignd.yaml"
     path.write_text(
@@ -61,7 +65,7 @@ def serve_config(tmp_path: Path, bootstrap: str, port: int, db: Path) -> Path:
                     "min_new_ratings": None,
                     "drift_probe_cron": None,
                 },
-                "admin": {"port": port},
+                "admin": {"port": port, "read_token": READ_TOKEN},
             }
         )
     )
@@ -80,7 +84,7 @@ def start_daemon(config: Path) -> subprocess.Popen[bytes]:
 def consumer_lag(url: str) -> dict[str, int] | None:
     """The daemon's consumer lag per partition, or None while it is not listening yet."""
     try:
-        lag = httpx.get(f"{url}/v1/status", timeout=5).json()["consumer"]["lag"]
+        lag = httpx.get(f"{url}/v1/status", headers=AUTH, timeout=5).json()["consumer"]["lag"]
     except httpx.TransportError:
         return None
     return {str(k): v for k, v in lag.items()}
@@ -194,12 +198,18 @@ def test_broker_outage_of_a_minute_daemon_stays_up(tmp_path: Path, fault_figures
         produce_events(broker.bootstrap, "alignd.feedback", [event(i, "b") for i in range(50)])
         assert wait_until(lambda: code("/readyz") == 200, 90)
         assert wait_until(
-            lambda: httpx.get(f"{url}/v1/status", timeout=5).json()["store"]["events"] == 100, 60
+            lambda: (
+                httpx.get(f"{url}/v1/status", headers=AUTH, timeout=5).json()["store"]["last_seq"]
+                == 100
+            ),
+            60,
         )
         fault_figures(
             "broker down 60 s (fresh broker after)",
             produced=100,
-            stored=httpx.get(f"{url}/v1/status", timeout=5).json()["store"]["events"],
+            stored=httpx.get(f"{url}/v1/status", headers=AUTH, timeout=5).json()["store"][
+                "last_seq"
+            ],
             daemon_restarts=0,
         )
     finally:
