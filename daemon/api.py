@@ -12,7 +12,8 @@ changes only the admin token. ``/healthz``, ``/readyz`` and ``/metrics`` stay op
 event content (error types, never messages). Request bodies are bounded while they stream in,
 before authentication (:class:`BodyLimit`). The comparison is constant-time by construction
 (``hmac.compare_digest`` over SHA-256 digests, so even a token of a different length takes the
-same path). Without a configured token the endpoints it opens are refused. The token is never logged or echoed.
+same path). Without a configured token the endpoints it opens are refused. Tokens are never
+logged or echoed.
 """
 
 from __future__ import annotations

@@ -33,7 +33,12 @@ def build_train_spec(args: argparse.Namespace) -> dict[str, Any]:
         "data": str(Path(args.data).resolve()),
         "output_dir": str(Path(args.out).resolve()),
         "method": args.method,
-        "base_model": args.base_model,
+        # a model directory is made absolute: the trainer child starts in a directory of its own
+        "base_model": (
+            str(Path(args.base_model).resolve())
+            if Path(args.base_model).exists()
+            else args.base_model
+        ),
         "seed": args.seed,
         "device": args.device,
     }

@@ -59,6 +59,12 @@ class ScheduleConfig(FrozenModel):
     tick_s: float = Field(30.0, gt=0, description="how often the decision is re-evaluated")
     drift_probe_cron: str | None = Field("*/30 * * * *", description="KL drift probe schedule")
     drift_probe_prompts: int = Field(32, gt=0, description="recent production replies per probe")
+    drift_probe_timeout_s: float = Field(
+        900.0, gt=0, description="a probe running longer is stopped (counted as timed_out)"
+    )
+    drift_probe_memory_limit_mb: int | None = Field(
+        None, gt=0, description="address-space limit of the probe child (null: training's)"
+    )
     retention_cron: str | None = Field("17 4 * * *", description="when store retention runs")
 
     @field_validator("cron", "drift_probe_cron", "retention_cron")
@@ -236,6 +242,22 @@ def load_config(path: Path | str | None = None) -> AligndConfig:
             key = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {key}: {err['msg']} (env ALIGND_{key.upper().replace('.', '__')})")
         raise ConfigError("\n".join(lines)) from e
+
+
+def with_absolute_paths(config: AligndConfig) -> AligndConfig:
+    """``config`` with its file paths made absolute against the daemon's working directory:
+    children start in a safe directory of their own (``daemon.child``), so every path they
+    are given must not depend on where the daemon was started."""
+    training = config.training
+    base = Path(training.base_model)
+    if base.exists():
+        training = training.model_copy(update={"base_model": str(base.resolve())})
+    curated = config.gate.curated_heldout
+    gate = config.gate.model_copy(
+        update={"curated_heldout": curated.resolve() if curated is not None else None}
+    )
+    paths = config.paths.model_copy(update={"data_dir": config.paths.data_dir.resolve()})
+    return config.model_copy(update={"training": training, "gate": gate, "paths": paths})
 
 
 SALT_FILE = "split-salt"

@@ -127,6 +127,14 @@ class Metrics:
             "Active adapter's KL to the reference on recent production prompts",
             registry=r,
         )
+        self.drift_probe_failures = Counter(
+            "alignd_drift_probe_failures_total",
+            "Drift probes that did not finish: failed, timed_out, stopped (drain)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("failed", "timed_out", "stopped"):
+            self.drift_probe_failures.labels(reason=reason)
         self.drift_probe_timestamp = Gauge(
             "alignd_drift_probe_timestamp_seconds",
             "When the drift probe last succeeded",

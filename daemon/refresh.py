@@ -175,6 +175,21 @@ class Refresher:
                 removed += 1
         return removed
 
+    def expire_runs(self, cutoff: datetime) -> int:
+        """Retention: run directories (spec, logs, result.json with held-out replies) of runs
+        that finished before ``cutoff``. A running run is never touched."""
+        removed = 0
+        for status_path in self.runs_dir.glob("*/status.json"):
+            try:
+                status = json.loads(status_path.read_text())
+                finished = datetime.fromisoformat(status["finished_at"])
+            except (ValueError, KeyError, TypeError, OSError):
+                continue  # running, or not ours to judge
+            if status.get("outcome") != Outcome.RUNNING and finished < cutoff:
+                shutil.rmtree(status_path.parent, ignore_errors=True)
+                removed += 1
+        return removed
+
     def _snapshot(self, run_id: str) -> tuple[SnapshotManifest, Path]:
         """Build the snapshot; snapshots are stored by content hash, so equal ones are shared."""
         seq = self.store.max_seq()
@@ -243,7 +258,8 @@ class Refresher:
                 "run_id": outcome.run_id,
                 "run_spec": spec.model_dump(mode="json"),
                 "training": outcome.training,
-                "eval": result.eval.model_dump(mode="json"),
+                # counts and hashes only: the replies stay in the run directory (retention)
+                "eval": result.eval.without_text().model_dump(mode="json"),
                 "gate": decision.as_dict(),
                 "parent": active,
                 "method": choice.method,

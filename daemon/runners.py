@@ -10,14 +10,13 @@ runner. :class:`LocalRunner` (the default) runs a child process of the daemon;
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from subprocess import Popen
 from typing import Protocol
 
-from daemon.child import start_child, stop_child
+from daemon.child import ChildEnd, start_child, supervise_child
 from daemon.config import TrainingConfig
 
 
@@ -58,15 +57,14 @@ class LocalRunner:
                 output=log,
                 memory_limit_mb=self.config.memory_limit_mb,
             )
-            deadline = time.monotonic() + timeout_s
             try:
-                while self.child.poll() is None:
-                    if stop.wait(0.5):
-                        stop_child(self.child, grace_s=self.config.stop_grace_s)
-                        return RunEnd(RunExit.INTERRUPTED, "stopped during shutdown")
-                    if time.monotonic() > deadline:
-                        stop_child(self.child, grace_s=self.config.stop_grace_s)
-                        return RunEnd(RunExit.TIMED_OUT, f"timed out after {timeout_s:.0f}s")
+                end = supervise_child(
+                    self.child, stop=stop, timeout_s=timeout_s, grace_s=self.config.stop_grace_s
+                )
+                if end is ChildEnd.STOPPED:
+                    return RunEnd(RunExit.INTERRUPTED, "stopped during shutdown")
+                if end is ChildEnd.TIMED_OUT:
+                    return RunEnd(RunExit.TIMED_OUT, f"timed out after {timeout_s:.0f}s")
                 code = self.child.returncode
                 if code == 0:
                     return RunEnd(RunExit.SUCCEEDED, "exit code 0")

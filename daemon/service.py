@@ -30,9 +30,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from daemon.api import make_app
-from daemon.child import run_child
-from daemon.config import AligndConfig, with_split_salt
-from daemon.lock import InstanceLock
+from daemon.child import ChildEnd, start_child, supervise_child
+from daemon.config import AligndConfig, with_absolute_paths, with_split_salt
+from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.metrics import Metrics
 from daemon.refresh import Refresher
 from daemon.registry import Registry, ServingHook, VersionInfo, current_pointer_hook
@@ -54,6 +54,7 @@ def _parse(ts: str | None) -> datetime | None:
 
 class Service:
     def __init__(self, config: AligndConfig) -> None:
+        config = with_absolute_paths(config)
         config.paths.data_dir.mkdir(parents=True, exist_ok=True)
         # first, before anything is cleaned up or recovered: one daemon per directory and store
         self.instance_lock = InstanceLock(
@@ -260,14 +261,19 @@ class Service:
             cutoff = datetime.now(UTC) - timedelta(days=days)
             removed = self.store.delete_older_than(cutoff)
             removed["snapshots"] = self.refresher.expire_snapshots(cutoff)
+            removed["runs"] = self.refresher.expire_runs(cutoff)
             log.info(
                 "retention (%d days): removed %s",
                 days,
                 ", ".join(f"{n} from {where}" for where, n in removed.items()),
             )
 
+    # the probe's command line before its two file arguments (a test swaps in a slow one)
+    probe_command: tuple[str, ...] = ("-m", "trainer.probe")
+
     def drift_probe(self) -> float | None:
-        """KL(active ‖ reference) on recent production replies, computed in a child process."""
+        """KL(active ‖ reference) on recent production replies, computed in a child process
+        bounded in memory and time (``schedule.drift_probe_*``) and stopped when draining."""
         active = self.registry.active()
         if active is None:
             return None
@@ -290,13 +296,23 @@ class Service:
             }
             spec_path, out_path = Path(tmp, "probe.json"), Path(tmp, "out.json")
             spec_path.write_text(json.dumps(spec))
-            code = run_child(
-                ["-m", "trainer.probe", str(spec_path), str(out_path)],
+            schedule = self.config.schedule
+            child = start_child(
+                [*self.probe_command, str(spec_path), str(out_path)],
                 output=subprocess.DEVNULL,
-                memory_limit_mb=self.config.training.memory_limit_mb,
+                memory_limit_mb=schedule.drift_probe_memory_limit_mb
+                or self.config.training.memory_limit_mb,
             )
-            if code != 0:
-                log.warning("drift probe failed with exit code %d", code)
+            end = supervise_child(
+                child,
+                stop=self.stopping,
+                timeout_s=schedule.drift_probe_timeout_s,
+                grace_s=self.config.training.stop_grace_s,
+            )
+            if end is not ChildEnd.EXITED or child.returncode != 0:
+                why = end if end is not ChildEnd.EXITED else f"exit code {child.returncode}"
+                log.warning("drift probe did not finish: %s", why)
+                self.metrics.drift_probe_failures.labels(reason=_probe_reason(end)).inc()
                 return None
             kl = float(json.loads(out_path.read_text())["kl_to_reference"])
         self.metrics.drift_kl.set(kl)
@@ -391,6 +407,10 @@ class Service:
         }
 
 
+def _probe_reason(end: ChildEnd) -> str:
+    return {ChildEnd.STOPPED: "stopped", ChildEnd.TIMED_OUT: "timed_out"}.get(end, "failed")
+
+
 def adapter_summary(info: VersionInfo) -> dict[str, Any]:
     """One row of ``alignd adapters list``."""
     m = info.manifest
@@ -413,7 +433,11 @@ def adapter_summary(info: VersionInfo) -> dict[str, Any]:
 
 
 def serve(config: AligndConfig) -> int:
-    service = Service(config)
+    try:
+        service = Service(config)
+    except AlreadyRunning as e:
+        log.error("not starting: %s", e)
+        return 3
     service.start()
     try:
         service.run_until_signal()

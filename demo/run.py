@@ -138,6 +138,7 @@ class Daemon:
                 ["-m", "daemon.cli", "serve", "--config", str(config)],
                 output=out,
                 env=os.environ | {"ALIGND_ADMIN__TOKEN": token},
+                isolated=False,  # the showcase runs from the checkout (demo/ is not installed)
             )
         self.url, self.auth = f"http://127.0.0.1:{port}", {"authorization": f"Bearer {token}"}
 

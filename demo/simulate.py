@@ -214,7 +214,7 @@ def sft_replies(
         cache_dir.mkdir(parents=True, exist_ok=True)
         spec_path = cache_dir / f"replies-{key}.spec.json"
         spec_path.write_text(json.dumps(spec))
-        code = run_child(["-m", "demo.replies", str(spec_path), str(out)])
+        code = run_child(["-m", "demo.replies", str(spec_path), str(out)], isolated=False)
         if code != 0:
             raise RuntimeError(f"reply generation failed with exit code {code}")
     replies: list[str] = json.loads(out.read_text())["replies"]

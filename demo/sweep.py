@@ -42,7 +42,7 @@ def sweep_beta(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(spec.model_dump_json(indent=1))
         print(f"β = {beta:g}: training ({run_dir})", flush=True)
-        if run_child(["-m", "trainer.train", str(run_dir / "run.json")]) != 0:
+        if run_child(["-m", "trainer.train", str((run_dir / "run.json").resolve())]) != 0:
             print(f"β = {beta:g}: run failed, see {run_dir / 'result.json'}", file=sys.stderr)
             continue
         result = RunResult.model_validate_json((run_dir / "result.json").read_text())

@@ -8,6 +8,7 @@ a hyperparameter name fails before any model is loaded instead of silently using
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -314,6 +315,28 @@ class GenerationReport(FrozenModel):
     replies: list[str] = Field([], description="greedy replies, same order")
     unsupported: list[list[str]] = Field([], description="each reply's unsupported specifics")
     violations: list[list[str]] = Field([], description="each reply's policy violations")
+    reply_sha256: list[str] = Field(
+        [], description="sha256 of each reply: what a registry manifest keeps instead of the text"
+    )
+    unsupported_counts: list[int] = Field(
+        [], description="how many unsupported specifics each reply states (text-free)"
+    )
+
+    def without_text(self) -> GenerationReport:
+        """The report without customer text (prompts, tags, replies, the specifics quoted from
+        replies): statistics, counts, rule names and each reply's sha256 remain. The registry
+        keeps this; the run directory keeps the full report until retention removes it."""
+        return self.model_copy(
+            update={
+                "prompts": [],
+                "tags": [],
+                "replies": [],
+                "unsupported": [],
+                "reply_sha256": [hashlib.sha256(r.encode()).hexdigest() for r in self.replies]
+                or self.reply_sha256,
+                "unsupported_counts": [len(u) for u in self.unsupported] or self.unsupported_counts,
+            }
+        )
 
     @property
     def degenerate_rate(self) -> float | None:
@@ -339,6 +362,25 @@ class EvalReport(FrozenModel):
     candidate: AdapterEval = AdapterEval()
     reference: AdapterEval = AdapterEval()
     incumbent: AdapterEval | None = None
+
+    def without_text(self) -> EvalReport:
+        """Every adapter's generation report without customer text (see
+        :meth:`GenerationReport.without_text`)."""
+
+        def strip(evaluation: AdapterEval | None) -> AdapterEval | None:
+            if evaluation is None or evaluation.generation is None:
+                return evaluation
+            return evaluation.model_copy(
+                update={"generation": evaluation.generation.without_text()}
+            )
+
+        return self.model_copy(
+            update={
+                "candidate": strip(self.candidate),
+                "reference": strip(self.reference),
+                "incumbent": strip(self.incumbent),
+            }
+        )
 
 
 class DetectorFinding(TypedDict):

@@ -185,3 +185,69 @@ def test_kill_9_during_a_registry_write_leaves_a_valid_registry(
     v = registry.register(make_adapter(tmp_path / "after"), PASSED)
     registry.promote(v, actor="t", reason="after the crash")
     assert registry.active() == v
+
+
+def test_plain_rollback_skips_a_version_an_operator_rejected(
+    registry: Registry, tmp_path: Path
+) -> None:
+    v1, v2, v3 = (
+        registry.register(make_adapter(tmp_path / f"a{i}", seed=i), PASSED) for i in range(3)
+    )
+    for v in (v1, v2, v3):
+        registry.promote(v, actor="a", reason="r")
+    registry.reject(v2, actor="carol", reason="made up refund amounts")
+    with pytest.raises(RegistryError, match="rejected by an operator"):
+        registry.rollback(actor="a", reason="r", to=v2)
+    assert registry.active() == v3
+    assert registry.rollback(actor="a", reason="r")[0] == v1  # not the rejected v2
+
+
+def test_only_rejected_versions_to_roll_back_to_is_a_clear_refusal(
+    registry: Registry, tmp_path: Path
+) -> None:
+    v1, v2 = (registry.register(make_adapter(tmp_path / f"a{i}", seed=i), PASSED) for i in range(2))
+    registry.promote(v1, actor="a", reason="r")
+    registry.promote(v2, actor="a", reason="r")
+    registry.reject(v1, actor="carol", reason="bad")
+    with pytest.raises(RegistryError, match="not rejected"):
+        registry.rollback(actor="a", reason="r")
+    assert registry.active() == v2
+    assert registry.rollback(actor="a", reason="r", force=True)[0] == v1
+
+
+def test_manifest_records_file_hashes_checked_on_activation(
+    registry: Registry, tmp_path: Path
+) -> None:
+    v = registry.register(make_adapter(tmp_path / "a"), PASSED)
+    assert set(registry.manifest(v)["files"]) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    config = registry.version_dir(v) / "adapter_config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "r": 8}))  # still a servable adapter, not the same one
+    with pytest.raises(RegistryError, match="sha256"):
+        registry.promote(v, actor="a", reason="r")
+    assert registry.active() is None
+
+
+def test_a_pending_activation_is_replayed_until_serving_agrees(tmp_path: Path) -> None:
+    down = [True]
+    served: list[str] = []
+
+    def vllm(version: str, path: Path, previous: str | None) -> None:
+        if down[0]:
+            raise ConnectionError("vLLM unreachable")
+        served.append(version)
+
+    registry = Registry(tmp_path / "reg", [vllm])
+    v = registry.register(make_adapter(tmp_path / "a"), PASSED)
+    assert registry.promote(v, actor="a", reason="r")
+    assert registry.serving_state() == "pending"
+    assert registry.replay_serving() == ["vllm: vLLM unreachable"]  # still down: still pending
+    assert registry.serving_state() == "pending"
+    down[0] = False
+    assert registry.replay_serving() == []
+    assert served == [v] and registry.serving_state() == "done"
+    assert registry.replay_serving() is None  # nothing pending any more
+    assert any(e["action"] == "serving_replayed" for e in registry.audit())
