@@ -277,3 +277,33 @@ def test_malformed_result_fails_the_run_naming_the_field(
         assert outcome.outcome == "failed"
         assert named in outcome.reason and "Error" not in outcome.reason, outcome.reason
         assert_registry_intact(refresher, ["v0001"], "v0001")
+
+
+def test_registry_manifest_keeps_hashes_and_counts_not_customer_text(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The run directory keeps the held-out prompts and replies (until retention); the version's
+    manifest, which outlives it and is served by the admin API, keeps only hashes and counts."""
+    from datetime import UTC, datetime, timedelta
+
+    refresher = make_refresher(
+        tmp_path,
+        tiny_model_dir,
+        run_spec={"eval": {"generate_max_prompts": 4, "max_new_tokens": 8}},
+    )
+    outcome = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
+    assert outcome.version is not None, outcome
+    result = json.loads((refresher.runs_dir / outcome.run_id / "train" / "result.json").read_text())
+    generation = result["eval"]["candidate"]["generation"]
+    assert generation["replies"] and generation["prompts"]  # the run directory has the text
+    manifest_text = (refresher.registry.version_dir(outcome.version) / "manifest.json").read_text()
+    kept = json.loads(manifest_text)["eval"]["candidate"]["generation"]
+    assert kept["replies"] == [] and kept["prompts"] == [] and kept["tags"] == []
+    assert len(kept["reply_sha256"]) == len(generation["replies"])
+    assert kept["num_replies"] == generation["num_replies"]
+    assert "Where is order" not in manifest_text and "ships today" not in manifest_text
+    # retention: the run directory goes once it finished before the cutoff; the version stays
+    assert refresher.expire_runs(datetime.now(UTC) - timedelta(days=1)) == 0
+    assert refresher.expire_runs(datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert not (refresher.runs_dir / outcome.run_id).exists()
+    assert refresher.registry.version_dir(outcome.version).is_dir()

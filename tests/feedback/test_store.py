@@ -106,3 +106,31 @@ def test_sqlite_uses_wal(tmp_path: Path) -> None:
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     store.close()
+
+
+def test_database_errors_never_carry_the_events_text(store: FeedbackStore) -> None:
+    """What readiness, status and the logs say about a database error: no statement values
+    (SQLAlchemy's text repeats them unless ``hide_parameters``) and no row quoted by the server
+    (PostgreSQL's "Failing row contains ...")."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from feedback.consumer import error_summary
+    from feedback.store import events_table
+
+    secret = "Customer Jane Roe, card ending 4242, wants a refund"
+    now = datetime.now(UTC)
+    row = {
+        "event_id": "e-secret",
+        "type": None,  # NOT NULL: the server refuses the row
+        "occurred_at": now,
+        "ingested_at": now,
+        "prompt_sha256": "0" * 64,
+        "content_sha256": "0" * 64,
+        "event": secret,
+    }
+    with pytest.raises(SQLAlchemyError) as raised, store.engine.begin() as conn:
+        conn.execute(insert(events_table).values(**row))
+    assert secret not in error_summary(raised.value)
+    if store.engine.dialect.name == "sqlite":  # PostgreSQL's own message quotes the row
+        assert secret not in str(raised.value)
