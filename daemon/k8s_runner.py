@@ -37,19 +37,40 @@ def build_job(
             str(spec_path),
         ]
     else:
-        command = ["python", "-m", "trainer.train", str(spec_path)]
+        command = ["python", "-I", "-m", "trainer.train", str(spec_path)]
     limits: dict[str, str] = {"memory": config.memory}
     if config.gpus:
         limits["nvidia.com/gpu"] = str(config.gpus)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+        # the trainer never talks to the Kubernetes API: no token in its pod
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [
             {
                 "name": "trainer",
                 "image": config.image,
                 "command": command,
-                "env": [{"name": "ALIGND_CACHE_DIR", "value": f"{config.data_mount}/cache"}],
+                # a read-only directory that is not the shared volume; with PYTHONSAFEPATH and
+                # PYTHONNOUSERSITE (torchrun's workers are not started with -I) nothing on the
+                # volume is ever on the import path
+                "workingDir": "/opt/alignd",
+                "env": [
+                    {"name": "ALIGND_CACHE_DIR", "value": f"{config.data_mount}/cache"},
+                    {"name": "PYTHONSAFEPATH", "value": "1"},
+                    {"name": "PYTHONNOUSERSITE", "value": "1"},
+                ],
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
                 "resources": {
                     "requests": {"cpu": config.cpu, "memory": config.memory},
                     "limits": limits,
@@ -57,12 +78,14 @@ def build_job(
                 "volumeMounts": [
                     {"name": "data", "mountPath": config.data_mount},
                     {"name": "shm", "mountPath": "/dev/shm"},
+                    {"name": "tmp", "mountPath": "/tmp"},
                 ],
             }
         ],
         "volumes": [
             {"name": "data", "persistentVolumeClaim": {"claimName": config.pvc_name}},
             {"name": "shm", "emptyDir": {"medium": "Memory"}},
+            {"name": "tmp", "emptyDir": {}},
         ],
     }
     if config.service_account:

@@ -42,7 +42,7 @@ from daemon.states import ActivationTrigger, RefreshTrigger
 from feedback.config import read_secret
 from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
 from feedback.events import EditEvent, RatingEvent
-from feedback.store import FeedbackStore
+from feedback.store import FeedbackStore, StoreUnusable
 from trainer.spec import AdapterEval, EvalReport
 
 log = logging.getLogger("alignd.service")
@@ -438,6 +438,9 @@ def serve(config: AligndConfig) -> int:
     except AlreadyRunning as e:
         log.error("not starting: %s", e)
         return 3
+    except StoreUnusable as e:
+        log.error("not starting: %s", e)
+        return 2
     service.start()
     try:
         service.run_until_signal()

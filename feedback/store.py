@@ -13,6 +13,7 @@ cannot help: the consumer dead-letters that one event) from an unreachable datab
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -112,6 +113,43 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+class StoreUnusable(ValueError):
+    """The configured store cannot be used safely; the message names the key."""
+
+
+_NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "9p", "afs"}
+_NETWORK_FUSE = ("sshfs", "glusterfs", "juicefs", "s3fs", "gcsfuse", "rclone", "cephfs")
+
+
+def is_network_filesystem(fstype: str) -> bool:
+    """True for filesystems where SQLite's WAL (shared memory, POSIX locks) is unsafe."""
+    if fstype in _NETWORK_FS:
+        return True
+    return fstype.startswith("fuse.") and fstype.removeprefix("fuse.") in _NETWORK_FUSE
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """The type of the filesystem ``path`` lives on, from ``/proc/self/mountinfo`` (the mount
+    point that is the longest prefix of the path); None where that is not readable."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    target = str(Path(path).resolve())
+    best, best_type = "", None
+    for line in mountinfo.splitlines():
+        fields, _, tail = line.partition(" - ")
+        parts, rest = fields.split(), tail.split()
+        if len(parts) < 5 or not rest:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, rest[0]
+    return best_type
+
+
 class FeedbackStore:
     """One small interface over SQLite or PostgreSQL."""
 
@@ -120,6 +158,13 @@ class FeedbackStore:
             path = Path(url.removeprefix("sqlite:///"))
             if str(path) not in {"", ":memory:"}:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                fstype = filesystem_type(path.parent)
+                if fstype is not None and is_network_filesystem(fstype):
+                    raise StoreUnusable(
+                        f"store.url: the SQLite file is on a network filesystem ({fstype}, "
+                        f"{path.parent}); SQLite's WAL needs a local disk: use PostgreSQL, or a "
+                        "ReadWriteOnce volume"
+                    )
         self.url = url
         # hide_parameters: SQLAlchemy's error messages never repeat a statement's values (the
         # events' text), whoever logs or returns them

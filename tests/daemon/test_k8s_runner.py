@@ -47,8 +47,30 @@ def test_single_gpu_and_cpu_jobs_run_plain_python() -> None:
     for gpus in (0, 1):
         job = build_job("r1", Path("/data/run.json"), KubernetesJobConfig(gpus=gpus), timeout_s=60)
         container = job["spec"]["template"]["spec"]["containers"][0]
-        assert container["command"][:3] == ["python", "-m", "trainer.train"]
+        assert container["command"][:4] == ["python", "-I", "-m", "trainer.train"]
         assert ("nvidia.com/gpu" in container["resources"]["limits"]) is (gpus == 1)
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 4])
+def test_job_pods_are_hardened(gpus: int) -> None:
+    """No service-account token, non-root, no privilege escalation, read-only root, nothing
+    on the shared volume on the import path (-I, or PYTHONSAFEPATH under torchrun), no
+    secrets in the environment."""
+    job = build_job("r1", Path("/data/run.json"), KubernetesJobConfig(gpus=gpus), timeout_s=60)
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    context = container["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"]
+    assert context["capabilities"]["drop"] == ["ALL"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["PYTHONSAFEPATH"] == "1" and env["PYTHONNOUSERSITE"] == "1"
+    assert not any(k.startswith("ALIGND_") and k != "ALIGND_CACHE_DIR" for k in env)
+    assert not container["workingDir"].startswith("/data")
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/tmp" in mounts  # writable scratch under a read-only root
 
 
 def test_job_names_are_valid_dns_labels() -> None:

@@ -86,10 +86,13 @@ def test_deployment_invariants(overlay: str) -> None:
     )
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
-    assert (
-        volumes["data"]["persistentVolumeClaim"]["claimName"]
-        == by_kind(docs, "PersistentVolumeClaim")["metadata"]["name"]
-    )
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    mounted = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in volumes.values()
+        if "persistentVolumeClaim" in v
+    }
+    assert mounted == claims
 
 
 def test_prometheus_rule_wraps_the_rule_file() -> None:
@@ -141,3 +144,105 @@ def test_grafana_dashboard_is_sane() -> None:
     assert any(
         f"alignd_drift_kl_nats > {s['value']}" in rules for s in steps if s["value"] is not None
     )
+
+
+def effective_config(docs: list[dict[str, Any]]) -> AligndConfig:
+    return AligndConfig(**yaml.safe_load(by_kind(docs, "ConfigMap")["data"]["alignd.yaml"]))
+
+
+def test_gpu_overlay_trains_in_jobs_and_never_loads_the_base_in_the_daemon() -> None:
+    config = effective_config(render("gpu"))
+    assert config.training.runner == "kubernetes"
+    assert config.training.kubernetes.gpus >= 1 and config.training.kubernetes.memory
+    assert config.store.url.startswith("postgresql") and "@" in config.store.url
+    assert ":" not in config.store.url.split("//", 1)[1].split("@", 1)[0]  # no inline password
+    assert config.schedule.drift_probe_cron is None  # until the probe runs as a Job
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_drift_probe_is_bounded_where_it_runs(overlay: str) -> None:
+    config = effective_config(render(overlay))
+    if config.schedule.drift_probe_cron is not None:
+        limit = config.schedule.drift_probe_memory_limit_mb or config.training.memory_limit_mb
+        assert limit is not None and config.schedule.drift_probe_timeout_s <= 3600
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sqlite_is_never_on_a_shared_volume(overlay: str) -> None:
+    docs = render(overlay)
+    config = effective_config(docs)
+    if not config.store.url.startswith("sqlite"):
+        return
+    db = Path(config.store.url.removeprefix("sqlite:///")).parent
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    mount = max(
+        (m for m in container["volumeMounts"] if db.is_relative_to(m["mountPath"])),
+        key=lambda m: len(m["mountPath"]),
+    )
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    claim = claims[volume["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"], (overlay, mount)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_operators_reach_the_admin_api_while_the_daemon_is_not_ready(overlay: str) -> None:
+    docs = render(overlay)
+    pod_labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    [admin] = [
+        d for d in docs if d["kind"] == "Service" and d["spec"].get("publishNotReadyAddresses")
+    ]
+    assert admin["spec"]["selector"].items() <= pod_labels.items()
+    assert {p["targetPort"] for p in admin["spec"]["ports"]} == {"http"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_disruption_budget_covers_the_daemon(overlay: str) -> None:
+    docs = render(overlay)
+    pod_labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pdb = by_kind(docs, "PodDisruptionBudget")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["minAvailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_name_their_peers(overlay: str) -> None:
+    from daemon.k8s_runner import build_job
+
+    docs = render(overlay)
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    daemon = policies["alignd"]
+    pod_labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert daemon["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert daemon["ingress"] and all(rule.get("from") for rule in daemon["ingress"])
+    assert daemon["egress"] and all(rule.get("to") for rule in daemon["egress"])
+    for rule in daemon["egress"]:
+        for peer in rule["to"]:
+            assert peer.get("ipBlock", {}).get("cidr") not in {"0.0.0.0/0", "::/0"}
+    trainer = policies["alignd-trainer"]
+    job = build_job("r1", Path("/data/run.json"), effective_config(docs).training.kubernetes,
+                    timeout_s=60)  # fmt: skip
+    job_labels = job["spec"]["template"]["metadata"]["labels"]
+    selector = trainer["podSelector"]["matchLabels"]
+    # kustomize adds its common labels to selectors; the Job's pods carry the ones that matter
+    assert selector["app.kubernetes.io/component"] == job_labels["app.kubernetes.io/component"]
+    assert set(trainer["policyTypes"]) == {"Ingress", "Egress"}
+    assert not trainer.get("ingress") and not trainer.get("egress")  # deny all
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secrets_reach_the_daemon_as_files_only(overlay: str) -> None:
+    [container] = by_kind(render(overlay), "Deployment")["spec"]["template"]["spec"]["containers"]
+    for env in container.get("env", []):
+        assert "valueFrom" not in env, env  # a secret in the environment would reach children
+        assert not any(w in env["name"] for w in ("TOKEN", "PASSWORD")) or env["name"].endswith(
+            "_FILE"
+        )
+
+
+def test_image_keeps_the_shared_volume_off_the_import_path() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "PYTHONSAFEPATH=1" in text and "PYTHONNOUSERSITE=1" in text
+    workdir = re.findall(r"^WORKDIR\s+(\S+)", text, re.M)[-1]
+    assert not workdir.startswith("/data")

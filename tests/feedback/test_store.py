@@ -132,5 +132,52 @@ def test_database_errors_never_carry_the_events_text(store: FeedbackStore) -> No
     with pytest.raises(SQLAlchemyError) as raised, store.engine.begin() as conn:
         conn.execute(insert(events_table).values(**row))
     assert secret not in error_summary(raised.value)
-    if store.engine.dialect.name == "sqlite":  # PostgreSQL's own message quotes the row
+    if store.engine.dialect.name == "sqlite":
         assert secret not in str(raised.value)
+    else:  # PostgreSQL's own messages quote values, some on their first line
+        with pytest.raises(SQLAlchemyError) as quoted, store.engine.begin() as conn:
+            conn.exec_driver_sql("SELECT CAST(%(v)s AS integer)", {"v": secret})
+        assert secret in str(quoted.value)  # what a plain str() would have shown
+        assert secret not in error_summary(quoted.value)
+
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+37 22 0:40 / /data rw,relatime - nfs4 filer:/export/alignd rw,vers=4.1
+38 22 8:17 / /data/local\\040disk rw,relatime - ext4 /dev/sdb1 rw
+39 22 0:41 / /mnt/sshfs rw - fuse.sshfs user@host:/ rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "fstype"),
+    [
+        ("/data/feedback.db", "nfs4"),
+        ("/data/local disk/feedback.db", "ext4"),
+        ("/var/lib/alignd/feedback.db", "ext4"),
+        ("/mnt/sshfs/f.db", "fuse.sshfs"),
+        ("/datastore/f.db", "ext4"),  # a prefix of the name is not the mount point
+    ],
+)
+def test_filesystem_type_from_mountinfo(path: str, fstype: str) -> None:
+    from feedback.store import filesystem_type
+
+    assert filesystem_type(Path(path), MOUNTINFO) == fstype
+
+
+def test_sqlite_refuses_a_network_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's WAL breaks on NFS-style volumes: refused at start-up, naming the key. (No NFS
+    server here: the mount table is what says where the file lives.)"""
+    import feedback.store as store_module
+
+    real = store_module.filesystem_type
+    monkeypatch.setattr(
+        store_module,
+        "filesystem_type",
+        lambda p, mountinfo=None: real(p, f"40 22 0:50 / {tmp_path} rw - nfs4 filer:/x rw\n"),
+    )
+    with pytest.raises(store_module.StoreUnusable, match=r"store\.url: .*network filesystem"):
+        FeedbackStore(f"sqlite:///{tmp_path / 'shared' / 'feedback.db'}")
+    FeedbackStore(f"sqlite:///{tmp_path.parent / 'local' / 'feedback.db'}").close()
