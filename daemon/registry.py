@@ -24,7 +24,6 @@ manifest records its files' sha256 (``files``), checked before the version is ac
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from feedback.base import file_sha256
 
 log = logging.getLogger("alignd.registry")
 
@@ -116,14 +117,6 @@ def check_safetensors(path: Path) -> None:
         raise InvalidAdapter(
             f"{path.name}: size {size} does not match its header (truncated or padded)"
         )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_adapter_dir(path: Path) -> None:

@@ -65,3 +65,14 @@ def wait_until(predicate: object, timeout_s: float, interval_s: float = 0.2) -> 
             return True
         time.sleep(interval_s)
     return False
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 40) -> None:
+    """SIGTERM (a daemon drains), then SIGKILL if it outlives ``grace_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

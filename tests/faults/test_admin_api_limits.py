@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from services import stop_process as stop
 from services import wait_until
 
 from demo.broker import free_port
@@ -53,15 +54,6 @@ def start(tmp_path: Path, **admin: object) -> tuple[subprocess.Popen[bytes], int
 
     assert wait_until(up, 60)
     return daemon, port
-
-
-def stop(daemon: subprocess.Popen[bytes]) -> None:
-    daemon.terminate()
-    try:
-        daemon.wait(30)
-    except subprocess.TimeoutExpired:
-        daemon.kill()
-        daemon.wait()
 
 
 def test_unauthenticated_chunked_600mb_body_is_refused_unread(
