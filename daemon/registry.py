@@ -386,12 +386,12 @@ class Registry:
         """Re-activate the previous active version, or ``to``. A version an operator rejected
         after it was active is skipped (or, named as ``to``, refused) unless ``force``."""
         with self._locked():
-            history = self.history()
+            history, active = self.history(), self.active()
             if to is None:
                 earlier = [
                     v
                     for v in history[:-1]
-                    if v != self.active() and (force or not self._operator_rejected(v))
+                    if v != active and (force or not self._operator_rejected(v))
                 ]
                 if not earlier:
                     raise RegistryConflict(
@@ -404,7 +404,7 @@ class Registry:
                 self.version_dir(to)
                 if to not in history:
                     raise RegistryConflict(f"{to} was never active; promote it instead")
-                if to == self.active():
+                if to == active:
                     raise RegistryConflict(f"{to} is already active")
                 if self._operator_rejected(to) and not force:
                     raise RegistryConflict(
