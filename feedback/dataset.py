@@ -151,7 +151,9 @@ def _texts(event: Event) -> list[str]:
     return texts
 
 
-def _accepted(event: EditEvent) -> bool:
+def unchanged_send(event: EditEvent) -> bool:
+    """True when the agent sent the model's reply as it was (up to normalisation): an
+    approval, never a training pair."""
     return normalize(event.edited_completion) == normalize(event.completion)
 
 
@@ -301,7 +303,7 @@ def build_examples(events: Sequence[Event], config: DatasetConfig, now: datetime
             out.filtered["too_long"] += 1
         elif isinstance(ev, RatingEvent):
             ratings.append(ev)
-        elif isinstance(ev, EditEvent) and _accepted(ev):
+        elif isinstance(ev, EditEvent) and unchanged_send(ev):
             out.filtered["trivial_edit"] += 1
             ratings.append(_as_thumbs_up(ev))
         else:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
 )
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -55,6 +57,11 @@ events_table = Table(
     Column("served_adapter", String(128)),
     Column("source", String(256), doc="topic/partition/offset it was read from"),
     Column("event", Text, nullable=False, doc="canonical JSON of the validated event"),
+)
+
+# The regression watch reads each served adapter's most recent events (feedback.production).
+served_index = Index(
+    "ix_feedback_events_served_adapter_seq", events_table.c.served_adapter, events_table.c.seq
 )
 
 conflicts_table = Table(
@@ -172,6 +179,7 @@ class FeedbackStore:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        served_index.create(self.engine, checkfirst=True)  # stores created before the index
 
     def close(self) -> None:
         self.engine.dispose()
@@ -281,6 +289,29 @@ class FeedbackStore:
                 ev = load_stored(row.event)
                 yield StoredEvent(int(row.seq), ev, _aware(row.ingested_at))
             last = int(rows[-1].seq)
+
+    def recent_served(
+        self, adapters: Sequence[str | None], *, since: datetime, limit: int
+    ) -> list[Event]:
+        """The newest ``limit`` ratings and edits on replies one of ``adapters`` served (None:
+        replies that name no adapter, the SFT model's), that occurred at or after ``since``."""
+        names = [a for a in adapters if a is not None]
+        served = events_table.c.served_adapter
+        conditions = [served.in_(names)] if names else []
+        if None in adapters:
+            conditions.append(served.is_(None))
+        if not conditions:
+            return []
+        query = (
+            select(events_table.c.event)
+            .where(or_(*conditions))
+            .where(events_table.c.type.in_(("rating", "edit")))
+            .where(events_table.c.occurred_at >= since.astimezone(UTC))
+            .order_by(events_table.c.seq.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [load_stored(row.event) for row in conn.execute(query)]
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         """Retention over every table holding customer text: events that occurred before
