@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.gate import GateConfig
+from daemon.watch import WatchConfig
 from feedback.base import FrozenModel
 from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig
 from trainer.methods import PAIRED_METHODS, check_paired_method
@@ -189,6 +190,7 @@ class AligndConfig(BaseSettings):
     gate: GateConfig = GateConfig()
     admin: AdminConfig = AdminConfig()
     serving: ServingConfig = ServingConfig()
+    watch: WatchConfig = WatchConfig()
 
     @classmethod
     def settings_customise_sources(

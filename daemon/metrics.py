@@ -140,6 +140,35 @@ class Metrics:
             "When the drift probe last succeeded",
             registry=r,
         )
+        # production feedback and the regression watch; adapter: the active and the previous
+        # version only (role says which), older label values are removed
+        self.production_rate = Gauge(
+            "alignd_production_feedback_rate",
+            "Per served adapter over watch.window_hours: edit_rate (share of handled replies "
+            "agents changed), thumbs_down_rate, edit_size (mean normalised edit distance)",
+            ["adapter", "role", "signal"],
+            registry=r,
+        )
+        self.production_events = Gauge(
+            "alignd_production_feedback_events",
+            "Events behind each rate: handled (agents' sends, changed or not), rated",
+            ["adapter", "role", "kind"],
+            registry=r,
+        )
+        self.watch_regressed = Gauge(
+            "alignd_watch_regressed",
+            "1 while the watch finds the active adapter worse than its predecessor",
+            registry=r,
+        )
+        self.watch_p_value = Gauge(
+            "alignd_watch_p_value",
+            "Last judgement's one-sided p-value per signal (NaN: not tested)",
+            ["signal"],
+            registry=r,
+        )
+        self.watch_timestamp = Gauge(
+            "alignd_watch_last_run_timestamp_seconds", "When the watch last judged", registry=r
+        )
         # Pre-create label values so rate() works from the first scrape.
         for reason in sorted(REASONS):
             self.events_dead_lettered.labels(reason=reason)
@@ -149,9 +178,12 @@ class Metrics:
             self.events_stored.labels(type=event_type)
         for outcome in FINISHED:
             self.refresh_runs.labels(outcome=outcome)
-        for trigger in ActivationTrigger:
+        for trigger in (ActivationTrigger.GATE, ActivationTrigger.OPERATOR):
             self.promotions.labels(trigger=trigger)
-        self.rollbacks.labels(trigger=ActivationTrigger.OPERATOR)
+        for trigger in (ActivationTrigger.OPERATOR, ActivationTrigger.WATCH):
+            self.rollbacks.labels(trigger=trigger)
+        for signal in ("edit_rate", "thumbs_down_rate"):
+            self.watch_p_value.labels(signal=signal).set(float("nan"))
         for decision in ("promote", "reject"):
             self.gate_decisions.labels(outcome=decision)
 

@@ -191,6 +191,11 @@ class Registry:
         value = self._active_record().get("version")
         return str(value) if value else None
 
+    def activation(self) -> dict[str, Any]:
+        """The last activation: ``version``, ``previous``, ``changed_at``, ``action`` (promote |
+        rollback; absent in files written before 0.3), ``history``, ``serving``."""
+        return self._active_record()
+
     def history(self) -> list[str]:
         return [str(v) for v in self._active_record().get("history", [])]
 
@@ -321,6 +326,7 @@ class Registry:
             "history": history,
             "changed_at": _now(),
             "previous": previous,
+            "action": action,
             "serving": "pending",
         }
         atomic_write_json(self.active_path, record)
@@ -381,12 +387,22 @@ class Registry:
         )
 
     def rollback(
-        self, *, actor: str, reason: str, to: str | None = None, force: bool = False
+        self,
+        *,
+        actor: str,
+        reason: str,
+        to: str | None = None,
+        force: bool = False,
+        expect_active: str | None = None,
     ) -> tuple[str, list[str]]:
         """Re-activate the previous active version, or ``to``. A version an operator rejected
-        after it was active is skipped (or, named as ``to``, refused) unless ``force``."""
+        after it was active is skipped (or, named as ``to``, refused) unless ``force``. With
+        ``expect_active``, refuses unless that version is still the active one (a decision
+        taken on it must not undo someone else's change)."""
         with self._locked():
             history, active = self.history(), self.active()
+            if expect_active is not None and active != expect_active:
+                raise RegistryConflict(f"the active version is {active}, not {expect_active}")
             if to is None:
                 earlier = [
                     v

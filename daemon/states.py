@@ -40,3 +40,4 @@ class ActivationTrigger(StrEnum):
 
     GATE = "gate"
     OPERATOR = "operator"
+    WATCH = "watch"  # the regression watch rolled a promoted adapter back
