@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -181,10 +182,11 @@ class FeedbackConsumer:
         report = BatchReport()
         valid: list[tuple[Any, Incoming]] = []
         invalid: list[tuple[Any, Rejection]] = []
+        now = datetime.now(UTC)  # one clock reading per batch for the plausible-time check
         for tp, batch in records.items():
             for record in batch:
                 report.consumed += 1
-                parsed = parse_event(record.value, self.limits)
+                parsed = parse_event(record.value, self.limits, now=now)
                 if isinstance(parsed, Rejection):
                     invalid.append((record, parsed))
                 else:

@@ -275,11 +275,13 @@ def _rejection(err: ValidationError) -> Rejection:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
+    seen = dict(pairs)  # the common case, at C speed; only a repeat pays for the search
+    if len(seen) != len(pairs):
+        counts: dict[str, int] = {}
+        for key, _ in pairs:
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] > 1:
+                raise _DuplicateKey(key)
     return seen
 
 
@@ -342,15 +344,21 @@ def canonical_json(event: Event) -> str:
     return json.dumps(event.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def content_sha256(event: Event) -> str:
-    return hashlib.sha256(canonical_json(event).encode()).hexdigest()
+    return sha256_text(canonical_json(event))
 
 
 def prompt_key(prompt: list[dict[str, str]] | list[ChatMessage]) -> str:
     """A stable hash of a prompt's messages (role and content only)."""
-    messages = [m.model_dump() if isinstance(m, ChatMessage) else m for m in prompt]
-    payload = json.dumps([[m["role"], m["content"]] for m in messages], separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
+    pairs = [
+        [m.role, m.content] if isinstance(m, ChatMessage) else [m["role"], m["content"]]
+        for m in prompt
+    ]
+    return sha256_text(json.dumps(pairs, separators=(",", ":")))
 
 
 def json_schema() -> dict[str, Any]:

@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from feedback.events import Event, canonical_json, content_sha256, load_stored, prompt_key
+from feedback.events import Event, canonical_json, load_stored, prompt_key, sha256_text
 
 metadata = MetaData()
 
@@ -203,7 +203,8 @@ class FeedbackStore:
                 known.update({r.event_id: r.content_sha256 for r in rows})
             new_rows, conflict_rows = [], []
             for item in items:
-                ev, digest = item.event, content_sha256(item.event)
+                ev, text = item.event, canonical_json(item.event)
+                digest = sha256_text(text)
                 previous = known.get(ev.event_id)
                 if previous == digest:
                     outcome.duplicates += 1
@@ -216,7 +217,7 @@ class FeedbackStore:
                             "content_sha256": digest,
                             "received_at": now,
                             "source": item.source,
-                            "event": canonical_json(ev),
+                            "event": text,
                         }
                     )
                     continue
@@ -231,7 +232,7 @@ class FeedbackStore:
                         "content_sha256": digest,
                         "served_adapter": ev.served_adapter,
                         "source": item.source,
-                        "event": canonical_json(ev),
+                        "event": text,
                     }
                 )
                 outcome.stored_by_type[ev.type] = outcome.stored_by_type.get(ev.type, 0) + 1

@@ -34,8 +34,9 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def postgres_server(base: Path) -> Iterator[str]:
-    """Start a throw-away PostgreSQL cluster; yield a SQLAlchemy URL to its `alignd` database."""
+def postgres_server(base: Path, *, fsync: bool = False) -> Iterator[str]:
+    """Start a throw-away PostgreSQL cluster; yield a SQLAlchemy URL to its `alignd` database.
+    Tests run it without fsync (speed); benchmarks with it, as production runs."""
     data, sock = base / "pgdata", base / "pgsock"
     for d in (base, data, sock):
         d.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,9 @@ def postgres_server(base: Path) -> Iterator[str]:
     port = free_port()
     subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]),
                    check=True, capture_output=True)  # fmt: skip
-    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+    options = (
+        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync={'on' if fsync else 'off'}"
+    )
     subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(base / "pg.log"),
                                  "-w", "start"]), check=True, capture_output=True)  # fmt: skip
     try:
