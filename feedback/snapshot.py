@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,10 @@ from feedback.dataset import (
     Examples,
     KTOExample,
     PairExample,
-    build_examples,
     is_heldout,
     kto_balance,
 )
+from feedback.grouping import build_rows_on_disk
 from feedback.manifest import (
     MANIFEST_FORMAT,
     ActorShare,
@@ -73,6 +74,7 @@ KTO_SCHEMA = pa.schema(
     ]
 )
 SPLITS = ("train", "heldout")
+ROW_GROUP = 2_000  # rows per parquet row group (and in memory at once while writing)
 PUBLIC_SALT = "alignd-v1"
 
 
@@ -127,7 +129,23 @@ def actor_shares(examples: Examples, config: DatasetConfig, top: int = 5) -> Act
         rows[who] += 1
         if split_of(row.prompt_sha256, config) == "heldout":
             heldout[who] += 1
-    total, total_heldout = sum(rows.values()), sum(heldout.values())
+    ranked = sorted(rows.items(), key=lambda kv: (-kv[1], kv[0]))
+    return shares_of((who, n, heldout[who]) for who, n in ranked)
+
+
+def shares_of(ranked: Iterable[tuple[str, int, int]], top: int = 5) -> ActorShares:
+    """:class:`ActorShares` from ``(actor, rows, held-out rows)``, most rows first (ties by
+    name), read once: memory does not grow with the number of actors."""
+    distinct = total = total_heldout = unattributed = largest = largest_heldout = 0
+    leaders: list[tuple[str, int, int]] = []
+    for who, n, held in ranked:
+        distinct += 1
+        total, total_heldout = total + n, total_heldout + held
+        largest, largest_heldout = max(largest, n), max(largest_heldout, held)
+        if who == UNATTRIBUTED:
+            unattributed = n
+        if len(leaders) < top:
+            leaders.append((who, n, held))
 
     def share(n: int, of: int) -> float:
         return n / of if of else 0.0
@@ -138,20 +156,20 @@ def actor_shares(examples: Examples, config: DatasetConfig, top: int = 5) -> Act
         return hashlib.sha256(who.encode()).hexdigest()[:12], who.partition(":")[0]
 
     return ActorShares(
-        distinct=len(rows),
-        unattributed_rows=rows[UNATTRIBUTED],
-        largest_share=share(max(rows.values(), default=0), total),
-        largest_heldout_share=share(max(heldout.values(), default=0), total_heldout),
+        distinct=distinct,
+        unattributed_rows=unattributed,
+        largest_share=share(largest, total),
+        largest_heldout_share=share(largest_heldout, total_heldout),
         top=[
             ActorShare(
                 actor=named(who)[0],
                 kind=named(who)[1],
                 rows=n,
-                heldout_rows=heldout[who],
+                heldout_rows=held,
                 share=share(n, total),
-                heldout_share=share(heldout[who], total_heldout),
+                heldout_share=share(held, total_heldout),
             )
-            for who, n in sorted(rows.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+            for who, n, held in leaders
         ],
     )
 
@@ -172,13 +190,17 @@ def split_rows(
     return out
 
 
+def _row_bytes(row: dict[str, Any]) -> bytes:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+
+
 def content_sha256(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     digest = hashlib.sha256()
     for kind in ("pairs", "kto"):
         for split in SPLITS:
             digest.update(f"{kind}/{split}\n".encode())
             for row in rows[kind][split]:
-                digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+                digest.update(_row_bytes(row))
     return digest.hexdigest()
 
 
@@ -190,42 +212,85 @@ def write_snapshot(
     event_range: EventRange,
     built_at: datetime | None = None,
 ) -> SnapshotManifest:
-    """Write the snapshot atomically (temp dir, then rename) and return its manifest."""
+    """Write rows built in memory as a snapshot (atomically) and return its manifest."""
     rows = split_rows(examples, config)
-    kto_train = rows["kto"]["train"]
-    n_desirable = sum(r["label"] for r in kto_train)
-    weight_d, weight_u = kto_balance(n_desirable, len(kto_train) - n_desirable)
-    manifest = SnapshotManifest(
-        format=MANIFEST_FORMAT,
-        sha256=content_sha256(rows),
-        counts=SnapshotCounts.model_validate(
-            {kind: {s: len(rows[kind][s]) for s in SPLITS} for kind in rows}
-        ),
-        pair_sources={
-            s: sum(1 for p in examples.pairs if p.source == s)
-            for s in ("edit", "comparison", "mined")
-        },
-        filtered={name: examples.filtered.get(name, 0) for name in FILTERS},
-        kto_balance=KtoBalance(
-            desirable=n_desirable,
-            undesirable=len(kto_train) - n_desirable,
-            desirable_weight=weight_d,
-            undesirable_weight=weight_u,
-        ),
-        events=event_range,
+    return _write(
+        out_dir,
+        lambda kind, split: rows[kind][split],
+        filtered=examples.filtered,
         actors=actor_shares(examples, config),
-        split_salt="secret" if config.split_salt else "public-default",
+        event_range=event_range,
         config=config,
-        built_at=(built_at or datetime.now(UTC)).isoformat(),
+        built_at=built_at or datetime.now(UTC),
     )
+
+
+def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write(
+    out_dir: Path,
+    rows: Callable[[str, str], Iterable[dict[str, Any]]],
+    *,
+    filtered: Counter[str],
+    actors: ActorShares,
+    event_range: EventRange,
+    config: DatasetConfig,
+    built_at: datetime,
+) -> SnapshotManifest:
+    """Stream ``rows(kind, split)`` into parquet row groups of ``ROW_GROUP`` rows while hashing
+    them (:func:`content_sha256`'s order and encoding); then the manifest; then the rename."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    digest = hashlib.sha256()
+    counts: dict[str, dict[str, int]] = {"pairs": {}, "kto": {}}
+    sources: Counter[str] = Counter()
+    desirable = 0
     try:
         for kind, schema in (("pairs", PAIR_SCHEMA), ("kto", KTO_SCHEMA)):
             (staging / kind).mkdir()
             for split in SPLITS:
-                table = pa.Table.from_pylist(rows[kind][split], schema=schema)
-                pq.write_table(table, staging / kind / f"{split}.parquet")
+                digest.update(f"{kind}/{split}\n".encode())
+                n = 0
+                with pq.ParquetWriter(staging / kind / f"{split}.parquet", schema) as writer:
+                    for chunk in _chunks(rows(kind, split), ROW_GROUP):
+                        for row in chunk:
+                            digest.update(_row_bytes(row))
+                            if kind == "pairs":
+                                sources[row["source"]] += 1
+                            elif split == "train":
+                                desirable += bool(row["label"])
+                        writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                        n += len(chunk)
+                counts[kind][split] = n
+        kto_train = counts["kto"]["train"]
+        weight_d, weight_u = kto_balance(desirable, kto_train - desirable)
+        manifest = SnapshotManifest(
+            format=MANIFEST_FORMAT,
+            sha256=digest.hexdigest(),
+            counts=SnapshotCounts.model_validate(counts),
+            pair_sources={s: sources.get(s, 0) for s in ("edit", "comparison", "mined")},
+            filtered={name: filtered.get(name, 0) for name in FILTERS},
+            kto_balance=KtoBalance(
+                desirable=desirable,
+                undesirable=kto_train - desirable,
+                desirable_weight=weight_d,
+                undesirable_weight=weight_u,
+            ),
+            events=event_range,
+            actors=actors,
+            split_salt="secret" if config.split_salt else "public-default",
+            config=config,
+            built_at=built_at.isoformat(),
+        )
         with (staging / "manifest.json").open("w") as f:
             json.dump(manifest.model_dump(mode="json"), f, indent=2, sort_keys=True)
             f.flush()
@@ -241,22 +306,39 @@ def write_snapshot(
 def build_snapshot(
     store: FeedbackStore, out_dir: Path, config: DatasetConfig, *, now: datetime | None = None
 ) -> SnapshotManifest:
-    """Read every stored event, build the rows, write the snapshot."""
+    """Read every stored event, build the rows, write the snapshot — in memory that does not
+    grow with the store: events stream from the store in chunks, the rules' sorting, grouping
+    and caps run in a temporary SQLite file next to the snapshot (:mod:`feedback.grouping`),
+    and rows stream into parquet row groups."""
     now = now or datetime.now(UTC)
-    stored = list(store.iter_events())
-    events = [s.event for s in stored]
-    occurred = sorted(e.occurred_at for e in events)
-    event_range = EventRange(
-        count=len(stored),
-        first_seq=stored[0].seq if stored else None,
-        last_seq=stored[-1].seq if stored else None,
-        first_occurred_at=occurred[0].isoformat() if occurred else None,
-        last_occurred_at=occurred[-1].isoformat() if occurred else None,
-    )
-    return write_snapshot(
-        build_examples(events, config, now),
-        out_dir,
-        config=config,
-        event_range=event_range,
-        built_at=now,
-    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-work-", dir=out_dir.parent) as work:
+        disk = build_rows_on_disk(
+            ((s.seq, s.event) for s in store.iter_events()),
+            config,
+            now,
+            Path(work) / "rows.db",
+            lambda prompt: split_of(prompt, config),
+        )
+        try:
+            stats = disk.stats
+            event_range = EventRange(
+                count=stats.count,
+                first_seq=stats.first_seq,
+                last_seq=stats.last_seq,
+                first_occurred_at=stats.first_occurred.isoformat()
+                if stats.first_occurred
+                else None,
+                last_occurred_at=stats.last_occurred.isoformat() if stats.last_occurred else None,
+            )
+            return _write(
+                out_dir,
+                disk.rows,
+                filtered=disk.filtered,
+                actors=shares_of(disk.actor_counts()),
+                event_range=event_range,
+                config=config,
+                built_at=now,
+            )
+        finally:
+            disk.close()
