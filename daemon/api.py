@@ -48,7 +48,12 @@ class AdminBackend(Protocol):
         self, *, actor: str, reason: str, to: str | None, force: bool = False
     ) -> tuple[str, list[str]]: ...
     def reject(self, version: str, *, actor: str, reason: str) -> None: ...
-    def request_refresh(self, actor: str) -> tuple[bool, str]: ...
+    def request_refresh(self, actor: str, *, full: bool = False) -> tuple[bool, str]: ...
+
+
+class RefreshBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    full: bool = Field(False, description="train on the whole snapshot, not incrementally")
 
 
 class PromoteBody(BaseModel):
@@ -226,8 +231,8 @@ def make_app(  # noqa: C901
         return {"active": version, "serving_hook_failures": failures}
 
     @app.post("/v1/refresh", status_code=202)
-    def refresh(actor: str = Depends(operator)) -> dict[str, Any]:
-        accepted, message = backend.request_refresh(actor)
+    def refresh(body: RefreshBody | None = None, actor: str = Depends(operator)) -> dict[str, Any]:
+        accepted, message = backend.request_refresh(actor, full=(body or RefreshBody()).full)
         if not accepted:
             raise HTTPException(409, message)
         return {"accepted": True, "message": message}

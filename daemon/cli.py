@@ -282,6 +282,9 @@ def make_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[client], help="what the daemon is doing")
     status.set_defaults(func=cmd_client, action="status")
     refresh = sub.add_parser("refresh", parents=[client], help="ask for a refresh now")
+    refresh.add_argument(
+        "--full", action="store_true", help="retrain on the whole snapshot, not incrementally"
+    )
     refresh.set_defaults(func=cmd_client, action="refresh")
     runs = sub.add_parser("runs", help="refresh runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)

@@ -144,7 +144,7 @@ def _client(args: argparse.Namespace) -> int:
         data = _api(args, "POST", f"/v1/adapters/{args.version}/reject", {"reason": args.reason})
         _print(args, data, f"rejected: {data['rejected']}")
     elif action == "refresh":
-        data = _api(args, "POST", "/v1/refresh")
+        data = _api(args, "POST", "/v1/refresh", {"full": bool(getattr(args, "full", False))})
         _print(args, data, data["message"])
     elif action == "run":
         data = _api(args, "GET", f"/v1/runs/{args.run_id}")

@@ -106,7 +106,15 @@ class TrainingConfig(FrozenModel):
     both_policy: Literal["pairs", "kto_union"] = Field(
         "pairs", description="pairs and thumbs: DPO-family on pairs, or KTO on all (pairs split)"
     )
-    warm_start: bool = Field(False, description="initialise LoRA from the active adapter")
+    warm_start: bool = Field(True, description="initialise LoRA from the active adapter")
+    incremental: bool = Field(
+        True,
+        description="with warm_start: train on rows new since the active adapter's snapshot "
+        "plus a replay sample of older ones (held-out: all)",
+    )
+    replay_rows: int = Field(
+        1000, ge=0, description="older training rows replayed per kind in an incremental refresh"
+    )
     min_pairs: int = Field(8, gt=0, description="fewer training pairs: no paired run")
     min_kto_rows: int = Field(16, gt=0, description="fewer thumbs: no KTO run")
     run_spec: dict[str, Any] = Field(

@@ -31,6 +31,7 @@ from daemon.registry import Registry, RegistryError, atomic_write_json
 from daemon.runners import LocalRunner, RunExit, Runner
 from daemon.scheduler import MethodChoice, choose_method
 from daemon.states import SUCCESSFUL, ActivationTrigger, Outcome, RefreshTrigger
+from feedback.increment import incremental_view
 from feedback.manifest import SnapshotManifest
 from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore
@@ -77,6 +78,8 @@ class RefreshOutcome:
     gate: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     trigger_detail: str = ""  # e.g. "240 new pairs (threshold 200)"
+    full: bool = False  # an operator asked for a full retrain
+    training_data: dict[str, Any] = field(default_factory=dict)  # full | incremental, and why
 
     def end(self, outcome: Outcome, reason: str) -> None:
         self.outcome, self.reason = outcome, reason
@@ -129,13 +132,13 @@ class Refresher:
 
     # --- the pipeline -------------------------------------------------------------------------
     def refresh(
-        self, trigger: RefreshTrigger, stop: threading.Event, detail: str = ""
+        self, trigger: RefreshTrigger, stop: threading.Event, detail: str = "", full: bool = False
     ) -> RefreshOutcome:
         now = datetime.now(UTC)
         run_id = f"r{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         started = now.isoformat()
         outcome = RefreshOutcome(
-            run_id, trigger, Outcome.FAILED, "", started, trigger_detail=detail
+            run_id, trigger, Outcome.FAILED, "", started, trigger_detail=detail, full=full
         )
         self.running.set()
         self.metrics.refresh_running.set(1)
@@ -219,7 +222,11 @@ class Refresher:
 
         active = self.registry.active()
         active_dir = self.registry.version_dir(active) if active else None
-        spec = self._run_spec(snapshot, run_dir / "train", choice, sha, active_dir)
+        data, outcome.training_data = self._training_data(
+            snapshot, manifest, active, choice.method, run_dir, full=outcome.full
+        )
+        log.info("refresh %s trains on %s", outcome.run_id, outcome.training_data["reason"])
+        spec = self._run_spec(data, run_dir / "train", choice, sha, active_dir)
         spec_path = run_dir / "run.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
         end = self.runner.run(outcome.run_id, spec_path, stop, self.config.training.timeout_s)
@@ -258,6 +265,7 @@ class Refresher:
                 "run_id": outcome.run_id,
                 "run_spec": spec.model_dump(mode="json"),
                 "training": outcome.training,
+                "training_data": outcome.training_data,
                 # counts and hashes only: the replies stay in the run directory (retention)
                 "eval": result.eval.without_text().model_dump(mode="json"),
                 "gate": decision.as_dict(),
@@ -278,6 +286,54 @@ class Refresher:
                 reason=f"gate passed (run {outcome.run_id})",
             )
             outcome.end(Outcome.PROMOTED, f"{version} passed the gate and is active")
+
+    def _training_data(
+        self,
+        snapshot: Path,
+        manifest: SnapshotManifest,
+        active: str | None,
+        method: str,
+        run_dir: Path,
+        *,
+        full: bool,
+    ) -> tuple[Path, dict[str, Any]]:
+        """The rows to train on: the whole snapshot, or (warm-starting from the active adapter)
+        the rows new since its snapshot plus a replay sample (:mod:`feedback.increment`)."""
+        training = self.config.training
+
+        def whole(reason: str) -> tuple[Path, dict[str, Any]]:
+            return snapshot, {"mode": "full", "reason": f"the whole snapshot: {reason}"}
+
+        if full:
+            return whole("an operator asked for a full retrain")
+        if not (training.incremental and training.warm_start):
+            return whole("training.incremental or training.warm_start is off")
+        if active is None:
+            return whole("no active adapter to build on")
+        info = self.registry.manifest(active)
+        if info.get("method") != method:
+            return whole(f"the method changed ({info.get('method')} -> {method})")
+        sha = str(info.get("dataset_sha256") or "")
+        previous = self.snapshots_dir / sha[:16]
+        if not sha or not (previous / "manifest.json").is_file():
+            return whole(f"{active}'s snapshot is no longer on disk")
+        rules = SnapshotManifest.load(previous).config.model_dump(mode="json")
+        if rules != manifest.config.model_dump(mode="json"):
+            return whole(f"the dataset rules changed since {active}'s snapshot")
+        stats = incremental_view(
+            snapshot,
+            previous,
+            run_dir / "data",
+            replay_rows=training.replay_rows,
+            seed=manifest.sha256,
+        )
+        return run_dir / "data", {
+            "mode": "incremental",
+            "reason": f"warm start from {active}; {stats.describe()}",
+            "base_version": active,
+            "new": stats.new,
+            "replayed": stats.replayed,
+        }
 
     def _run_spec(
         self, snapshot: Path, out: Path, choice: MethodChoice, sha: str, active_dir: Path | None

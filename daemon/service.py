@@ -91,6 +91,7 @@ class Service:
         self.consumer_stop = threading.Event()
         self.refresh_stop = threading.Event()
         self.manual_refresh: str | None = None
+        self.manual_full = False  # the operator asked for a full retrain
         self._new_counts: dict[str, int] | None = None  # as of the last tick
         self.last_verdict: dict[str, Any] | None = None  # the watch's, for status
         self._lock = threading.Lock()
@@ -209,15 +210,15 @@ class Service:
         self.instance_lock.release()
 
     # --- refresh scheduling -------------------------------------------------------------------
-    def request_refresh(self, actor: str) -> tuple[bool, str]:
+    def request_refresh(self, actor: str, *, full: bool = False) -> tuple[bool, str]:
         with self._lock:
             if self.stopping.is_set():
                 return False, "alignd is shutting down"
             if self.refresher.running.is_set() or self._refresh_busy():
                 return False, "a refresh is already running"
-            self.manual_refresh = actor
+            self.manual_refresh, self.manual_full = actor, full
         threading.Thread(target=self.tick, name="refresh-tick-manual", daemon=True).start()
-        return True, f"refresh requested by {actor}"
+        return True, f"{'full ' if full else ''}refresh requested by {actor}"
 
     def _refresh_busy(self) -> bool:
         return self._refresh_thread is not None and self._refresh_thread.is_alive()
@@ -260,11 +261,11 @@ class Service:
             detail = (
                 f"requested by {self.manual_refresh}" if self.manual_refresh else decision.reason
             )
-            self.manual_refresh = None
+            full, self.manual_refresh, self.manual_full = self.manual_full, None, False
             self.refresh_stop.clear()
             self._refresh_thread = threading.Thread(
                 target=self.refresher.refresh,
-                args=(trigger, self.refresh_stop, detail),
+                args=(trigger, self.refresh_stop, detail, full),
                 name="refresh",
                 daemon=True,
             )

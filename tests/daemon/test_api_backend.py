@@ -72,10 +72,11 @@ class InMemoryBackend:
         self._known(version)
         self.calls.append(("reject", actor))
 
-    def request_refresh(self, actor: str) -> tuple[bool, str]:
+    def request_refresh(self, actor: str, *, full: bool = False) -> tuple[bool, str]:
         if self.refreshing:
             return False, "a refresh is already running"
         self.refreshing = True
+        self.calls.append(("refresh-full" if full else "refresh", actor))
         return True, f"refresh requested by {actor}"
 
 
@@ -111,10 +112,14 @@ def test_operator_actions_reach_the_backend_with_the_actor(
     assert backend.calls == [("promote", "carol"), ("rollback", "carol"), ("rollback", "carol")]
 
 
-def test_refresh_is_accepted_once(client: TestClient) -> None:
+def test_refresh_is_accepted_once(client: TestClient, backend: InMemoryBackend) -> None:
     assert client.post("/v1/refresh", headers=AUTH).status_code == 202
     busy = client.post("/v1/refresh", headers=AUTH)
     assert busy.status_code == 409 and "already running" in busy.json()["detail"]
+    backend.refreshing = False
+    assert client.post("/v1/refresh", headers=AUTH, json={"full": True}).status_code == 202
+    assert [call for call, _ in backend.calls] == ["refresh", "refresh-full"]
+    assert client.post("/v1/refresh", headers=AUTH, json={"fulll": True}).status_code == 422
 
 
 def test_reads_readiness_and_metrics(client: TestClient, backend: InMemoryBackend) -> None:

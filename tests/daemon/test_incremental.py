@@ -1,0 +1,128 @@
+"""Incremental refresh: the training view (new rows + a bounded replay sample, every held-out
+row) and when the refresher trains incrementally or on the whole snapshot, on real snapshots
+built from a real SQLite store and a real registry."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from registry_support import make_adapter
+
+from daemon.config import AligndConfig
+from daemon.service import Service
+from feedback.config import DatasetConfig
+from feedback.events import parse_event
+from feedback.increment import incremental_view
+from feedback.manifest import SnapshotManifest
+from feedback.snapshot import build_snapshot
+from feedback.store import FeedbackStore, Incoming
+
+NOW = datetime(2026, 11, 24, tzinfo=UTC)
+
+
+def edits(start: int, stop: int) -> list[Incoming]:
+    out = []
+    for n in range(start, stop):
+        raw = {
+            "schema_version": 1, "event_id": f"e{n}", "type": "edit",
+            "occurred_at": "2026-11-20T10:00:00Z",
+            "prompt": [{"role": "user", "content": f"Where is my order {n}?"}],
+            "completion": f"So sorry! Order {n} is delayed.",
+            "edited_completion": f"Order {n} ships today.",
+        }  # fmt: skip
+        out.append(Incoming(parse_event(json.dumps(raw).encode(), now=NOW)))  # type: ignore[arg-type]
+    return out
+
+
+def rows(path: Path) -> list[dict[str, object]]:
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+def key(row: dict[str, object]) -> str:
+    return json.dumps(row, sort_keys=True)
+
+
+def test_view_holds_new_rows_a_replay_sample_and_every_heldout_row(tmp_path: Path) -> None:
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    config = DatasetConfig(heldout_fraction=0.2)
+    store.write_batch(edits(0, 300))
+    old = tmp_path / "old"
+    build_snapshot(store, old, config, now=NOW)
+    store.write_batch(edits(300, 340))
+    new = tmp_path / "new"
+    manifest = build_snapshot(store, new, config, now=NOW)
+    view = tmp_path / "view"
+    stats = incremental_view(new, old, view, replay_rows=25, seed="s")
+
+    learned = {key(r) for r in rows(old / "pairs" / "train.parquet")}
+    current = rows(new / "pairs" / "train.parquet")
+    trained = rows(view / "pairs" / "train.parquet")
+    fresh = [r for r in current if key(r) not in learned]
+    assert 0 < len(fresh) <= 40 and stats.new["pairs"] == len(fresh)
+    assert [r for r in trained if key(r) not in learned] == fresh  # every new row, in order
+    replayed = [r for r in trained if key(r) in learned]
+    assert len(replayed) == stats.replayed["pairs"] == 25
+    assert [current.index(r) for r in trained] == sorted(current.index(r) for r in trained)
+    assert rows(view / "pairs" / "heldout.parquet") == rows(new / "pairs" / "heldout.parquet")
+    assert SnapshotManifest.load(view).sha256 == manifest.sha256
+    again = tmp_path / "again"
+    incremental_view(new, old, again, replay_rows=25, seed="s")
+    assert rows(again / "pairs" / "train.parquet") == trained  # seeded: reproducible
+    other = tmp_path / "other"
+    incremental_view(new, old, other, replay_rows=25, seed="t")
+    assert rows(other / "pairs" / "train.parquet") != trained
+    store.close()
+
+
+@pytest.fixture()
+def service(tmp_path: Path) -> Service:
+    svc = Service(AligndConfig(paths={"data_dir": tmp_path / "data"},
+                               store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
+                               dataset={"heldout_fraction": 0.2}))  # fmt: skip
+    yield svc
+    svc.store.close()
+    svc.instance_lock.release()
+
+
+def register_on(service: Service, tmp_path: Path, sha: str, method: str = "dpo") -> str:
+    manifest = {"gate": {"promote": True, "reasons": []}, "dataset_sha256": sha, "method": method}
+    version = service.registry.register(make_adapter(tmp_path / f"a-{sha[:6]}-{method}"), manifest)
+    service.registry.promote(version, actor="test", reason="setup")
+    return version
+
+
+def test_refresher_chooses_incremental_or_full(service: Service, tmp_path: Path) -> None:
+    refresher, run = service.refresher, tmp_path / "run"
+    service.store.write_batch(edits(0, 200))
+    first, _ = refresher._snapshot("r1")
+    service.store.write_batch(edits(200, 230))
+    second, second_dir = refresher._snapshot("r2")
+
+    def plan(active: str | None, method: str = "dpo", full: bool = False) -> dict[str, object]:
+        return refresher._training_data(second_dir, second, active, method, run, full=full)[1]
+
+    assert "no active adapter" in str(plan(None)["reason"])
+    v1 = register_on(service, tmp_path, first.sha256)
+    chosen = plan(v1)
+    assert chosen["mode"] == "incremental" and chosen["base_version"] == v1
+    assert 0 < chosen["new"]["pairs"] <= 30  # type: ignore[index]
+    assert (run / "data" / "pairs" / "train.parquet").is_file()
+    assert plan(v1, full=True)["mode"] == "full"
+    assert "method changed" in str(plan(v1, method="ipo")["reason"])
+    training = refresher.config.training
+    refresher.config = refresher.config.model_copy(
+        update={"training": training.model_copy(update={"incremental": False})}
+    )
+    assert plan(v1)["mode"] == "full"
+    refresher.config = refresher.config.model_copy(update={"training": training})
+    v2 = register_on(service, tmp_path, "0" * 64)
+    assert "no longer on disk" in str(plan(v2)["reason"])
+    # the rules changed: the active adapter's snapshot was built with another held-out fraction
+    other = build_snapshot(service.store, tmp_path / "rules", DatasetConfig(heldout_fraction=0.5))
+    (tmp_path / "rules").rename(refresher.snapshots_dir / other.sha256[:16])
+    v3 = register_on(service, tmp_path, other.sha256)
+    assert "rules changed" in str(plan(v3)["reason"])
