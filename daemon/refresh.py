@@ -387,16 +387,27 @@ class Refresher:
         actor: str,
         reason: str,
         force: bool = False,
+        expect_revision: str | None = None,
     ) -> list[str]:
-        failures = self.registry.promote(version, actor=actor, reason=reason, force=force)
+        failures = self.registry.promote(
+            version, actor=actor, reason=reason, force=force, expect_revision=expect_revision
+        )
         self.metrics.promotions.labels(trigger=trigger).inc()
         self.publish_active()
         return failures
 
     def rollback(
-        self, *, actor: str, reason: str, to: str | None = None, force: bool = False
+        self,
+        *,
+        actor: str,
+        reason: str,
+        to: str | None = None,
+        force: bool = False,
+        expect_revision: str | None = None,
     ) -> tuple[str, list[str]]:
-        version, failures = self.registry.rollback(actor=actor, reason=reason, to=to, force=force)
+        version, failures = self.registry.rollback(
+            actor=actor, reason=reason, to=to, force=force, expect_revision=expect_revision
+        )
         self.metrics.rollbacks.labels(trigger=ActivationTrigger.OPERATOR).inc()
         self.publish_active()
         return version, failures

@@ -61,6 +61,10 @@ class RegistryConflict(RegistryError):
     """The registry's state forbids it: already active, rejected, nothing to roll back to."""
 
 
+class RegistryChanged(RegistryConflict):
+    """The registry changed since the caller looked (its ``expect_revision`` is stale)."""
+
+
 class InvalidAdapter(RegistryError):
     """The adapter files are missing, corrupted, or not servable."""
 
@@ -190,6 +194,22 @@ class Registry:
     def active(self) -> str | None:
         value = self._active_record().get("version")
         return str(value) if value else None
+
+    def revision(self) -> str:
+        """Changes whenever the registry does (every change appends to the audit log): a page
+        rendered at one revision may act only if it is still current (``expect_revision``)."""
+        try:
+            return str(self.audit_path.stat().st_size)
+        except FileNotFoundError:
+            return "0"
+
+    def _check_revision(self, expected: str | None) -> None:
+        if expected is not None and expected != self.revision():
+            raise RegistryChanged(
+                "the registry changed since you looked (another operator, the gate or the "
+                f"regression watch); the active version is now {self.active() or 'none'}: "
+                "reload and decide again"
+            )
 
     def activation(self) -> dict[str, Any]:
         """The last activation: ``version``, ``previous``, ``changed_at``, ``action`` (promote |
@@ -368,9 +388,18 @@ class Registry:
                 )
             return failures
 
-    def promote(self, version: str, *, actor: str, reason: str, force: bool = False) -> list[str]:
+    def promote(
+        self,
+        version: str,
+        *,
+        actor: str,
+        reason: str,
+        force: bool = False,
+        expect_revision: str | None = None,
+    ) -> list[str]:
         """Make ``version`` active. Refuses a version the gate rejected unless ``force``."""
         with self._locked():
+            self._check_revision(expect_revision)
             return self._promote(version, actor=actor, reason=reason, force=force)
 
     def _promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]:
@@ -394,12 +423,14 @@ class Registry:
         to: str | None = None,
         force: bool = False,
         expect_active: str | None = None,
+        expect_revision: str | None = None,
     ) -> tuple[str, list[str]]:
         """Re-activate the previous active version, or ``to``. A version an operator rejected
         after it was active is skipped (or, named as ``to``, refused) unless ``force``. With
         ``expect_active``, refuses unless that version is still the active one (a decision
         taken on it must not undo someone else's change)."""
         with self._locked():
+            self._check_revision(expect_revision)
             history, active = self.history(), self.active()
             if expect_active is not None and active != expect_active:
                 raise RegistryConflict(f"the active version is {active}, not {expect_active}")
@@ -431,8 +462,11 @@ class Registry:
                 to, action="rollback", actor=actor, reason=reason, history=history
             )
 
-    def reject(self, version: str, *, actor: str, reason: str) -> None:
+    def reject(
+        self, version: str, *, actor: str, reason: str, expect_revision: str | None = None
+    ) -> None:
         with self._locked():
+            self._check_revision(expect_revision)
             if self.state(version) == "active":
                 raise RegistryConflict(f"{version} is active; roll back first")
             self.version_dir(version)

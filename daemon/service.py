@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from daemon.api import make_app
 from daemon.child import ChildEnd, start_child, supervise_child
 from daemon.config import AligndConfig, with_absolute_paths, with_split_salt
+from daemon.console import load_result, mount_console
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.metrics import Metrics
 from daemon.refresh import Refresher
@@ -51,7 +52,7 @@ from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
 from feedback.events import EditEvent, RatingEvent
 from feedback.production import AdapterFeedback, summarize
 from feedback.store import FeedbackStore, StoreUnusable
-from trainer.spec import AdapterEval, EvalReport
+from trainer.spec import AdapterEval, EvalReport, RunResult
 
 log = logging.getLogger("alignd.service")
 
@@ -112,12 +113,12 @@ class Service:
     def app(self) -> FastAPI:
         """The admin API over this service."""
         admin = self.config.admin
-        return make_app(
-            self,
-            token=self.admin_token(),
-            read_token=read_secret(admin.read_token, admin.read_token_file),
-            max_body_bytes=admin.max_body_bytes,
+        token, read_token = self.admin_token(), read_secret(admin.read_token, admin.read_token_file)
+        app = make_app(
+            self, token=token, read_token=read_token, max_body_bytes=admin.max_body_bytes
         )
+        mount_console(app, self, token=token, read_token=read_token)
+        return app
 
     def start(self) -> None:
         log.info("starting alignd with config %s", json.dumps(self.config.redacted(), default=str))
@@ -426,6 +427,9 @@ class Service:
             kl = float(json.loads(out_path.read_text())["kl_to_reference"])
         self.metrics.drift_kl.set(kl)
         self.metrics.drift_probe_timestamp.set(time.time())
+        with (self.config.paths.data_dir / "drift.jsonl").open("a") as f:  # the console's plot
+            entry = {"at": datetime.now(UTC).isoformat(), "version": active, "kl": kl}
+            f.write(json.dumps(entry) + "\n")
         log.info(
             "drift probe: active %s KL to reference %.4f nats/token on %d replies",
             active,
@@ -467,18 +471,59 @@ class Service:
     def run(self, run_id: str) -> dict[str, Any] | None:
         return self.refresher.run_status(run_id)
 
-    def promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]:
+    def runs(self, limit: int) -> list[dict[str, Any]]:
+        """The newest runs' statuses, newest first (run ids start with their start time)."""
+        names = sorted((p.name for p in self.refresher.runs_dir.iterdir() if p.is_dir()),
+                       reverse=True)[:limit]  # fmt: skip
+        return [s for s in (self.refresher.run_status(n) for n in names) if s is not None]
+
+    def run_result(self, run_id: str) -> RunResult | None:
+        """A run's ``result.json`` (with the replies) while retention keeps its directory."""
+        if not run_id or self.refresher.run_status(run_id) is None:
+            return None
+        return load_result(self.refresher.runs_dir / run_id / "train" / "result.json")
+
+    def drift_history(self) -> list[dict[str, Any]]:
+        path = self.config.paths.data_dir / "drift.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def promote(
+        self,
+        version: str,
+        *,
+        actor: str,
+        reason: str,
+        force: bool,
+        expect_revision: str | None = None,
+    ) -> list[str]:
         return self.refresher.activate(
-            version, trigger=ActivationTrigger.OPERATOR, actor=actor, reason=reason, force=force
+            version,
+            trigger=ActivationTrigger.OPERATOR,
+            actor=actor,
+            reason=reason,
+            force=force,
+            expect_revision=expect_revision,
         )
 
     def rollback(
-        self, *, actor: str, reason: str, to: str | None, force: bool = False
+        self,
+        *,
+        actor: str,
+        reason: str,
+        to: str | None,
+        force: bool = False,
+        expect_revision: str | None = None,
     ) -> tuple[str, list[str]]:
-        return self.refresher.rollback(actor=actor, reason=reason, to=to, force=force)
+        return self.refresher.rollback(
+            actor=actor, reason=reason, to=to, force=force, expect_revision=expect_revision
+        )
 
-    def reject(self, version: str, *, actor: str, reason: str) -> None:
-        self.registry.reject(version, actor=actor, reason=reason)
+    def reject(
+        self, version: str, *, actor: str, reason: str, expect_revision: str | None = None
+    ) -> None:
+        self.registry.reject(version, actor=actor, reason=reason, expect_revision=expect_revision)
 
     def _store_status(self) -> dict[str, Any]:
         """Cheap: the newest sequence number (an index lookup) and the counts the last refresh
