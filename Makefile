@@ -17,17 +17,19 @@ STAMP := $(VENV)/.alignd-setup
 
 setup: $(STAMP) system-deps
 
-# Integration tests use a real PostgreSQL server and Prometheus with promtool (Debian's
-# postgresql and prometheus packages). Installed with apt when missing and we are root (CI,
-# these machines); elsewhere this says what to install.
+# Integration tests use a real PostgreSQL server, Prometheus with promtool and a real browser
+# (Debian's postgresql, prometheus and chromium packages; Playwright drives Chromium, it never
+# downloads one). Installed with apt when missing and we are root (CI, these machines);
+# elsewhere this says what to install.
 system-deps:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v promtool >/dev/null \
-		&& command -v prometheus >/dev/null; then :; \
+		&& command -v prometheus >/dev/null && command -v chromium >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			postgresql prometheus >/dev/null; \
+			postgresql prometheus chromium >/dev/null; \
 	else \
-		echo "integration tests need: sudo apt-get install postgresql prometheus" >&2; exit 1; \
+		echo "integration tests need: sudo apt-get install postgresql prometheus chromium" >&2; \
+		exit 1; \
 	fi
 
 $(STAMP): pyproject.toml Makefile

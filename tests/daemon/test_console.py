@@ -1,0 +1,104 @@
+"""The console's guards, in process (the browser test drives the same pages in Chromium):
+nothing without a session, read-only sessions change nothing, CSRF, stale pages, a reason to
+override the gate, the token never echoed, customer text escaped."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from registry_support import make_adapter
+
+from daemon.config import AligndConfig
+from daemon.service import Service
+
+TOKEN, READ = "console-admin-token-1234", "console-read-token-1234"
+
+
+@pytest.fixture()
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
+    monkeypatch.setenv("ALIGND_ADMIN__TOKEN", TOKEN)
+    monkeypatch.setenv("ALIGND_ADMIN__READ_TOKEN", READ)
+    svc = Service(AligndConfig(paths={"data_dir": tmp_path / "data"},
+                               store={"url": f"sqlite:///{tmp_path / 'f.db'}"}))  # fmt: skip
+    hostile = "<script>alert(1)</script>"
+    for seed, passed in enumerate([True, True, False]):
+        gate = {"promote": passed, "reasons": [] if passed else [f"kl_budget {hostile}"],
+                "checks": [{"name": "kl_budget", "passed": passed, "detail": hostile}]}  # fmt: skip
+        svc.registry.register(make_adapter(tmp_path / f"a{seed}", seed=seed), {"gate": gate})
+    svc.registry.promote("v0001", actor="setup", reason="setup")
+    yield svc
+    svc.store.close()
+    svc.instance_lock.release()
+
+
+def signed_in(service: Service, token: str) -> TestClient:
+    client = TestClient(service.app())
+    response = client.post("/ui/login", data={"token": token, "actor": "ann"},
+                           follow_redirects=False)  # fmt: skip
+    assert response.status_code == 303
+    cookie = response.headers["set-cookie"]
+    assert token not in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    return client
+
+
+def form_of(client: TestClient, path: str) -> dict[str, str]:
+    text = client.get(path).text
+    found = {name: re.search(rf'name="{name}" value="([^"]*)"', text)
+             for name in ("csrf", "revision")}  # fmt: skip
+    return {name: match.group(1) for name, match in found.items() if match}
+
+
+def test_nothing_without_a_session(service: Service) -> None:
+    client = TestClient(service.app())
+    for path in ("/ui", "/ui/versions/v0002", "/ui/runs", "/ui/audit"):
+        page = client.get(path)
+        assert "Sign in" in page.text and "v0002" not in page.text
+    refused = client.post("/ui/actions/promote", data={"version": "v0002"})
+    assert refused.status_code == 401 and service.registry.active() == "v0001"
+    wrong = client.post("/ui/login", data={"token": "nope"})
+    assert wrong.status_code == 403 and "set-cookie" not in wrong.headers
+
+
+def test_read_only_sessions_change_nothing(service: Service) -> None:
+    admin = signed_in(service, TOKEN)
+    fields = form_of(admin, "/ui/versions/v0002")
+    reader = signed_in(service, READ)
+    assert "Promote" not in reader.get("/ui/versions/v0002").text
+    own = form_of(reader, "/ui/versions/v0002")  # its own CSRF token (the sign-out form's)
+    assert own["csrf"] != fields["csrf"]
+    page = reader.post("/ui/actions/promote",
+                       data={**fields, **own, "version": "v0002", "reason": "x"})  # fmt: skip
+    assert page.status_code == 403 and service.registry.active() == "v0001"
+
+
+def test_csrf_stale_pages_and_reasons(service: Service) -> None:
+    client = signed_in(service, TOKEN)
+    fields = form_of(client, "/ui/versions/v0003")
+    forged = client.post("/ui/actions/promote", data={**fields, "csrf": "x", "version": "v0002"})
+    assert forged.status_code == 403 and service.registry.active() == "v0001"
+    no_reason = client.post("/ui/actions/promote",
+                            data={**fields, "version": "v0003", "force": "1"})  # fmt: skip
+    assert no_reason.status_code == 400 and service.registry.active() == "v0001"
+    service.registry.reject("v0002", actor="someone", reason="meanwhile")
+    stale = client.post("/ui/actions/promote",
+                        data={**fields, "version": "v0003", "force": "1", "reason": "ok"})  # fmt: skip
+    assert stale.status_code == 409 and "changed since you looked" in stale.text
+    assert service.registry.active() == "v0001"
+    fresh = form_of(client, "/ui/versions/v0003")
+    done = client.post("/ui/actions/promote",
+                       data={**fresh, "version": "v0003", "force": "1", "reason": "ok"})  # fmt: skip
+    assert done.status_code == 200 and service.registry.active() == "v0003"
+    entry = json.loads(re.search(r"<pre>(.*?)</pre>", done.text, re.S).group(1)  # type: ignore[union-attr]
+                       .replace("&quot;", '"'))  # fmt: skip
+    assert (entry["action"], entry["actor"], entry["version"]) == ("promote", "ann", "v0003")
+
+
+def test_text_is_escaped(service: Service) -> None:
+    client = signed_in(service, TOKEN)
+    page = client.get("/ui/versions/v0003").text
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "content-security-policy" in client.get("/ui").headers
