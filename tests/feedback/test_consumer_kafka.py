@@ -203,3 +203,12 @@ def test_store_failure_commits_nothing_and_loses_nothing(
     thread.join(30)
     consumer.close()
     store.close()
+
+
+def test_record_crcs_are_checked_in_c() -> None:
+    """kafka-python verifies every record batch's CRC-32C; its pure-Python fallback costs most
+    of a consumer's time (bench/ingest_throughput.py). The crc32c dependency must be in use."""
+    from kafka.record import util
+
+    assert util.crc32c_c is not None, "install the crc32c package (a dependency of alignd)"
+    assert util.calc_crc32c(memoryview(b"123456789")) == 0xE3069283  # the standard check value
