@@ -81,6 +81,10 @@ def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
                 "reference_logps"
             ]
             assert reference["computed"] == 0 and reference["hits"] > 0, reference
+            # warm-started from v0001 on the rows its snapshot did not have (the flipped ones)
+            data = second["training_data"]
+            assert data["mode"] == "incremental" and data["base_version"] == "v0001", data
+            assert 0 < data["new"]["pairs"] <= len(ORDERS), data
             adapters = {a["version"]: a["state"] for a in daemon.get("/v1/adapters")}
             assert adapters == {"v0001": "active", "v0002": "rejected"}
 

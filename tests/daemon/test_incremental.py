@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from registry_support import make_adapter
+from services import wait_until
 
 from daemon.config import AligndConfig
 from daemon.service import Service
@@ -126,3 +127,19 @@ def test_refresher_chooses_incremental_or_full(service: Service, tmp_path: Path)
     (tmp_path / "rules").rename(refresher.snapshots_dir / other.sha256[:16])
     v3 = register_on(service, tmp_path, other.sha256)
     assert "rules changed" in str(plan(v3)["reason"])
+
+
+def test_an_operators_full_request_reaches_the_refresh(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[tuple[str, bool]] = []
+
+    def refresh(trigger: str, stop: object, detail: str = "", full: bool = False) -> None:
+        started.append((str(trigger), full))  # the refresh itself is tested above and in e2e
+
+    monkeypatch.setattr(service.refresher, "refresh", refresh)
+    accepted, message = service.request_refresh("ann", full=True)
+    assert accepted and message == "full refresh requested by ann"
+    assert wait_until(lambda: started, 10)
+    assert started == [("operator request", True)]
+    assert service.manual_full is False  # one request, one full run

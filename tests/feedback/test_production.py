@@ -4,6 +4,7 @@ size, and the store query behind the regression watch's windows."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,8 +53,21 @@ def test_edit_size() -> None:
     assert summarize([]).edit_size is None and summarize([]).edit_rate is None
 
 
-def test_recent_served_filters_by_adapter_type_time_and_limit(tmp_path: Path) -> None:
-    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FeedbackStore]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'f.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    s = FeedbackStore(url)
+    yield s
+    if request.param == "postgresql":
+        with s.engine.begin() as conn:  # the server is shared by the session: leave it empty
+            conn.exec_driver_sql("DELETE FROM feedback_events; DELETE FROM feedback_conflicts")
+    s.close()
+
+
+def test_recent_served_filters_by_adapter_type_time_and_limit(store: FeedbackStore) -> None:
     raws = [
         edit("a1", served_adapter="v0001"),
         rating("a2", served_adapter="v0001", occurred_at="2026-11-23T10:00:00Z"),
@@ -74,4 +88,3 @@ def test_recent_served_filters_by_adapter_type_time_and_limit(tmp_path: Path) ->
     assert ids([None]) == ["s1"]
     assert ids(["v0002", None]) == ["s1", "b1"]
     assert ids([]) == []
-    store.close()

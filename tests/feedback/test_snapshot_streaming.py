@@ -78,12 +78,23 @@ def table_rows(snapshot: Path) -> dict[str, list[dict[str, object]]]:
             for kind in ("pairs", "kto") for split in ("train", "heldout")}  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_streaming_equals_in_memory(seed: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("seed", "backend"),
+    [(seed, "sqlite") for seed in range(6)]
+    + [pytest.param(1, "postgresql", marks=pytest.mark.integration)],
+)
+def test_streaming_equals_in_memory(
+    seed: int, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     rng = random.Random(seed)
     config = CONFIGS[seed % len(CONFIGS)]
     events = random_events(rng, 900 if config.max_rows_per_actor == 4 else rng.choice([60, 300]))
-    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    url = (
+        f"sqlite:///{tmp_path / 'f.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    store = FeedbackStore(url)
     shuffled = events[:]
     rng.shuffle(shuffled)  # stored in another order than they occurred
     store.write_batch([Incoming(e) for e in shuffled])
@@ -108,6 +119,9 @@ def test_streaming_equals_in_memory(seed: int, tmp_path: Path) -> None:
     assert streamed.counts.pairs.train > 0 and streamed.counts.kto.train > 0
     if config.max_rows_per_actor == 4:  # the caps bite
         assert streamed.filtered["actor_cap"] > 0 and streamed.filtered["prompt_cap"] > 0
+    if backend == "postgresql":  # the server is shared by the session: leave it empty
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM feedback_events")
     store.close()
 
 
