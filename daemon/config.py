@@ -112,8 +112,11 @@ class TrainingConfig(FrozenModel):
         description="with warm_start: train on rows new since the active adapter's snapshot "
         "plus a replay sample of older ones (held-out: all)",
     )
+    replay_ratio: float = Field(
+        1.0, ge=0, description="incremental refresh: older rows replayed per new training row"
+    )
     replay_rows: int = Field(
-        1000, ge=0, description="older training rows replayed per kind in an incremental refresh"
+        1000, ge=0, description="incremental refresh: at most this many older rows per kind"
     )
     min_pairs: int = Field(8, gt=0, description="fewer training pairs: no paired run")
     min_kto_rows: int = Field(16, gt=0, description="fewer thumbs: no KTO run")

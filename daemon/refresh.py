@@ -325,6 +325,7 @@ class Refresher:
             previous,
             run_dir / "data",
             replay_rows=training.replay_rows,
+            replay_ratio=training.replay_ratio,
             seed=manifest.sha256,
         )
         return run_dir / "data", {

@@ -3,8 +3,9 @@ bounded replay sample of what is not.
 
 A refresh that warm-starts from the active adapter has already learned that adapter's training
 rows. :func:`incremental_view` writes a snapshot-shaped directory whose **train** splits hold
-the rows of ``current`` that ``previous`` (the active adapter's snapshot) did not have, plus up
-to ``replay_rows`` of the rows it did have (a seeded reservoir sample, in snapshot order), and
+the rows of ``current`` that ``previous`` (the active adapter's snapshot) did not have, plus
+``replay_ratio`` older rows per new row, at most ``replay_rows`` (a seeded uniform sample of
+the rows it did have, kept in snapshot order): the cost follows the new feedback. And
 whose **held-out** splits are ``current``'s own, so evaluation and the gate still see every
 held-out row, old ones included. The manifest is ``current``'s: the view is part of that
 snapshot, and the run's dataset hash stays the snapshot's.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -60,7 +62,13 @@ def _rows(path: Path) -> Any:
 
 
 def incremental_view(
-    current: Path, previous: Path, out: Path, *, replay_rows: int, seed: str
+    current: Path,
+    previous: Path,
+    out: Path,
+    *,
+    replay_rows: int,
+    seed: str,
+    replay_ratio: float = 1.0,
 ) -> IncrementStats:
     """Write the training view of ``current`` against ``previous`` into ``out`` (see above)."""
     stats = IncrementStats()
@@ -97,6 +105,9 @@ def incremental_view(
                 j = rng.randrange(seen_old)
                 if j < replay_rows:
                     reservoir[j] = (i, row)
+        # a uniform sample of a uniform sample is uniform: keep as many as the new rows call for
+        rng.shuffle(reservoir)
+        reservoir = reservoir[: min(replay_rows, math.ceil(replay_ratio * len(new)))]
         rows = [row for _, row in sorted(new + reservoir, key=lambda item: item[0])]
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / kind / "train.parquet")
         stats.new[kind], stats.replayed[kind] = len(new), len(reservoir)

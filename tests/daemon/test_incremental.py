@@ -5,6 +5,7 @@ built from a real SQLite store and a real registry."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_view_holds_new_rows_a_replay_sample_and_every_heldout_row(tmp_path: Pat
     new = tmp_path / "new"
     manifest = build_snapshot(store, new, config, now=NOW)
     view = tmp_path / "view"
-    stats = incremental_view(new, old, view, replay_rows=25, seed="s")
+    stats = incremental_view(new, old, view, replay_rows=25, seed="s", replay_ratio=10.0)
 
     learned = {key(r) for r in rows(old / "pairs" / "train.parquet")}
     current = rows(new / "pairs" / "train.parquet")
@@ -71,11 +72,17 @@ def test_view_holds_new_rows_a_replay_sample_and_every_heldout_row(tmp_path: Pat
     assert rows(view / "pairs" / "heldout.parquet") == rows(new / "pairs" / "heldout.parquet")
     assert SnapshotManifest.load(view).sha256 == manifest.sha256
     again = tmp_path / "again"
-    incremental_view(new, old, again, replay_rows=25, seed="s")
+    incremental_view(new, old, again, replay_rows=25, seed="s", replay_ratio=10.0)
     assert rows(again / "pairs" / "train.parquet") == trained  # seeded: reproducible
     other = tmp_path / "other"
-    incremental_view(new, old, other, replay_rows=25, seed="t")
+    incremental_view(new, old, other, replay_rows=25, seed="t", replay_ratio=10.0)
     assert rows(other / "pairs" / "train.parquet") != trained
+    # by default as many old rows as new ones: the cost follows the new feedback
+    ratio = incremental_view(new, old, tmp_path / "ratio", replay_rows=1000, seed="s")
+    assert ratio.replayed["pairs"] == ratio.new["pairs"] == len(fresh)
+    half = incremental_view(new, old, tmp_path / "half", replay_rows=1000, seed="s",
+                            replay_ratio=0.5)  # fmt: skip
+    assert half.replayed["pairs"] == math.ceil(len(fresh) / 2)
     store.close()
 
 
