@@ -35,6 +35,7 @@ from feedback.increment import incremental_view
 from feedback.manifest import SnapshotManifest
 from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore
+from trainer.methods import PAIRED_METHODS
 from trainer.spec import AdapterEval, EvalReport, RunResult, RunSpec, SpecError, deep_merge
 
 log = logging.getLogger("alignd.refresh")
@@ -328,6 +329,11 @@ class Refresher:
             replay_ratio=training.replay_ratio,
             seed=manifest.sha256,
         )
+        # the kinds the method trains on (a KTO run falls back to pairs when it has no thumbs)
+        kinds = ("pairs",) if method in PAIRED_METHODS else ("kto", "pairs")
+        if not any(stats.new.get(kind, 0) for kind in kinds):
+            shutil.rmtree(run_dir / "data", ignore_errors=True)
+            return whole(f"no training rows are new since {active}'s snapshot")
         return run_dir / "data", {
             "mode": "incremental",
             "reason": f"warm start from {active}; {stats.describe()}",

@@ -114,6 +114,9 @@ def test_refresher_chooses_incremental_or_full(service: Service, tmp_path: Path)
         return refresher._training_data(second_dir, second, active, method, run, full=full)[1]
 
     assert "no active adapter" in str(plan(None)["reason"])
+    v0 = register_on(service, tmp_path, second.sha256)  # trained on this very snapshot
+    assert "no training rows are new" in str(plan(v0)["reason"])
+    assert not (run / "data").exists()
     v1 = register_on(service, tmp_path, first.sha256)
     chosen = plan(v1)
     assert chosen["mode"] == "incremental" and chosen["base_version"] == v1
