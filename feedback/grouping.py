@@ -31,12 +31,16 @@ from typing import Any
 from feedback.config import DatasetConfig
 from feedback.dataset import (
     UNATTRIBUTED,
+    KTOExample,
+    PairExample,
     _as_thumbs_up,
     _majority,
+    _messages,
     _pair_from,
     _texts,
     _voter,
     _words,
+    actor_of,
     normalize,
     prompt_id,
     unchanged_send,
@@ -63,6 +67,29 @@ def order_key(event: Event) -> str:
 
 def _tag_rows(tags: dict[str, str]) -> list[dict[str, str]]:
     return [{"key": key, "value": value} for key, value in sorted(tags.items())]
+
+
+def pair_row(p: PairExample) -> dict[str, Any]:
+    """A pair as a snapshot row (``feedback.snapshot.PAIR_SCHEMA``)."""
+    return {
+        "prompt": p.prompt,
+        "chosen": p.chosen,
+        "rejected": p.rejected,
+        "source": p.source,
+        "event_ids": list(p.event_ids),
+        "tags": _tag_rows(p.tags),
+    }
+
+
+def kto_row(k: KTOExample) -> dict[str, Any]:
+    """A KTO example as a snapshot row (``feedback.snapshot.KTO_SCHEMA``)."""
+    return {
+        "prompt": k.prompt,
+        "completion": k.completion,
+        "label": k.label,
+        "event_id": k.event_id,
+        "tags": _tag_rows(k.tags),
+    }
 
 
 @dataclass
@@ -163,9 +190,12 @@ def build_rows_on_disk(
     return out
 
 
-def _pair_vote(pair: Any, ord_: str, config: DatasetConfig, filtered: Counter[str]) -> tuple[
-    str, str, str, str, str, str
-] | None:  # fmt: skip
+Vote = tuple[str, str, str, str, str, str]  # kind, group, order, voter, side, payload
+
+
+def _pair_vote(
+    pair: PairExample, ord_: str, config: DatasetConfig, filtered: Counter[str]
+) -> Vote | None:
     """A pair candidate as a vote on its question, or None when a rule drops it."""
     chosen, rejected = normalize(pair.chosen), normalize(pair.rejected)
     if chosen == rejected:
@@ -175,11 +205,7 @@ def _pair_vote(pair: Any, ord_: str, config: DatasetConfig, filtered: Counter[st
         filtered["length_ratio"] += 1
         return None
     low, high = sorted((chosen, rejected))
-    row = {
-        "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
-        "source": pair.source, "event_ids": list(pair.event_ids), "tags": _tag_rows(pair.tags),
-    }  # fmt: skip
-    meta = {"prompt_sha256": pair.prompt_sha256, "actor": pair.actor, "row": row}
+    meta = {"prompt_sha256": pair.prompt_sha256, "actor": pair.actor, "row": pair_row(pair)}
     return ("p", _key(pair.prompt_sha256, low, high), ord_, pair.voter, _key(chosen),
             json.dumps(meta, ensure_ascii=False))  # fmt: skip
 
@@ -188,7 +214,7 @@ def _spill_votes(
     events: Iterable[tuple[int, Event]], config: DatasetConfig, now: datetime, out: DiskRows
 ) -> None:
     oldest = now - timedelta(days=config.recency_days) if config.recency_days else None
-    batch: list[tuple[str, str, str, str, str, str]] = []
+    batch: list[Vote] = []
     for seq, ev in events:
         out.stats.add(seq, ev)
         ord_ = order_key(ev)
@@ -202,14 +228,10 @@ def _spill_votes(
             out.filtered["trivial_edit"] += 1
             ev = _as_thumbs_up(ev)
         if isinstance(ev, RatingEvent):
-            pid = prompt_id(ev)
-            kto = {
-                "prompt": [{"role": m.role, "content": m.content} for m in ev.prompt],
-                "completion": ev.completion, "label": ev.rating == "up",
-                "event_id": ev.event_id, "tags": _tag_rows(dict(ev.tags)),
-            }  # fmt: skip
-            actor = f"{ev.actor.kind}:{ev.actor.id}" if ev.actor else ""
-            meta = {"prompt_sha256": pid, "actor": actor, "row": kto}
+            pid, actor = prompt_id(ev), actor_of(ev)
+            kto = KTOExample(_messages(ev), ev.completion, ev.rating == "up", ev.event_id, pid,
+                             dict(ev.tags), actor)  # fmt: skip
+            meta = {"prompt_sha256": pid, "actor": actor, "row": kto_row(kto)}
             batch.append(("r", _key(pid, normalize(ev.completion)), ord_, _voter(ev), ev.rating,
                           json.dumps(meta, ensure_ascii=False)))  # fmt: skip
         else:
@@ -292,28 +314,12 @@ def _mine_pairs(config: DatasetConfig, out: DiskRows) -> None:
         for i, (up, down) in enumerate(pairs):
             u, d = json.loads(up[4]), json.loads(down[4])
             tags = {t["key"]: t["value"] for t in u["tags"]}
-            mined = _Mined(u["prompt"], u["completion"], d["completion"], "mined",
-                           (u["event_id"], d["event_id"]), prompt, tags, up[2])  # fmt: skip
+            mined = PairExample(u["prompt"], u["completion"], d["completion"], "mined",
+                                (u["event_id"], d["event_id"]), prompt, tags, up[2])  # fmt: skip
             vote = _pair_vote(mined, f"~{first}\0{i:09d}", config, out.filtered)
             if vote is not None:
                 batch.append(vote)
     out.db.executemany("INSERT INTO votes VALUES (?, ?, ?, ?, ?, ?)", batch)
-
-
-@dataclass(frozen=True)
-class _Mined:
-    prompt: list[dict[str, str]]
-    chosen: str
-    rejected: str
-    source: str
-    event_ids: tuple[str, ...]
-    prompt_sha256: str
-    tags: dict[str, str]
-    actor: str
-
-    @property
-    def voter(self) -> str:
-        return self.actor or f"event:{self.event_ids[0]}"
 
 
 def _apply_caps(config: DatasetConfig, out: DiskRows) -> None:

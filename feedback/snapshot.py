@@ -39,7 +39,7 @@ from feedback.dataset import (
     is_heldout,
     kto_balance,
 )
-from feedback.grouping import build_rows_on_disk
+from feedback.grouping import build_rows_on_disk, kto_row, pair_row
 from feedback.manifest import (
     MANIFEST_FORMAT,
     ActorShare,
@@ -76,31 +76,6 @@ KTO_SCHEMA = pa.schema(
 SPLITS = ("train", "heldout")
 ROW_GROUP = 2_000  # rows per parquet row group (and in memory at once while writing)
 PUBLIC_SALT = "alignd-v1"
-
-
-def _tag_rows(tags: dict[str, str]) -> list[dict[str, str]]:
-    return [{"key": key, "value": value} for key, value in sorted(tags.items())]
-
-
-def _pair_row(p: PairExample) -> dict[str, Any]:
-    return {
-        "prompt": p.prompt,
-        "chosen": p.chosen,
-        "rejected": p.rejected,
-        "source": p.source,
-        "event_ids": list(p.event_ids),
-        "tags": _tag_rows(p.tags),
-    }
-
-
-def _kto_row(k: KTOExample) -> dict[str, Any]:
-    return {
-        "prompt": k.prompt,
-        "completion": k.completion,
-        "label": k.label,
-        "event_id": k.event_id,
-        "tags": _tag_rows(k.tags),
-    }
 
 
 def split_salt(config: DatasetConfig) -> str:
@@ -184,9 +159,9 @@ def split_rows(
     }
 
     for p in examples.pairs:
-        out["pairs"][split_of(p.prompt_sha256, config)].append(_pair_row(p))
+        out["pairs"][split_of(p.prompt_sha256, config)].append(pair_row(p))
     for k in examples.kto:
-        out["kto"][split_of(k.prompt_sha256, config)].append(_kto_row(k))
+        out["kto"][split_of(k.prompt_sha256, config)].append(kto_row(k))
     return out
 
 
