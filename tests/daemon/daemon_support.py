@@ -72,7 +72,7 @@ def write_config(
         },
         "store": {"url": f"sqlite:///{tmp_path / 'data' / 'feedback.db'}"},
         "paths": {"data_dir": str(tmp_path / "data")},
-        "dataset": {"heldout_fraction": 0.25},
+        "dataset": {"heldout_fraction": 0.25, "split_salt": "e2e-fixed-salt"},  # deterministic
         "schedule": {
             "cron": None,
             "min_new_pairs": None,
