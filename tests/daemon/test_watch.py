@@ -81,7 +81,9 @@ def test_bonferroni_split_over_tested_signals() -> None:
 
 # --- the daemon acting on it ----------------------------------------------------------------
 
-NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+# the registry stamps promotions with the wall clock, so the events are placed around it too:
+# a fixed date here made the windows depend on the day the suite runs
+NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 def served_events(adapter: str | None, handled: int, edited: int, *, prefix: str) -> list[Incoming]:
@@ -172,7 +174,8 @@ def test_no_action_while_waiting_equal_or_settled(service: Service) -> None:
     assert verdict is not None and verdict.status == "ok", verdict.reason
     assert service.registry.active() == "v0002"
     # settled: watch_hours after the promotion nothing is judged any more
-    later = NOW + timedelta(hours=service.config.watch.watch_hours + 1)
+    changed_at = datetime.fromisoformat(service.registry.activation()["changed_at"])
+    later = changed_at + timedelta(hours=service.config.watch.watch_hours + 1)
     service.store.write_batch(served_events("v0002", 300, 300, prefix="d"))
     verdict = service.watch(later)
     assert verdict is not None and verdict.status == "ok" and "active over" in verdict.reason
