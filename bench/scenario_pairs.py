@@ -11,7 +11,7 @@
   (the template's default system prompt), one reply as chosen and another prompt's reply,
   starting with a different token, as rejected: the shape of a generic preference dataset.
 
-SmolLM2's replies come from ``daemon.simulate.sft_replies`` and are cached in the same place
+SmolLM2's replies come from ``demo.simulate.served_replies`` and are cached in the same place
 ``make demo`` caches them (``.demo/cache``), so after the demo nothing is regenerated.
 """
 
@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from demo.scenario import make_cases
-from demo.simulate import agent_edit, sentences, sft_replies
+from demo.simulate import agent_edit, sentences, served_replies
 
 DEMO_PROMPTS, DEMO_SEED = 300, 7  # daemon.demo's defaults: the same cases, the same cache key
 
 
 def demo_replies(cache_dir: Path) -> tuple[list[Any], list[str]]:
     cases = make_cases(DEMO_PROMPTS, DEMO_SEED)
-    return cases, sft_replies(cases, base_model="smollm2", cache_dir=cache_dir)
+    return cases, served_replies(cases, base_model="smollm2", cache_dir=cache_dir)
 
 
 def edit_pairs(cases: list[Any], replies: list[str]) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""``python -m demo`` (what ``make demo`` runs): the whole loop on SmolLM2, simulated feedback."""
+"""``python -m demo`` (what ``make demo`` runs): the loop in rounds on SmolLM2, simulated feedback."""
 
 from __future__ import annotations
 
@@ -19,7 +19,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", default=".demo", help="replies cache, daemon data, report.html"
     )
-    parser.add_argument("--prompts", type=int, default=300, help="simulated support conversations")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the loop (serve, feedback, refresh); with 2 or more a regression is "
+        "injected after the last one. --rounds 1 is the short version",
+    )
+    parser.add_argument(
+        "--prompts", type=int, default=300, help="round 1's simulated support conversations"
+    )
+    parser.add_argument(
+        "--round-prompts", type=int, default=100, help="fresh conversations in each later round"
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument(
@@ -33,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_demo(
         Path(args.workdir),
         prompts=args.prompts,
+        round_prompts=args.round_prompts,
+        rounds=args.rounds,
         seed=args.seed,
         base_model=args.base_model,
         agent=args.agent,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from demo.rounds import COLUMNS, Round, table_rows
 from demo.simulate import apologizes
 from feedback.manifest import SnapshotManifest
 from trainer.spec import GenerationReport, PreferenceReport, RunResult
@@ -292,6 +293,64 @@ def before_after_png(rows: list[Row]) -> str:
     return png
 
 
+def rounds_png(rounds: list[Round]) -> str:
+    """Production rates per round (left), and each refresh's training time and KL (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.number}{'' if r.refresh else '+'}\n{r.production.served}" for r in rounds]
+    x = list(range(len(rounds)))
+    fig, (rates, cost) = plt.subplots(1, 2, figsize=(12, 3.8))
+    for name, values in (
+        ("agents' edit rate", [r.production.edit_rate for r in rounds]),
+        ("thumbs-down rate", [r.production.thumbs_down_rate for r in rounds]),
+        ("apology rate", [r.production.apology_rate for r in rounds]),
+        ("unsupported-claim rate", [r.production.unsupported_rate for r in rounds]),
+    ):
+        rates.plot(x, [float("nan") if v is None else v for v in values], marker="o", label=name)
+    rates.set_xticks(x, labels)
+    rates.set_ylim(0, 1.05)
+    rates.set_title("production on each round's fresh requests (served by)")
+    rates.legend(fontsize=8)
+    rates.grid(alpha=0.3)
+    refreshed = [r for r in rounds if r.refresh]
+    xs = list(range(len(refreshed)))
+    seconds = [(r.refresh.train_s or 0) if r.refresh else 0 for r in refreshed]
+    colors = [
+        "#2a7" if r.refresh and r.refresh.outcome == "promoted" else "#b55" for r in refreshed
+    ]
+    cost.bar(xs, seconds, color=colors)
+    cost.set_xticks(
+        xs, [f"round {r.number}\n{r.refresh.mode if r.refresh else ''}" for r in refreshed]
+    )
+    cost.set_ylabel("training seconds (green: promoted, red: not)")
+    kl = cost.twinx()
+    kl.plot(xs, [(r.refresh.kl if r.refresh else None) or 0 for r in refreshed], "k^--")
+    kl.set_ylabel("KL to the reference (nats/token)")
+    cost.set_title("each round's refresh")
+    fig.tight_layout()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def rounds_html(rounds: list[Round]) -> str:
+    head = "".join(f"<th>{_esc(c)}</th>" for c in COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_esc(cell)}</td>" for cell in row) + "</tr>"
+        for row in table_rows(rounds)
+    )
+    events = "".join(f"<li>round {r.number}: {_esc(e)}</li>" for r in rounds for e in r.events)
+    return (
+        "<h2>Round by round</h2><p>Production numbers are on each round's fresh requests, as "
+        "served by the adapter active then; the row marked + is the injected regression.</p>"
+        f"<table><tr>{head}</tr>{body}</table><ul>{events}</ul>"
+        f"<img src='data:image/png;base64,{rounds_png(rounds)}'>"
+    )
+
+
 def sweep_png(points: list[dict[str, float]]) -> str:
     import matplotlib
 
@@ -325,6 +384,7 @@ def html_report(
     manifest: SnapshotManifest,
     wall_s: float | None = None,
     sweep: list[dict[str, float]] | None = None,
+    rounds: list[Round] | None = None,
 ) -> str:
     rows = before_after(result)
     parts = [
@@ -340,8 +400,10 @@ def html_report(
         f"<p>Run <code>{_esc(status.get('run_id'))}</code>: <b>{_esc(outcome)}</b> — {_esc(status.get('reason'))}"
         f"{f' · demo wall time {wall_s / 60:.1f} min' if wall_s else ''}</p>"
     )
+    if rounds:
+        parts.append(rounds_html(rounds))
     parts.append(
-        "<h2>Before / after on held-out prompts</h2><table><tr><th></th><th>reference (SFT)</th>"
+        "<h2>Before / after on held-out prompts (the last refresh)</h2><table><tr><th></th><th>reference (SFT)</th>"
         "<th>candidate adapter</th></tr>"
     )
     parts += [

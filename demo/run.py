@@ -1,18 +1,25 @@
-"""``python -m demo`` (what ``make demo`` runs): the whole loop on a real SFT model.
+"""``python -m demo`` (what ``make demo`` runs): the whole loop on a real SFT model, in rounds.
 
-Stages: start a local Kafka-protocol broker (unless ``ALIGND_KAFKA__BOOTSTRAP_SERVERS`` names
-one) → simulate a support desk around SmolLM2-135M-Instruct and produce its feedback →
-start ``alignd serve`` (SQLite store, SmolLM2 as the reference) and let it ingest → trigger a
-refresh: snapshot, train, evaluate, gate, promote → print the before/after table and write
-``<workdir>/report.html``. Nothing is downloaded; replies are cached in ``<workdir>/cache``.
+Start a local Kafka-protocol broker (unless ``ALIGND_KAFKA__BOOTSTRAP_SERVERS`` names one) and
+``alignd serve`` (SQLite store, SmolLM2 as the reference). Then, per round: fresh customer
+requests answered by the *active* adapter (the SFT model before the first promotion; its real
+greedy replies, ``served_adapter`` set) → the simulated desk's feedback → ingestion → a refresh
+(incremental once an adapter is active): snapshot, train, evaluate, gate against the
+incumbent. After the last round the demo injects a regression in production (an operator
+force-promotes the last candidate if the gate rejected it, and agents rewrite half of its
+drafts they would have sent) and waits for the regression watch. It prints the before/after
+table of the last refresh and a table per round, and writes ``<workdir>/report.html``.
+Nothing is downloaded; replies are cached in ``<workdir>/cache``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +29,21 @@ import yaml
 from daemon.child import start_child, stop_child
 from demo import report
 from demo.broker import EmbeddedBroker, free_port, produce_events
-from demo.scenario import CARRIERS, POLICY_RULES, make_cases
-from demo.simulate import Agent, build_events, sft_replies
+from demo.rounds import Round, production, refresh, text_table
+from demo.scenario import CARRIERS, POLICY_RULES, Case, make_cases
+from demo.simulate import Agent, Simulation, build_events, served_replies
 from feedback.manifest import SnapshotManifest
-from trainer.spec import RunResult
+from trainer.spec import RunResult, deep_merge
 
-STAGES = (
-    "broker",
-    "simulate feedback",
+# What each round does, in order (round 1 also starts the broker and the daemon first).
+ROUND_STAGES = (
+    "serve fresh requests + feedback",
     "ingest",
     "refresh: train",
     "refresh: evaluate + gate",
-    "report",
 )
+# The injected regression: agents rewrite this share of the drafts they would have sent as-is.
+INJECTED_REWRITE_SHARE = 0.5
 
 # The recipe, tuned on this scenario (see README "What the demo shows" for what moved it).
 DEMO_RUN_SPEC: dict[str, Any] = {
@@ -61,28 +70,40 @@ DEMO_RUN_SPEC: dict[str, Any] = {
 
 
 class Progress:
-    def __init__(self) -> None:
+    def __init__(self, rounds: int) -> None:
         self.start = time.monotonic()
-        self.stage = 0
+        self.rounds = rounds
+        self.round = 0
+        self.stage = ""
 
     def elapsed(self) -> str:
         seconds = int(time.monotonic() - self.start)
         return f"{seconds // 60:02d}:{seconds % 60:02d}"
 
-    def begin(self, index: int, detail: str = "") -> None:
-        self.stage = index
-        left = ", ".join(STAGES[index + 1 :]) or "nothing"
-        print(
-            f"\n[{index + 1}/{len(STAGES)} {STAGES[index]}] {self.elapsed()} elapsed — {detail} (then: {left})",
-            flush=True,
-        )
+    def begin(self, stage: str, detail: str = "") -> None:
+        """A stage of the current round (``ROUND_STAGES``) or of the demo around the rounds."""
+        self.stage = stage
+        where = f"round {self.round}/{self.rounds}: " if self.round else ""
+        then = ""
+        if stage in ROUND_STAGES:
+            rest = list(ROUND_STAGES[ROUND_STAGES.index(stage) + 1 :])
+            rest += (
+                [f"{self.rounds - self.round} more round(s)"] if self.round < self.rounds else []
+            )
+            then = f" (then: {', '.join(rest) or 'the injected regression, the report'})"
+        print(f"\n[{where}{stage}] {self.elapsed()} elapsed — {detail}{then}", flush=True)
 
     def note(self, text: str) -> None:
         print(f"    {self.elapsed()}  {text}", flush=True)
 
 
 def _config(
-    workdir: Path, bootstrap: str, port: int, base_model: str, run_spec: dict[str, Any]
+    workdir: Path,
+    bootstrap: str,
+    port: int,
+    base_model: str,
+    run_spec: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
     method = run_spec.get("method", "dpo")
     spec = {k: v for k, v in run_spec.items() if k != "method"}
@@ -106,10 +127,12 @@ def _config(
             "drift_probe_cron": None,
         },
         "training": {"base_model": base_model, "pair_method": method, "run_spec": spec},
+        # The demo's days are minutes: judge every few seconds, on a round's worth of events.
+        "watch": {"interval_s": 3, "min_events": 40, "window_hours": 720, "watch_hours": 720},
         "admin": {"port": port},
     }
     path = workdir / "alignd-demo.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(yaml.safe_dump(deep_merge(config, overrides or {}), sort_keys=False))
     return path
 
 
@@ -154,6 +177,14 @@ class Daemon:
     def refresh(self) -> None:
         httpx.post(f"{self.url}/v1/refresh", headers=self.auth, timeout=10).raise_for_status()
 
+    def force_promote(self, version: str, reason: str) -> None:
+        httpx.post(
+            f"{self.url}/v1/adapters/{version}/promote",
+            headers=self.auth,
+            json={"force": True, "reason": reason},
+            timeout=60,
+        ).raise_for_status()
+
     def run(self, run_id: str) -> dict[str, Any]:
         data: dict[str, Any] = httpx.get(
             f"{self.url}/v1/runs/{run_id}", headers=self.auth, timeout=10
@@ -184,9 +215,10 @@ def _train(daemon: Daemon, workdir: Path, progress: Progress) -> tuple[str, Path
     last = ""
     while daemon.status().get("refresh_running"):
         line = _train_progress(run_dir / "train.log")
-        if progress.stage == 3 and (run_dir / "train" / "adapter").exists():
+        if progress.stage == ROUND_STAGES[2] and (run_dir / "train" / "adapter").exists():
             progress.begin(
-                4, "held-out preference accuracy, KL, factuality, greedy replies; then the gate"
+                ROUND_STAGES[3],
+                "held-out preference accuracy, KL, factuality, greedy replies; then the gate",
             )
         if line != last:
             progress.note(line)
@@ -195,9 +227,17 @@ def _train(daemon: Daemon, workdir: Path, progress: Progress) -> tuple[str, Path
     return run_id, run_dir
 
 
-def _report(run: dict[str, Any], result: RunResult, workdir: Path, progress: Progress) -> None:
-    """The before/after table, the gate, the targets and examples; ``report.html``."""
+def _report(
+    run: dict[str, Any],
+    result: RunResult,
+    workdir: Path,
+    progress: Progress,
+    rounds: list[Round],
+) -> None:
+    """The last refresh's before/after table, gate, targets and examples; the table per round;
+    ``report.html``."""
     rows = report.before_after(result)
+    print(f"\nthe last refresh ({run['run_id']}, candidate {run.get('version')}):")
     print("\n" + report.text_table(rows))
     outcome = run["outcome"]
     print(f"\ngate: {'PROMOTED' if outcome == 'promoted' else outcome.upper()} — {run['reason']}")
@@ -216,6 +256,8 @@ def _report(run: dict[str, Any], result: RunResult, workdir: Path, progress: Pro
         ):
             flag = f"  ⚠ unsupported: {', '.join(claims)}" if claims else ""
             print(f"    {label + ':':<7} {reply[:220]}{flag}")
+    print("\nround by round (production numbers on each round's fresh requests):")
+    print(text_table(rounds))
     wall = time.monotonic() - progress.start
     page = report.html_report(
         title="alignd demo: Harbor Support on SmolLM2-135M-Instruct",
@@ -223,65 +265,208 @@ def _report(run: dict[str, Any], result: RunResult, workdir: Path, progress: Pro
         status=run,
         manifest=SnapshotManifest.load(Path(result.spec["data"])),
         wall_s=wall,
+        rounds=rounds,
     )
+    (workdir / "rounds.json").write_text(json.dumps([r.as_dict() for r in rounds], indent=1))
     (workdir / "report.html").write_text(page)
     print(f"\nreport: {workdir / 'report.html'}   demo wall time: {wall / 60:.1f} min")
+
+
+def _serve(
+    daemon: Daemon,
+    workdir: Path,
+    cases: list[Case],
+    *,
+    base_model: str,
+    bootstrap: str,
+    seed: int,
+    agent: Agent,
+    id_prefix: str,
+    noise: bool,
+    rewrite_share: float = 0.0,
+) -> tuple[str | None, list[str], Simulation]:
+    """Production for one batch of requests: the active adapter's replies, the desk's feedback,
+    produced to the broker; returns what served, its replies and the simulation."""
+    active = daemon.status().get("active_adapter")
+    # what a model server loads: the registry's serving pointer (serving.current_pointer)
+    adapter = (workdir / "data" / "registry" / "current").resolve() if active else None
+    replies = served_replies(
+        cases, base_model=base_model, cache_dir=workdir / "cache", adapter=adapter
+    )
+    spacing = timedelta(seconds=20)
+    sim = build_events(
+        cases,
+        replies,
+        seed=seed,
+        agent=agent,
+        served_adapter=active,
+        id_prefix=id_prefix,
+        start=datetime.now(UTC) - spacing * (len(cases) + 1),
+        spacing=spacing,
+        noise=noise,
+        rewrite_share=rewrite_share,
+    )
+    produce_events(bootstrap, "alignd.feedback", sim.messages)
+    return active, replies, sim
+
+
+def _ingested(daemon: Daemon, events: int, workdir: Path) -> None:
+    if not _wait(lambda: daemon.status().get("store", {}).get("last_seq") == events, 180):
+        status = daemon.status()
+        raise RuntimeError(
+            f"ingestion did not finish: {status.get('store', {}).get('last_seq')} of {events} "
+            f"events stored, consumer {status.get('consumer')}; see {workdir / 'daemon.log'}"
+        )
+
+
+def _inject_regression(
+    daemon: Daemon,
+    workdir: Path,
+    last: Round,
+    cases: list[Case],
+    stored: int,
+    progress: Progress,
+    **serve: Any,
+) -> tuple[Round, int]:
+    """The injected regression after the last round, and what the regression watch did."""
+    candidate = last.refresh.candidate if last.refresh else None
+    if candidate is None:
+        raise RuntimeError("the last refresh registered no candidate to inject a regression with")
+    events = []
+    if last.refresh and last.refresh.outcome != "promoted":
+        daemon.force_promote(candidate, "demo: an operator overrides the gate (injected)")
+        events.append(f"an operator force-promoted {candidate}, which the gate rejected")
+    before = daemon.status().get("watch") or {}
+    progress.note(
+        f"{candidate} is active; agents now rewrite {INJECTED_REWRITE_SHARE:.0%} of the drafts "
+        "they would have sent unchanged"
+    )
+    served, replies, sim = _serve(
+        daemon, workdir, cases, rewrite_share=INJECTED_REWRITE_SHARE, noise=False, **serve
+    )
+    stored += sim.valid_events
+    _ingested(daemon, stored, workdir)
+    ingested_at = datetime.now(UTC).isoformat()
+    progress.note(f"stored {sim.valid_events} events on {served}'s replies; waiting for the watch")
+
+    def judged() -> bool:
+        verdict = daemon.status().get("watch") or {}
+        return verdict != before and str(verdict.get("at", "")) >= ingested_at
+
+    _wait(judged, 120)
+    verdict = daemon.status().get("watch") or {}
+    active = daemon.status().get("active_adapter")
+    events.append(
+        f"injected regression on {served}: the watch says {verdict.get('status', 'nothing')} — "
+        f"{verdict.get('reason', 'no verdict within 2 min')}"
+    )
+    if active != served:
+        events.append(f"the watch rolled {served} back to {active or 'the SFT model'}")
+    progress.note(events[-1])
+    injected = Round(last.number, production(served, cases, replies, sim.messages))
+    injected.active_after, injected.events = active, events
+    return injected, stored
 
 
 def run_demo(
     workdir: Path,
     *,
     prompts: int = 300,
+    round_prompts: int = 100,
+    rounds: int = 3,
     seed: int = 7,
     base_model: str = "smollm2",
     run_spec: dict[str, Any] | None = None,
     agent: Agent = "grounded",
+    config_overrides: dict[str, Any] | None = None,
 ) -> int:
-    """The six stages in order; 0 when the refresh reached a gate decision."""
-    progress = Progress()
+    """The rounds in order, then (with two rounds or more) the injected regression; 0 when
+    every refresh reached a gate decision. ``config_overrides`` are merged into the daemon's
+    config (the tests' tiny model needs other gate thresholds)."""
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
+    progress = Progress(rounds)
     workdir = workdir.resolve()
     shutil.rmtree(workdir / "data", ignore_errors=True)  # a fresh registry and store every run
     workdir.mkdir(parents=True, exist_ok=True)
     broker: EmbeddedBroker | None = None
     daemon: Daemon | None = None
     try:
-        progress.begin(0, "a local Kafka-protocol broker (Tansu) on a loopback port")
+        progress.begin("start", "a local Kafka-protocol broker (Tansu) and alignd serve")
         broker, bootstrap = _start_broker(workdir)
-        progress.note(f"broker at {bootstrap}")
-
-        progress.begin(
-            1,
-            f"{prompts} support prompts with lookup records, {base_model}'s real replies, "
-            f"{agent} agent edits, thumbs, noise",
-        )
-        cases = make_cases(prompts, seed)
-        replies = sft_replies(cases, base_model=base_model, cache_dir=workdir / "cache")
-        sim = build_events(cases, replies, seed=seed, agent=agent)
-        produce_events(bootstrap, "alignd.feedback", sim.messages)
-        progress.note(f"produced {len(sim.messages)} messages: {sim.counts}")
-
-        progress.begin(2, "alignd serve with a SQLite store and the SFT model as reference")
         port = free_port()
-        config = _config(workdir, bootstrap, port, base_model, run_spec or DEMO_RUN_SPEC)
+        spec = run_spec or DEMO_RUN_SPEC
+        config = _config(workdir, bootstrap, port, base_model, spec, config_overrides)
         daemon = Daemon(config, port, secrets.token_urlsafe(24), workdir / "daemon.log")
-        if not _wait(
-            lambda: daemon.status().get("store", {}).get("last_seq") == sim.valid_events, 180
-        ):
-            raise RuntimeError(f"ingestion did not finish; see {workdir / 'daemon.log'}")
-        dead = daemon.status()["consumer"]["dead_lettered"]
-        progress.note(f"stored {sim.valid_events} events, {dead} dead-lettered with reasons")
-
-        progress.begin(3, "snapshot → train the LoRA adapter in a child process")
-        run_id, run_dir = _train(daemon, workdir, progress)
-        run = daemon.run(run_id)
-
-        progress.begin(5, "before/after table and HTML report")
-        result_path = run_dir / "train" / "result.json"
-        if not result_path.exists():
-            print(f"\nthe refresh ended as {run['outcome']}: {run['reason']} (see {run_dir})")
-            return 1
-        _report(run, RunResult.load(result_path), workdir, progress)
-        return 0 if run["outcome"] in {"promoted", "held", "rejected"} else 1
+        progress.note(f"broker at {bootstrap}; alignd serve on 127.0.0.1:{port}")
+        serve: dict[str, Any] = {"base_model": base_model, "bootstrap": bootstrap, "agent": agent}
+        history: list[Round] = []
+        stored = 0
+        run: dict[str, Any] = {}
+        result: RunResult | None = None
+        for number in range(1, rounds + 1):
+            progress.round = number
+            n = prompts if number == 1 else round_prompts
+            # round 1 keeps the one-round demo's seed (and so its cached replies)
+            cases = make_cases(n, seed if number == 1 else seed + 1000 * number)
+            progress.begin(
+                ROUND_STAGES[0],
+                f"{n} fresh support requests with lookup records, the active adapter's real "
+                f"replies, {agent} agent edits, thumbs{', noise' if number == 1 else ''}",
+            )
+            served, replies, sim = _serve(
+                daemon,
+                workdir,
+                cases,
+                seed=seed + number - 1,
+                id_prefix="sim" if number == 1 else f"sim{number}",
+                noise=number == 1,
+                **serve,
+            )
+            progress.note(f"{served or 'the SFT model'} served; produced {sim.counts}")
+            progress.begin(ROUND_STAGES[1], "alignd stores the round's events")
+            stored += sim.valid_events
+            _ingested(daemon, stored, workdir)
+            dead = daemon.status()["consumer"]["dead_lettered"]
+            progress.note(f"{stored} events stored in all, {dead} dead-lettered with reasons")
+            current = Round(number, production(served, cases, replies, sim.messages))
+            progress.begin(ROUND_STAGES[2], "snapshot → train the LoRA adapter in a child process")
+            run_id, run_dir = _train(daemon, workdir, progress)
+            run = daemon.run(run_id)
+            result_path = run_dir / "train" / "result.json"
+            result = RunResult.load(result_path) if result_path.exists() else None
+            current.refresh = refresh(run, result)
+            current.active_after = daemon.status().get("active_adapter")
+            history.append(current)
+            mode = (run.get("training_data") or {}).get("mode")
+            progress.note(f"refresh {run['outcome']} ({mode}): {run['reason']}")
+            if result is None:
+                print(f"\nthe refresh ended as {run['outcome']}: {run['reason']} (see {run_dir})")
+                return 1
+        if rounds >= 2:
+            progress.round = 0
+            progress.begin(
+                "injected regression",
+                "the last candidate goes live (forced if the gate rejected it) and the desk "
+                "distrusts it; the regression watch judges it against its predecessor",
+            )
+            injected, stored = _inject_regression(
+                daemon,
+                workdir,
+                history[-1],
+                make_cases(round_prompts, seed + 1000 * (rounds + 1)),
+                stored,
+                progress,
+                seed=seed + rounds,
+                id_prefix="sim-injected",
+                **serve,
+            )
+            history.append(injected)
+        progress.begin("report", "before/after of the last refresh, the rounds, report.html")
+        assert result is not None
+        _report(run, result, workdir, progress, history)
+        decided = {"promoted", "held", "rejected"}
+        return 0 if all(r.refresh.outcome in decided for r in history if r.refresh) else 1
     finally:
         if daemon is not None:
             daemon.stop()

@@ -18,6 +18,11 @@ Two sabotaged agents exist for the gate's tests: ``inventing`` answers with spec
 record does not hold (carrier, weekday, amount: what this simulator did before records
 existed), ``no_policy`` leaves the policy sentence out. Everything is seeded: the same seed
 gives the same prompts, records, edits, ratings and noise.
+
+For the demo's later rounds the replies come from the *active* adapter (``served_adapter``
+names it) and the events occur at the time they are produced. The regression the last round
+injects is ``rewrite_share``: agents also rewrite that share of the replies their rubric would
+have sent unchanged (a desk that stops trusting the new adapter's drafts).
 """
 
 from __future__ import annotations
@@ -95,14 +100,21 @@ def user_rating(case: Case, reply: str) -> str:
     return "up" if is_good(case, reply) else "down"
 
 
-def _event(kind: str, event_id: str, case: Case, when: datetime, **fields: Any) -> dict[str, Any]:
+def _event(
+    kind: str,
+    event_id: str,
+    case: Case,
+    when: datetime,
+    served_adapter: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
     return {
         "schema_version": 1,
         "event_id": event_id,
         "type": kind,
         "occurred_at": when.isoformat(),
         "prompt": case.prompt,
-        "served_adapter": None,
+        "served_adapter": served_adapter,
         "tags": case.tags,
         **fields,
     }
@@ -142,31 +154,48 @@ def build_events(
     comparison_share: float = 0.05,
     noise: bool = True,
     agent: Agent = "grounded",
+    served_adapter: str | None = None,
+    id_prefix: str = "sim",
+    start: datetime | None = None,
+    spacing: timedelta = timedelta(minutes=7),
+    rewrite_share: float = 0.0,
 ) -> Simulation:
-    """Turn (case, reply) into v1 event messages, with the configured mix and noise."""
+    """Turn (case, reply) into v1 event messages, with the configured mix and noise.
+
+    Events are ``spacing`` apart from ``start`` (a fixed day in November 2026 by default) and
+    name ``served_adapter`` (None: the SFT model); ``rewrite_share`` is the injected regression
+    (module docstring)."""
     rng = random.Random(seed + 1)
-    start = datetime(2026, 11, 1, tzinfo=UTC)
+    distrusting = random.Random(seed + 2)  # its own stream: the rest of the desk is unchanged
+    start = start or datetime(2026, 11, 1, tzinfo=UTC)
     messages: list[bytes] = []
     counts = {"edit": 0, "rating": 0, "comparison": 0, "noise": 0}
     for i, (case, reply) in enumerate(zip(cases, replies, strict=True)):
-        when = start + timedelta(minutes=7 * i)
+        when = start + spacing * i
         roll = rng.random()
+        distrust = distrusting.random() < rewrite_share
+        sent = agent_edit(case, reply, agent)
+        if distrust and sent == reply:  # the injected regression: a good draft rewritten anyway
+            sent = case.answer
+        common: dict[str, Any] = {"served_adapter": served_adapter}
         if roll < edit_share:
             event = _event(
                 "edit",
-                f"sim-e{i}",
+                f"{id_prefix}-e{i}",
                 case,
                 when,
+                **common,
                 completion=reply,
-                edited_completion=agent_edit(case, reply, agent),
+                edited_completion=sent,
                 actor={"kind": "agent", "id": f"agent-{rng.randrange(12)}"},
             )
         elif roll < edit_share + comparison_share:
             event = _event(
                 "comparison",
-                f"sim-c{i}",
+                f"{id_prefix}-c{i}",
                 case,
                 when,
+                **common,
                 chosen=agent_edit(case, reply, agent),
                 rejected=reply,
                 actor={"kind": "annotator", "id": f"ann-{rng.randrange(3)}"},
@@ -174,9 +203,10 @@ def build_events(
         else:
             event = _event(
                 "rating",
-                f"sim-r{i}",
+                f"{id_prefix}-r{i}",
                 case,
                 when,
+                **common,
                 completion=reply,
                 rating=user_rating(case, reply),
                 actor={"kind": "user", "id": f"u{rng.randrange(10_000)}"},
@@ -193,22 +223,36 @@ def build_events(
     return Simulation(messages, valid, counts)
 
 
-def sft_replies(
+def replies_key(spec: dict[str, Any], adapter: Path | None) -> str:
+    """The replies cache's key: the generation spec, and the adapter's weights (not its path: a
+    fresh registry reuses version names)."""
+    identity = dict(spec)
+    if adapter is not None:
+        weights = (adapter / "adapter_model.safetensors").read_bytes()
+        identity["adapter_sha256"] = hashlib.sha256(weights).hexdigest()
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def served_replies(
     cases: list[Case],
     *,
     base_model: str,
     cache_dir: Path,
+    adapter: Path | None = None,
     max_new_tokens: int = 56,
     batch_size: int = 16,
 ) -> list[str]:
-    """The SFT model's greedy replies, generated once per (model, prompts, settings)."""
-    spec = {
+    """The served model's greedy replies: the SFT model, or it with ``adapter`` (a registry
+    version's directory). Generated once per (model, adapter weights, prompts, settings)."""
+    spec: dict[str, Any] = {
         "base_model": base_model,
         "prompts": [c.prompt for c in cases],
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
     }
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    key = replies_key(spec, adapter)
+    if adapter is not None:
+        spec["adapter"] = str(adapter)
     out = cache_dir / f"replies-{key}.json"
     if not out.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,10 @@ rating rubric, the sabotaged agents, valid events, seeded noise."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+from demo.rounds import production
 from demo.scenario import POLICY_SENTENCE, make_cases
 from demo.simulate import (
     addresses,
@@ -12,6 +15,7 @@ from demo.simulate import (
     apologizes,
     build_events,
     is_good,
+    replies_key,
     unsupported,
     user_rating,
 )
@@ -102,3 +106,64 @@ def test_events_carry_the_tags_the_evaluation_reads() -> None:
     assert {t["category"] for t in tags} <= {"order", "refund", "billing", "account", "shipping"}
     assert any("expected_facts" in t for t in tags)
     assert {t["lookup"] for t in tags} == {"found", "not_found"}
+
+
+def test_later_rounds_name_the_served_adapter_and_occur_when_produced() -> None:
+    cases = make_cases(30, seed=8)
+    start = datetime(2027, 3, 2, 9, 0, tzinfo=UTC)
+    sim = build_events(
+        cases,
+        [c.answer for c in cases],
+        seed=8,
+        noise=False,
+        served_adapter="v0002",
+        id_prefix="sim2",
+        start=start,
+        spacing=timedelta(seconds=20),
+    )
+    events = [parse_event(m, now=start + timedelta(hours=1)) for m in sim.messages]
+    assert all(not isinstance(e, Rejection) for e in events)
+    assert {e.served_adapter for e in events} == {"v0002"}  # type: ignore[union-attr]
+    assert all(e.event_id.startswith("sim2-") for e in events)  # type: ignore[union-attr]
+    assert min(e.occurred_at for e in events) == start  # type: ignore[union-attr]
+
+
+def test_the_injected_regression_rewrites_good_drafts_and_counts_as_edits() -> None:
+    cases = make_cases(200, seed=9)
+    good = [f"{c.answer} Anything else?" for c in cases]  # good drafts, not the agent's words
+    assert all(is_good(c, r) for c, r in zip(cases, good, strict=True))
+    calm = production("v1", cases, good, build_events(cases, good, seed=9, noise=False).messages)
+    assert calm.edit_rate == 0.0 and calm.thumbs_down_rate == 0.0  # unchanged sends: handled
+    assert calm.handled > 100 and calm.apology_rate == 0.0 and calm.unsupported_rate == 0.0
+    calm_sim = build_events(cases, good, seed=9, noise=False)
+    sim = build_events(cases, good, seed=9, noise=False, rewrite_share=0.5)
+    distrusted = production("v1", cases, good, sim.messages)
+
+    def desk(messages: list[bytes]) -> list[tuple[str, object]]:
+        return [(e["event_id"], e.get("actor")) for e in map(json.loads, messages)]
+
+    assert desk(sim.messages) == desk(calm_sim.messages)  # the same desk, only its trust changed
+    assert distrusted.edit_rate is not None and 0.35 < distrusted.edit_rate < 0.65
+    assert distrusted.thumbs_down_rate == 0.0  # users still judge by the rubric
+
+
+def test_production_counts_a_redelivered_event_once() -> None:
+    cases = make_cases(60, seed=5)
+    replies = [RAMBLE.format(n=c.keywords[0]) for c in cases]
+    sim = build_events(cases, replies, seed=5)  # with noise: two redeliveries
+    numbers = production(None, cases, replies, sim.messages)
+    assert numbers.served == "SFT"
+    assert numbers.handled == sim.counts["edit"]  # not the refused empty edit, no redelivery
+    assert numbers.edit_rate == 1.0 and numbers.apology_rate == 1.0
+
+
+def test_the_replies_cache_is_keyed_by_the_adapter_weights(tmp_path: Path) -> None:
+    spec = {"base_model": "smollm2", "prompts": [], "max_new_tokens": 56, "batch_size": 16}
+    one, two = tmp_path / "v0001", tmp_path / "v0002"
+    for path, weights in ((one, b"a"), (two, b"b")):
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes(weights)
+    keys = {replies_key(spec, None), replies_key(spec, one), replies_key(spec, two)}
+    assert len(keys) == 3
+    (two / "adapter_model.safetensors").write_bytes(b"a")  # same weights, other name
+    assert replies_key(spec, two) == replies_key(spec, one)

@@ -1,0 +1,166 @@
+"""What one round of the demo's loop did: production on fresh requests, then a refresh.
+
+A round serves fresh customer requests with the adapter that is active (the SFT model before
+the first promotion), plays the desk around its real replies (``demo.simulate``), lets alignd
+ingest the feedback and refresh, and records the production numbers and the refresh's outcome.
+The production numbers are computed from the round's own events with the daemon's definitions
+(``feedback.production.summarize``: an unchanged send is handled, not edited), plus what the
+rubric reads in the served replies. The regression the last round injects is recorded as its
+own row, with what the regression watch did.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from demo.scenario import Case
+from demo.simulate import apologizes, unsupported
+from feedback.events import Rejection, parse_event
+from feedback.production import summarize
+from trainer.spec import RunResult
+
+
+@dataclass(frozen=True)
+class Production:
+    """What the desk saw of one adapter's replies to one round's requests."""
+
+    served: str  # a version, or "SFT"
+    requests: int
+    handled: int  # replies agents sent, changed or not
+    rated: int  # replies users rated
+    edit_rate: float | None
+    thumbs_down_rate: float | None
+    apology_rate: float
+    median_words: float
+    unsupported_rate: float
+
+
+def production(
+    served: str | None, cases: list[Case], replies: list[str], messages: list[bytes]
+) -> Production:
+    events = {e.event_id: e for e in map(parse_event, messages) if not isinstance(e, Rejection)}
+    feedback = summarize(events.values())  # a redelivery is one event, as in the store
+    n = len(replies)
+    return Production(
+        served=served or "SFT",
+        requests=n,
+        handled=feedback.handled,
+        rated=feedback.rated,
+        edit_rate=feedback.edit_rate,
+        thumbs_down_rate=feedback.thumbs_down_rate,
+        apology_rate=sum(apologizes(r) for r in replies) / n,
+        median_words=float(statistics.median(len(r.split()) for r in replies)),
+        unsupported_rate=sum(bool(unsupported(c, r)) for c, r in zip(cases, replies, strict=True))
+        / n,
+    )
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """A round's refresh: the candidate, the gate's word, and what it cost."""
+
+    outcome: str  # promoted | rejected | held | failed ...
+    reason: str
+    candidate: str | None
+    mode: str | None  # full | incremental
+    train_rows: int | None
+    train_s: float | None
+    wall_s: float | None
+    kl: float | None
+    unsupported_rate: float | None  # on held-out prompts, the candidate's greedy replies
+    grounded_rate: float | None
+    policy_compliance: float | None
+
+
+def refresh(run: dict[str, Any], result: RunResult | None) -> Refresh:
+    training = run.get("training_data") or {}
+    timings = result.timings if result is not None else {}
+    generation = result.eval.candidate.generation if result is not None else None
+    return Refresh(
+        outcome=str(run.get("outcome")),
+        reason=str(run.get("reason") or ""),
+        candidate=run.get("version"),
+        mode=training.get("mode"),
+        train_rows=result.num_train_examples if result is not None else None,
+        train_s=timings.get("train_s"),
+        wall_s=timings.get("wall_s"),
+        kl=result.eval.candidate.kl_to_reference if result is not None else None,
+        unsupported_rate=generation.unsupported_rate if generation else None,
+        grounded_rate=generation.grounded_rate if generation else None,
+        policy_compliance=generation.policy_compliance if generation else None,
+    )
+
+
+@dataclass
+class Round:
+    number: int
+    production: Production
+    refresh: Refresh | None = None
+    active_after: str | None = None
+    events: list[str] = field(default_factory=list)  # what happened to the registry, in words
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+COLUMNS = (
+    "round",
+    "served",
+    "requests",
+    "edit rate",
+    "thumbs-down",
+    "apology",
+    "median words",
+    "unsupported",
+    "candidate",
+    "mode",
+    "rows",
+    "train s",
+    "KL",
+    "gate",
+    "active after",
+)
+
+
+def table_rows(rounds: list[Round]) -> list[list[str]]:
+    rows = []
+    for r in rounds:
+        p, f = r.production, r.refresh
+        rows.append(
+            [
+                str(r.number) if f is not None else f"{r.number}+",
+                p.served,
+                str(p.requests),
+                _pct(p.edit_rate),
+                _pct(p.thumbs_down_rate),
+                _pct(p.apology_rate),
+                _num(p.median_words, "{:.0f}"),
+                _pct(p.unsupported_rate),
+                (f.candidate or "—") if f else "—",
+                (f.mode or "—") if f else "—",
+                _num(f.train_rows, "{:d}") if f else "—",
+                _num(f.train_s, "{:.0f}") if f else "—",
+                _num(f.kl, "{:.2f}") if f else "—",
+                f.outcome if f else "—",
+                r.active_after or "SFT",
+            ]
+        )
+    return rows
+
+
+def text_table(rounds: list[Round]) -> str:
+    rows = [list(COLUMNS), *table_rows(rounds)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    notes = [f"  round {r.number}: {e}" for r in rounds for e in r.events]
+    return "\n".join(lines + notes)

@@ -1,0 +1,116 @@
+"""The demo's loop in rounds, end to end on a tiny random model: the real broker (Tansu), the
+real ``alignd serve`` in its own process, real training and reply generation in child
+processes. Round 2 must be served by the adapter round 1 promoted (its events name it), refresh
+incrementally from it (its candidate is rejected by design), and the injected regression (the
+operator force-promotes that candidate, the desk distrusts it) must reach the regression watch.
+
+The tiny model's replies are noise, so every reply gets edited whichever adapter served it:
+the watch must judge the injected adapter and find no regression beyond the margin (the
+rollback itself is tested on designed feedback in tests/daemon/test_watch_e2e.py). The gate's
+quality checks are off here for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import build_tiny_model
+
+from demo.run import run_demo
+
+pytestmark = pytest.mark.integration
+
+TINY_RECIPE = {
+    "method": "dpo",
+    "hyper": {"max_steps": 6, "learning_rate": 0.01, "batch_size": 4, "warmup_ratio": 0},
+    "eval": {"factuality_set": None, "generate_max_prompts": 0},
+}
+OVERRIDES = {
+    "training": {"min_pairs": 4},
+    "dataset": {"max_length_ratio": 1000.0},  # a reply of noise is one long "word"
+    "watch": {"min_events": 10},
+    "gate": {
+        # round 2's candidate cannot beat its incumbent by this much: the gate rejects it and
+        # the injected regression goes through the operator's force-promotion
+        "min_gain_over_incumbent": 0.5,
+    }
+    | {
+        name: None
+        for name in (
+            "factuality_tolerance",
+            "max_degenerate_rate",
+            "min_distinct_rate",
+            "length_band",
+            "relevance_tolerance",
+            "unsupported_tolerance",
+            "max_unsupported_rate",
+            "policy_tolerance",
+            "min_policy_compliance",
+            "chosen_logp_tolerance",
+            "kl_budget",
+            "min_preference_accuracy",
+            "max_actor_share",
+        )
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def chatty_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model whose greedy replies are not blank: the shared tiny model answers
+    with newlines only, which the event schema rightly refuses as empty text. Tokens that
+    decode to whitespace (or nothing) get zero output logits, so some other token always wins."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = build_tiny_model(tmp_path_factory.mktemp("chatty-llama"), seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    blank = [
+        i
+        for i in range(len(tokenizer))
+        if not tokenizer.decode([i], skip_special_tokens=True).strip()
+    ]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[blank] = 0
+    model.save_pretrained(path)
+    return path
+
+
+def test_two_rounds_and_an_injected_regression(chatty_model_dir: Path, tmp_path: Path) -> None:
+    code = run_demo(
+        tmp_path,
+        prompts=40,
+        round_prompts=30,
+        rounds=2,
+        base_model=str(chatty_model_dir),
+        run_spec=TINY_RECIPE,
+        config_overrides=OVERRIDES,
+    )
+    assert code == 0
+    rounds = json.loads((tmp_path / "rounds.json").read_text())
+    assert [r["number"] for r in rounds] == [1, 2, 2]  # two rounds, then the injected regression
+    first, second, injected = rounds
+    assert first["production"]["served"] == "SFT" and first["refresh"]["mode"] == "full"
+    assert first["refresh"]["outcome"] == "promoted" and first["active_after"] == "v0001"
+    assert second["production"]["served"] == "v0001"  # the active adapter's replies
+    assert second["refresh"]["mode"] == "incremental"
+    assert second["refresh"]["candidate"] == "v0002"
+    assert second["refresh"]["outcome"] == "rejected" and second["active_after"] == "v0001"
+    assert injected["refresh"] is None and injected["production"]["served"] == "v0002"
+    assert injected["production"]["edit_rate"] > 0.9  # noise replies: every draft rewritten
+    assert "an operator force-promoted v0002, which the gate rejected" in injected["events"]
+    verdicts = [e for e in injected["events"] if "the watch says" in e]
+    assert verdicts and "no verdict" not in verdicts[0], injected["events"]
+    assert injected["active_after"] == "v0002"  # not worse than v0001 beyond the margin
+
+    with sqlite3.connect(tmp_path / "data" / "feedback.db") as db:
+        served = dict(db.execute("select coalesce(served_adapter, 'SFT'), count(*) from feedback_events "
+                                 "where type in ('edit', 'rating') group by 1").fetchall())  # fmt: skip
+    assert set(served) == {"SFT", "v0001", "v0002"}  # every round's events stored, attributed
+    assert served["v0001"] == second["production"]["handled"] + second["production"]["rated"]
+    page = (tmp_path / "report.html").read_text()
+    assert "Round by round" in page and "v0002" in page
