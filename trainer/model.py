@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from feedback.base import file_sha256
 from trainer.spec import DEFAULT_BASE_MODEL, LoraSpec
@@ -92,13 +92,79 @@ def resolve_base_model(name: str) -> Path:
     )
 
 
-def load_base(name: str, device: torch.device) -> tuple[Any, Any]:
-    """Load the SFT model (float32 weights; autocast handles bf16 on CUDA) and its tokenizer."""
-    path = resolve_base_model(name)
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def weight_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The base's weight precision for a run spec's ``dtype``: ``auto`` is bf16 on CUDA (half
+    the memory of fp32, the precision the GPU computes in anyway) and fp32 on CPU."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return WEIGHT_DTYPES[choice]
+
+
+class QuantizationUnavailable(RuntimeError):
+    """``lora.quantize`` asked for something this machine cannot do (no CUDA, no bitsandbytes)."""
+
+
+def check_quantization(quantize: str | None, device: torch.device) -> None:
+    """Fail before anything is loaded when ``lora.quantize`` cannot run here, naming the key."""
+    if quantize is None:
+        return
+    if device.type != "cuda":
+        raise QuantizationUnavailable(
+            f"lora.quantize: {quantize} needs a CUDA GPU (bitsandbytes' 4-bit kernels); this run "
+            f"is on {device.type}: remove lora.quantize, or train on a GPU node"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailable(
+            f"lora.quantize: {quantize} needs bitsandbytes: pip install 'alignd[qlora]'"
+        )
+
+
+def load_tokenizer(path: Path) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return tokenizer
+
+
+def load_skeleton(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The base's modules with no weights (on the ``meta`` device), and its tokenizer: what an
+    FSDP process other than the first builds; its shards are filled from process 0."""
+    path = resolve_base_model(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            AutoConfig.from_pretrained(path), dtype=dtype
+        )
+    return model, load_tokenizer(path)
+
+
+def load_base(
+    name: str, device: torch.device, dtype: torch.dtype = torch.float32, quantize: str | None = None
+) -> tuple[Any, Any]:
+    """Load the SFT model with its weights in ``dtype`` (or, with ``quantize="nf4"``, in 4-bit
+    NF4 with double-quantised scales and bf16 compute), and its tokenizer."""
+    check_quantization(quantize, device)
+    path = resolve_base_model(name)
+    tokenizer = load_tokenizer(path)
+    if quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        nf4 = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch.bfloat16,
+            quantization_config=nf4,
+            device_map={"": device.index or 0},
+        )
+        return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model = model.to(device)
     return model, tokenizer
 
@@ -107,15 +173,19 @@ def attach_lora(model: Any, lora: LoraSpec, init_adapter: Path | None = None) ->
     """Wrap the base in a trainable LoRA adapter named ``default``.
 
     With ``init_adapter`` the LoRA weights start from that adapter (its own rank and targets
-    win over ``lora``); the base weights, and so the reference, are untouched.
+    win over ``lora``); the base weights, and so the reference, are untouched. The LoRA weights
+    are float32 whatever the base's precision (peft's ``autocast_adapter_dtype``), so their
+    gradients and the optimizer state are too.
     """
     with warnings.catch_warnings():
         # peft reads ``is_gradient_checkpointing``, which transformers 5 deprecates; the
         # warning is theirs to fix and would only clutter every training log.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         if init_adapter is not None:
-            return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
-        return get_peft_model(model, _lora_config(lora))
+            return PeftModel.from_pretrained(
+                model, init_adapter, is_trainable=True, autocast_adapter_dtype=True
+            )
+        return get_peft_model(model, _lora_config(lora), autocast_adapter_dtype=True)
 
 
 def _lora_config(lora: LoraSpec) -> LoraConfig:
@@ -172,6 +242,13 @@ def using_adapter(model: PeftModel, adapter: str | None) -> Iterator[None]:
         model.set_adapter(previous)
 
 
-def save_adapter(model: PeftModel, out_dir: Path) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (vLLM-servable)."""
-    model.save_pretrained(str(out_dir), selected_adapters=["default"], safe_serialization=True)
+def save_adapter(
+    model: PeftModel, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (vLLM-servable).
+
+    ``state_dict``: the LoRA weights gathered whole, when the model's own are FSDP shards.
+    """
+    model.save_pretrained(
+        str(out_dir), selected_adapters=["default"], safe_serialization=True, state_dict=state_dict
+    )

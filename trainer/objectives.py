@@ -12,6 +12,7 @@ Three steps, in the order the recipe (``trainer.train``) runs them:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,8 +163,12 @@ class UnpairedObjective:
         rows: UnpairedRows,
         reference: dict[str, Tensor],
         pad_id: int,
+        sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.method, self.hp, self.pad_id, self.rows = method, hp, pad_id, rows
+        # KTO's baseline z0 is the mean over the *global* micro-batch (as TRL gathers it across
+        # processes): each rank contributes its rows' sum and count
+        self.sum_across_ranks = sum_across_ranks or (lambda t: t)
         self.num_examples = n = len(rows.examples)
         self.reference = reference["examples"]
         self.kl_reference = reference.get("kl_examples", torch.zeros(n))
@@ -174,7 +179,9 @@ class UnpairedObjective:
         with torch.no_grad():  # z0 is a detached baseline (KTO paper §4.1)
             batch = collate([self.rows.kl_examples[i] for i in idx], self.pad_id, device)
             shifted = sequence_logps(model, batch) - self.kl_reference[idx].to(device)
-        return shifted.mean().clamp(min=0)
+            count = torch.tensor(float(shifted.numel()), device=device, dtype=shifted.dtype)
+            total = self.sum_across_ranks(torch.stack([shifted.sum(), count]))
+        return (total[0] / total[1]).clamp(min=0)
 
     def micro_batch(
         self, model: Any, idx: list[int], device: torch.device
@@ -207,7 +214,8 @@ def make_objective(
     rows: PairedRows | UnpairedRows,
     reference: dict[str, Tensor],
     pad_id: int,
+    sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
 ) -> PairedObjective | UnpairedObjective:
     if isinstance(rows, PairedRows):
         return PairedObjective(method, hp, rows, reference, pad_id)
-    return UnpairedObjective(method, hp, rows, reference, pad_id)
+    return UnpairedObjective(method, hp, rows, reference, pad_id, sum_across_ranks)

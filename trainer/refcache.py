@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS reference_logps (
 """
 
 
-def model_identity(model_dir: Path, device_type: str) -> str:
+def model_identity(model_dir: Path, device_type: str, dtype: str = "float32") -> str:
     """A name for the base weights' content and how they run.
 
     The content hash of the weight files is memoised next to them by (name, size, mtime), so
@@ -70,7 +70,7 @@ def model_identity(model_dir: Path, device_type: str) -> str:
         parts.append((path.name, digest))
     if not parts:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors or *.bin weight files")
-    return json.dumps({"weights": parts, "device": device_type, "dtype": "float32"})
+    return json.dumps({"weights": parts, "device": device_type, "dtype": dtype})
 
 
 @dataclass
@@ -87,7 +87,17 @@ class CacheStats:
 class ReferenceCache:
     """Reference log-probs by (model identity, token ids); SQLite file or in memory."""
 
-    def __init__(self, path: Path | None, identity: str) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        identity: str,
+        found_everywhere: Callable[[list[bool]], list[bool]] | None = None,
+    ) -> None:
+        # Under FSDP every rank must run the same forwards, but ranks read the file at different
+        # moments while other runs (and the ranks themselves) write to it, so they can find
+        # different rows. ``found_everywhere`` turns this rank's hits into the rows *every* rank
+        # found (a collective); the others are computed by all ranks alike.
+        self.found_everywhere = found_everywhere
         self.identity = identity.encode()
         self.stats = CacheStats()
         self._memory: dict[bytes, float] = {}
@@ -141,6 +151,9 @@ class ReferenceCache:
         """Reference log-probs of ``examples`` ``(M,)``, computing only the unseen ones."""
         keys = [self.key(e) for e in examples]
         known = self._lookup(keys)
+        if self.found_everywhere is not None:
+            agreed = self.found_everywhere([k in known for k in keys])
+            known = {k: known[k] for k, found in zip(keys, agreed, strict=True) if found}
         self.stats.hits += sum(1 for k in keys if k in known)
         todo = {k: e for k, e in zip(keys, examples, strict=True) if k not in known}
         missing = list(todo)

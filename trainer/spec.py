@@ -46,6 +46,11 @@ class LoraSpec(FrozenModel):
     target_modules: tuple[str, ...] = Field(
         ("q_proj", "k_proj", "v_proj", "o_proj"), description="module names that get an adapter"
     )
+    quantize: Literal["nf4"] | None = Field(
+        None,
+        description="QLoRA: the base in 4-bit NF4 (bitsandbytes, CUDA only; the `qlora` extra) "
+        "with bf16 compute; the reference is that same quantised base with the adapter off",
+    )
 
 
 class Hyperparameters(FrozenModel):
@@ -85,6 +90,12 @@ class Detectors(FrozenModel):
     """Thresholds of the training failure detectors (see ``trainer.detectors``)."""
 
     log2_tolerance: float = Field(1e-3, gt=0.0, description="step-0 loss must be log 2 within this")
+    half_precision_tolerance: float = Field(
+        0.05,
+        gt=0.0,
+        description="bf16/fp16/nf4 base: the step-0 check is the mean |log π − log π_ref| per "
+        "token within this (nats), as half precision alone moves the loss off log 2",
+    )
     sign_check_steps: int = Field(5, gt=0, description="steps before the sign-bug check")
     collapse_min_steps: int = Field(8, gt=1, description="steps before the collapse check")
     collapse_min_drop: float = Field(0.05, ge=0.0, description="nats per token")
@@ -189,6 +200,16 @@ class RunSpec(FrozenModel):
     dataset_sha256: str | None = Field(None, description="recorded in result.json")
     seed: int = Field(0, description="LoRA init, shuffling, dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="the base's weights: auto = bf16 on CUDA, fp32 on CPU; LoRA weights, "
+        "optimizer state, losses and log-probs stay fp32",
+    )
+    engine: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="under torchrun: ddp (every process holds the whole base) or fsdp (FSDP2 "
+        "shards the base's layers across the processes); one process ignores it",
+    )
     run_id: str | None = Field(None, description="the daemon's run id, for logs")
 
     @field_validator("data")
@@ -209,6 +230,11 @@ class RunSpec(FrozenModel):
     def _method_options(self) -> RunSpec:
         if self.method == "cdpo" and self.hyper.label_smoothing == 0.0:
             raise ValueError("method 'cdpo' needs hyper.label_smoothing > 0")
+        if self.engine == "fsdp" and self.lora.quantize is not None:
+            raise ValueError(
+                "engine 'fsdp' shards a base in its own precision; lora.quantize: nf4 runs on "
+                "one GPU (or with engine 'ddp')"
+            )
         return self
 
 
@@ -416,6 +442,11 @@ class RunResult(BaseModel):
     peak_memory_bytes: dict[str, int] = {}
     reference_logps: dict[str, int] = Field(
         {}, description="reference log-probs found in the cache ('hits') and 'computed'"
+    )
+    parallel: dict[str, Any] = Field(
+        {},
+        description="engine, processes, and the base's parameters held by one process "
+        "(its FSDP shard) vs in all",
     )
 
     @classmethod

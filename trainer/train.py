@@ -27,16 +27,24 @@ from tqdm import tqdm
 
 from trainer import detectors
 from trainer.data import DataError, is_snapshot, read_rows, rows_sha256, snapshot_sha256
-from trainer.distributed import World, close_world, init_world
+from trainer.distributed import (
+    World,
+    close_world,
+    full_value,
+    held_parameters,
+    init_world,
+    load_base_for,
+    shard_model,
+)
 from trainer.evaluate import evaluate_run, score
 from trainer.logprobs import Encoded
 from trainer.methods import method as method_info
 from trainer.model import (
     attach_lora,
     enable_activation_checkpointing,
-    load_base,
     resolve_base_model,
     save_adapter,
+    weight_dtype,
 )
 from trainer.objectives import encode_rows, make_objective
 from trainer.refcache import ReferenceCache, model_identity
@@ -142,16 +150,45 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     if not rows:
         raise DataError(f"{spec.data}: no training rows for method {method.name!r}")
     result.dataset_sha256 = spec.dataset_sha256 or snapshot_sha256(spec.data) or rows_sha256(rows)
-    world, device = init_world(pick_device(spec.device))
-    on_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    world, device = init_world(pick_device(spec.device), spec.engine)
+    if world.size > hp.batch_size:  # a rank without rows would skip the step's collectives
+        raise DataError(
+            f"hyper.batch_size ({hp.batch_size}) is smaller than the number of processes "
+            f"({world.size}): every process needs at least one row per micro-batch"
+        )
+    dtype = weight_dtype(spec.dtype, device)
+    # On CUDA a half-precision base also runs the fp32 LoRA matmuls in that precision; on CPU
+    # (and for an fp32 base) every op runs in its weights' dtype. Logits are cast to fp32
+    # before any log-softmax, so losses and log-probs are fp32 either way.
+    autocast: Any = (
+        torch.autocast("cuda", dtype=dtype)
+        if device.type == "cuda" and dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
 
-    model, tokenizer = load_base(spec.base_model, device)
+    quantize = spec.lora.quantize
+    model, tokenizer = load_base_for(world, spec.base_model, device, dtype, quantize)
+    if quantize is not None:  # norms in fp32, input grads for the frozen 4-bit base
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=False
+        )
     for module in model.modules():  # dropout in the base would make policy != reference at step 0
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model = attach_lora(model, spec.lora, spec.init_adapter)
     enable_activation_checkpointing(model, hp.activation_checkpointing)
+    if world.sharded:
+        shard_model(model, world, device)
+    held, total = held_parameters(model)
+    result.parallel = {
+        "engine": world.engine if world.size > 1 else "single",
+        "processes": world.size,
+        "parameters_held": held,
+        "parameters": total,
+    }
     encoded = encode_rows(method, rows, tokenizer, hp)
 
     # --- reference pass: one forward per row the cache has not seen -------------------------
@@ -161,7 +198,11 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     t_reference = time.perf_counter()
     pad_id, eval_bs = tokenizer.pad_token_id, spec.eval.batch_size
     cache = ReferenceCache(
-        spec.reference_cache, model_identity(resolve_base_model(spec.base_model), device.type)
+        spec.reference_cache,
+        model_identity(
+            resolve_base_model(spec.base_model), device.type, quantize or str(dtype)[6:]
+        ),
+        found_everywhere=world.all_true if world.sharded else None,
     )
     try:
         reference = {
@@ -172,7 +213,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         cache.close()
     result.reference_logps = cache.stats.as_dict()
     result.timings["reference_s"] = time.perf_counter() - t_reference
-    objective = make_objective(method, hp, encoded, reference, pad_id)
+    objective = make_objective(method, hp, encoded, reference, pad_id, world.sum_)
     n_examples = result.num_train_examples = objective.num_examples
     result.timings["setup_s"] = time.perf_counter() - t_setup
 
@@ -184,6 +225,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp, total_steps))
     check_log2 = method.log2_at_init and spec.init_adapter is None
+    half_precision = dtype != torch.float32 or quantize is not None
     margins: list[float] = []
     chosen_per_token: list[float] = []
     queue: list[int] = []
@@ -214,18 +256,18 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
             with autocast:
                 losses, stats, n_tokens = objective.micro_batch(model, idx, device)
             # Sum over this rank's rows / global rows: gradients summed over ranks = global mean.
-            loss: torch.Tensor = losses.sum() / (len(batch) * hp.grad_accum)
-            torch.autograd.backward(loss)
+            loss: torch.Tensor = losses.sum() * world.backward_scale / (len(batch) * hp.grad_accum)
+            torch.autograd.backward(scaler.scale(loss))
             tokens += n_tokens
             for key, value in (stats | {"loss": losses.detach()}).items():
                 parts.setdefault(key, []).append(value)
 
-        for p in trainable:  # data parallel: sum the LoRA gradients of every rank
-            if p.grad is not None:
-                world.sum_(p.grad)
+        world.sum_gradients(trainable)  # ddp: all-reduce; fsdp reduce-scattered them already
+        scaler.unscale_(optimizer)  # fp16 only (otherwise a no-op): clip the true gradients
         # clip_grad_norm_ returns a tensor; reading the metrics below is the step's CPU-GPU sync.
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -233,7 +275,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         tokens = int(world.sum_(torch.tensor(tokens)).item())
         elapsed = time.perf_counter() - t_step
         metrics |= {
-            "grad_norm": float(grad_norm),
+            "grad_norm": float(full_value(grad_norm)),
             "learning_rate": scheduler.get_last_lr()[0],
             "tokens": tokens,
             "step_s": elapsed,
@@ -252,7 +294,13 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         if finding.fired:
             raise TrainingAborted(finding.detail)
         if step == 0 and check_log2:
-            finding = detectors.reference_mismatch(metrics["preference_loss"], det.log2_tolerance)
+            finding = (
+                detectors.reference_mismatch_per_token(
+                    metrics["kl_proxy"], det.half_precision_tolerance
+                )
+                if half_precision
+                else detectors.reference_mismatch(metrics["preference_loss"], det.log2_tolerance)
+            )
             result.detectors["reference_mismatch"] = finding.as_dict()
             if finding.fired:
                 raise TrainingAborted(finding.detail)
@@ -273,13 +321,21 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     if finding.fired:
         tqdm.write(f"WARNING: {finding.detail}", file=sys.stderr)
 
-    # --- save, then evaluate on held-out data (one rank does both) -------------------------
-    if not world.is_main:
+    # --- save, then evaluate on held-out data ----------------------------------------------
+    # ddp: rank 0 alone holds the whole model and does both. fsdp: every rank gathers the LoRA
+    # weights and runs every evaluation forward (each one is a collective); rank 0 writes.
+    if not world.is_main and not world.sharded:
         result.status = "succeeded"
         return
+    lora_state = (
+        {k: full_value(v).cpu() for k, v in model.state_dict().items() if "lora_" in k}
+        if world.sharded
+        else None
+    )
     adapter_dir = spec.output_dir / "adapter"
-    save_adapter(model, adapter_dir)
-    result.adapter_dir = str(adapter_dir)
+    if world.is_main:
+        save_adapter(model, adapter_dir, lora_state)
+        result.adapter_dir = str(adapter_dir)
     t_eval = time.perf_counter()
     result.eval = evaluate_run(spec, model, tokenizer)
     result.timings["eval_s"] = time.perf_counter() - t_eval

@@ -4,6 +4,9 @@ different base model or tokenisation never hits a stale entry."""
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,7 @@ def test_model_identity_follows_the_weights_not_the_path(tmp_path: Path) -> None
     assert model_identity(a, "cpu") == model_identity(b, "cpu")
     assert model_identity(a, "cpu") != model_identity(c, "cpu")
     assert model_identity(a, "cpu") != model_identity(a, "cuda")
+    assert model_identity(a, "cpu") != model_identity(a, "cpu", "bfloat16")  # other precision
     with pytest.raises(FileNotFoundError, match="weight files"):
         model_identity(tmp_path, "cpu")
 
@@ -135,3 +139,47 @@ def test_kto_kl_reference_terms_are_cached_too(tiny_model_dir: Path, tmp_path: P
     # 2 new rows; the KL pairing (row i with row i+1's completion) changes only where the
     # new rows join: rows 17, 18 and 19 — so 2 + 3 reference log-probs are computed
     assert refresh(20, "2") == {"hits": 35, "computed": 5}
+
+
+def test_ranks_sharing_a_cache_compute_the_same_misses(tmp_path: Path) -> None:
+    """Under FSDP every rank must run the same forwards. Two threads stand for two ranks on one
+    cache file; between rank 0's lookup and rank 1's, another run stores half of the rows (as a
+    concurrent refresh on the same base would). Rank 1 finds them, rank 0 does not: each alone
+    would compute different rows (a collective mismatch that hangs or kills the job); agreeing
+    on the rows every rank found, both compute all six, the same way."""
+    path = tmp_path / "ref.sqlite"
+    ReferenceCache(path, "model-a").close()  # the file exists before the ranks start
+    masks: list[list[bool]] = [[], []]
+    meet = threading.Barrier(2, timeout=30)
+
+    def found_everywhere(rank: int) -> Callable[[list[bool]], list[bool]]:
+        def agree(found: list[bool]) -> list[bool]:  # what all_reduce(MIN) does across ranks
+            masks[rank] = found
+            meet.wait()
+            return [a and b for a, b in zip(*masks, strict=True)]
+
+        return agree
+
+    scorers = [CountingScorer(), CountingScorer()]
+    results: list[torch.Tensor | None] = [None, None]
+
+    def rank(r: int) -> None:
+        cache = ReferenceCache(path, "model-a", found_everywhere(r))
+        results[r] = cache.logps(None, examples(6), scorers[r], 0, 4)
+        cache.close()
+
+    rank0 = threading.Thread(target=rank, args=(0,))
+    rank0.start()
+    while meet.n_waiting < 1 and rank0.is_alive():  # rank 0 has looked up, waits for rank 1
+        time.sleep(0.01)
+    other_run = ReferenceCache(path, "model-a")
+    other_run.logps(None, examples(3), CountingScorer(), 0, 4)
+    other_run.close()
+    rank1 = threading.Thread(target=rank, args=(1,))
+    rank1.start()
+    rank0.join(30)
+    rank1.join(30)
+    assert scorers[0].scored == scorers[1].scored == examples(6)
+    assert masks[0] == [False] * 6 and masks[1] == [True] * 3 + [False] * 3  # they did differ
+    assert results[0] is not None and results[1] is not None
+    torch.testing.assert_close(results[0], results[1])

@@ -76,3 +76,43 @@ def test_smollm2_answers_the_shipped_factuality_set_above_chance() -> None:
     )
     # chance is 25% (four choices); measured 49.6% on this set
     assert score >= 0.40, score
+
+
+def test_smollm2_in_bf16_starts_like_fp32_and_learns(tmp_path: Path) -> None:
+    """The real base with ``dtype: bf16`` on CPU. Step 0 (policy == reference) matches fp32:
+    loss within 0.02, gradient norm within 10%, and the step-0 reference check passes on its
+    half-precision form (the loss itself is off log 2 by ~0.008 here, which the fp32 check's
+    1e-3 refused: every bf16 run on a real base failed before that form existed). After one
+    update bf16 learns but moves less: measured loss 0.614 vs fp32's 0.465 and per-token
+    |log π − log π_ref| 0.037 vs 0.119 (lr 2e-4): while the LoRA update is small, adding it to
+    bf16 activations rounds much of it away. So per-step equality (the tiny model's test)
+    does not hold on a real base in the first steps; it is not asserted here.
+    Kept to two steps on two short pairs: CPU bf16 backward runs ~20× slower than fp32 here
+    (no bf16 matrix units), which is also why the memory bench measures SmolLM2 in fp32 only."""
+    data = tmp_path / "pairs.jsonl"
+    short = sorted(SUPPORT_PAIRS, key=lambda r: len(r["prompt"] + r["chosen"] + r["rejected"]))
+    data.write_text("".join(json.dumps(r) + "\n" for r in short[:2]))
+
+    def spec(name: str, dtype: str) -> RunSpec:
+        hyper = {"max_steps": 2, "learning_rate": 2e-4, "batch_size": 2, "warmup_ratio": 0.0}
+        return RunSpec.model_validate(
+            {
+                "data": str(data),
+                "output_dir": str(tmp_path / name),
+                "dtype": dtype,
+                "lora": {"dropout": 0.0},
+                "hyper": hyper,
+                "eval": {"factuality_set": None, "generate_max_prompts": 0},
+            }
+        )
+
+    fp32, bf16 = run(spec("fp32", "fp32")), run(spec("bf16", "bf16"))
+    assert fp32.status == bf16.status == "succeeded", (fp32.error, bf16.error)
+    assert fp32.steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert bf16.detectors["reference_mismatch"]["fired"] is False
+    assert bf16.steps[0]["loss"] == pytest.approx(fp32.steps[0]["loss"], abs=0.02)
+    assert bf16.steps[0]["grad_norm"] == pytest.approx(fp32.steps[0]["grad_norm"], rel=0.1)
+    for step in bf16.steps:
+        assert torch.isfinite(torch.tensor([step["loss"], step["grad_norm"]])).all()
+    assert bf16.steps[1]["loss"] < bf16.steps[0]["loss"] - 0.02  # it learns
+    assert bf16.steps[1]["kl_proxy"] > bf16.steps[0]["kl_proxy"]
