@@ -94,6 +94,33 @@ def _summarise(result: RunResult) -> str:
     return "\n".join(lines)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from trainer.plan import PlanInput, describe, model_shape, plan
+
+    try:
+        setup = PlanInput(
+            shape=model_shape(args.model),
+            lora_r=args.lora_r,
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            batch=args.batch,
+            seq_len=args.seq_len,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            engine=args.engine,
+            gpus=args.gpus,
+            gpu_memory_gib=args.gpu_memory,
+            checkpointing=args.checkpointing,
+            device="cpu" if args.cpu else "cuda",
+            attention="math" if args.cpu else "flash",
+        )
+        result = plan(setup)
+    except ValueError as e:
+        print(f"alignd plan: {e}", file=sys.stderr)
+        return 2
+    print(describe(result))
+    return 0 if result.fits else 1
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     raw = build_train_spec(args)
     try:
@@ -321,6 +348,30 @@ def make_parser() -> argparse.ArgumentParser:
     reject.add_argument("version")
     reject.add_argument("--reason", default="operator rejection")
     reject.set_defaults(func=cmd_client, action="reject")
+
+    plan_cmd = sub.add_parser(
+        "plan",
+        help="expected peak memory per GPU of a refresh, and the engine and GPU count to use",
+    )
+    plan_cmd.add_argument(
+        "--model", default="smollm2", help="a preset (smollm2, 8b, 70b) or a model directory"
+    )
+    plan_cmd.add_argument("--lora-r", type=int, default=16)
+    plan_cmd.add_argument(
+        "--targets", default="q_proj,k_proj,v_proj,o_proj", help="LoRA target modules"
+    )
+    plan_cmd.add_argument("--batch", type=int, default=4, help="pairs per micro-batch")
+    plan_cmd.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    plan_cmd.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
+    plan_cmd.add_argument("--quantize", choices=["nf4"], default=None)
+    plan_cmd.add_argument("--engine", choices=["single", "ddp", "fsdp"], default="single")
+    plan_cmd.add_argument("--gpus", type=int, default=1)
+    plan_cmd.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    plan_cmd.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    plan_cmd.add_argument(
+        "--cpu", action="store_true", help="plan a CPU run (math attention, no CUDA context)"
+    )
+    plan_cmd.set_defaults(func=cmd_plan)
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,9 +20,11 @@ from pydantic import (
     AfterValidator,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -88,6 +92,9 @@ class KubernetesJobConfig(FrozenModel):
     pvc_name: str = Field("alignd-data", description="the shared data volume claim")
     data_mount: str = Field("/data", description="where the claim is mounted (= paths.data_dir)")
     gpus: int = Field(1, ge=0, description="nvidia.com/gpu limit; > 1 launches torchrun")
+    gpu_memory_gib: float = Field(
+        80.0, gt=0, description="memory of one GPU: a refresh whose plan exceeds it is refused"
+    )
     cpu: str = Field("4", description="CPU request")
     memory: str = Field("32Gi", description="memory request and limit")
     node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. GPU node pool")
@@ -100,6 +107,11 @@ class TrainingConfig(FrozenModel):
     """What a refresh trains and how the child process is bounded."""
 
     base_model: str = Field("smollm2", description="'smollm2', a .gguf file or a model directory")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="the base's weight precision: auto = bf16 on CUDA, fp32 on CPU (LoRA "
+        "weights, optimizer state, losses and log-probs stay fp32)",
+    )
     pair_method: PairMethodName = Field(
         "dpo", description="loss when the snapshot has pairs: " + ", ".join(PAIRED_METHODS)
     )
@@ -138,13 +150,20 @@ class TrainingConfig(FrozenModel):
         for key, section in value.items():
             if key not in RunSpec.model_fields:
                 raise ValueError(f"{key}: not a run-spec field")
-            if key in sections:
-                try:
+            try:
+                if key in sections:
                     sections[key].model_validate(section)
-                except ValidationError as e:
-                    first = e.errors()[0]
-                    where = ".".join(str(p) for p in (key, *first["loc"]))
-                    raise ValueError(f"{where}: {first['msg']}") from None
+                else:  # a plain field (engine, dtype, method, seed, ...): its own type
+                    field = RunSpec.model_fields[key]
+                    # its type with its validators (a method name's check)
+                    kind: Any = field.annotation
+                    if field.metadata:
+                        kind = Annotated[kind, *field.metadata]
+                    TypeAdapter(kind).validate_python(section)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in (key, *first["loc"]))
+                raise ValueError(f"{where}: {first['msg']}") from None
         return value
 
     timeout_s: float = Field(6 * 3600.0, gt=0, description="a run past this is stopped, failed")
@@ -154,6 +173,52 @@ class TrainingConfig(FrozenModel):
         "local", description="train in a child process, or as a Kubernetes Job"
     )
     kubernetes: KubernetesJobConfig = KubernetesJobConfig()
+
+    @model_validator(mode="after")
+    def _sharding_can_run(self) -> TrainingConfig:
+        """FSDP needs several GPUs in one Job; the local runner trains in one process, where
+        ``engine`` would be silently ignored."""
+        if self.run_spec.get("engine") != "fsdp":
+            return self
+        if (self.run_spec.get("lora") or {}).get("quantize") is not None:
+            raise ValueError(
+                "run_spec.engine: fsdp shards a base in its own precision; run_spec.lora.quantize "
+                "(NF4) runs on one GPU: remove one of them"
+            )
+        if self.runner != "kubernetes" or self.kubernetes.gpus < 2:
+            raise ValueError(
+                "run_spec.engine: fsdp shards the base over the GPUs of a Kubernetes Job: it "
+                "needs training.runner: kubernetes and training.kubernetes.gpus of 2 or more "
+                f"(here runner {self.runner}, gpus {self.kubernetes.gpus})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quantization_can_run(self) -> TrainingConfig:
+        """QLoRA needs a CUDA GPU where training runs: refused at start-up, naming the key,
+        not at the first refresh hours later."""
+        quantize = (self.run_spec.get("lora") or {}).get("quantize")
+        if quantize is None:
+            return self
+        if self.runner == "kubernetes" and self.kubernetes.gpus == 0:
+            raise ValueError(
+                f"run_spec.lora.quantize: {quantize} needs a GPU, and training.kubernetes.gpus "
+                "is 0: give the Jobs a GPU or remove lora.quantize"
+            )
+        if self.runner == "local" and not cuda_here():
+            raise ValueError(
+                f"run_spec.lora.quantize: {quantize} needs a CUDA GPU and training runs here "
+                "(training.runner: local), which has none: remove lora.quantize, or run "
+                "training as Kubernetes Jobs on GPU nodes (training.runner: kubernetes)"
+            )
+        return self
+
+
+def cuda_here() -> bool:
+    """Whether this machine has a CUDA GPU torch can use, asked of a child process (the
+    daemon itself never imports torch)."""
+    code = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 class AdminConfig(FrozenModel):

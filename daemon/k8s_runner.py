@@ -5,6 +5,11 @@ same image (``alignd``'s trainer entry point; ``torchrun`` when more than one GP
 for), watches it to completion, reads ``result.json`` from the volume, and deletes the Job.
 A stop request or the timeout deletes the Job (its pod gets SIGTERM, then SIGKILL after the
 grace period) and the run is recorded as interrupted / timed out, like the local runner.
+
+The KL drift probe runs the same way (:meth:`KubernetesJobRunner.probe`): a Job with the
+trainer's image, memory limit, node selector and tolerations, so the base is never loaded into
+the daemon's pod. It uses one GPU (two forwards per reply) unless training shards the base
+(``run_spec.engine: fsdp``): then it takes the same GPUs and shards it the same way.
 """
 
 from __future__ import annotations
@@ -13,34 +18,43 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from daemon.config import KubernetesJobConfig
 from daemon.runners import RunEnd, RunExit
 
+Task = Literal["train", "probe"]
 
-def job_name(run_id: str) -> str:
-    return re.sub(r"[^a-z0-9-]", "-", f"alignd-train-{run_id}".lower())[:63].rstrip("-")
+
+def job_name(run_id: str, task: Task = "train") -> str:
+    return re.sub(r"[^a-z0-9-]", "-", f"alignd-{task}-{run_id}".lower())[:63].rstrip("-")
 
 
 def build_job(
-    run_id: str, spec_path: Path, config: KubernetesJobConfig, *, timeout_s: float
+    run_id: str,
+    spec_path: Path,
+    config: KubernetesJobConfig,
+    *,
+    timeout_s: float,
+    task: Task = "train",
+    out_path: Path | None = None,
+    sharded: bool = False,
 ) -> dict[str, Any]:
-    """The Job manifest for one refresh run (pure: tested as data)."""
-    if config.gpus > 1:
-        command = [
-            "torchrun",
-            "--standalone",
-            f"--nproc_per_node={config.gpus}",
-            "-m",
-            "trainer.train",
-            str(spec_path),
-        ]
+    """The Job manifest for one refresh run, or (``task="probe"``) one drift probe writing
+    ``out_path``, sharded over the training GPUs when ``sharded`` (pure: tested as data)."""
+    gpus = config.gpus if task == "train" or sharded else min(config.gpus, 1)
+    module, args = "trainer.train", [str(spec_path)]
+    if task == "probe":
+        if out_path is None:
+            raise ValueError("a probe Job needs the path it writes its result to")
+        module, args = "trainer.probe", [str(spec_path), str(out_path)]
+    if gpus > 1:
+        command = ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", module, *args]
     else:
-        command = ["python", "-I", "-m", "trainer.train", str(spec_path)]
+        command = ["python", "-I", "-m", module, *args]
     limits: dict[str, str] = {"memory": config.memory}
-    if config.gpus:
-        limits["nvidia.com/gpu"] = str(config.gpus)
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         # the trainer never talks to the Kubernetes API: no token in its pod
@@ -96,13 +110,17 @@ def build_job(
         pod_spec["tolerations"] = list(config.tolerations)
     labels = {
         "app.kubernetes.io/name": "alignd",
-        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/component": "trainer" if task == "train" else "drift-probe",
         "alignd/run-id": run_id,
     }
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": job_name(run_id), "namespace": config.namespace, "labels": labels},
+        "metadata": {
+            "name": job_name(run_id, task),
+            "namespace": config.namespace,
+            "labels": labels,
+        },
         "spec": {
             "backoffLimit": 0,  # a failed run is reported, not retried behind the daemon's back
             "activeDeadlineSeconds": int(timeout_s),
@@ -130,8 +148,33 @@ class KubernetesJobRunner:
         self.batch: Any = client.BatchV1Api(api_client)
 
     def run(self, run_id: str, spec_path: Path, stop: threading.Event, timeout_s: float) -> RunEnd:
-        """The Job's end: succeeded, failed, interrupted (``stop``) or timed out."""
+        """The training Job's end: succeeded, failed, interrupted (``stop``) or timed out."""
         manifest = build_job(run_id, spec_path, self.config, timeout_s=timeout_s)
+        return self._watch(manifest, stop, timeout_s)
+
+    def probe(
+        self,
+        probe_id: str,
+        spec_path: Path,
+        out_path: Path,
+        stop: threading.Event,
+        timeout_s: float,
+        *,
+        sharded: bool = False,
+    ) -> RunEnd:
+        """A drift probe Job's end (it writes ``out_path`` on the shared volume)."""
+        manifest = build_job(
+            probe_id,
+            spec_path,
+            self.config,
+            timeout_s=timeout_s,
+            task="probe",
+            out_path=out_path,
+            sharded=sharded,
+        )
+        return self._watch(manifest, stop, timeout_s)
+
+    def _watch(self, manifest: dict[str, Any], stop: threading.Event, timeout_s: float) -> RunEnd:
         name, namespace = manifest["metadata"]["name"], self.config.namespace
         self.batch.create_namespaced_job(namespace, manifest)
         deadline = time.monotonic() + timeout_s

@@ -28,7 +28,7 @@ from daemon.gate import decide_promotion
 from daemon.k8s_runner import KubernetesJobRunner
 from daemon.metrics import Metrics
 from daemon.registry import Registry, RegistryError, atomic_write_json
-from daemon.runners import LocalRunner, RunExit, Runner
+from daemon.runners import LocalRunner, RunEnd, RunExit, Runner
 from daemon.scheduler import MethodChoice, choose_method
 from daemon.states import SUCCESSFUL, ActivationTrigger, Outcome, RefreshTrigger
 from feedback.increment import incremental_view
@@ -36,6 +36,7 @@ from feedback.manifest import SnapshotManifest
 from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore
 from trainer.methods import PAIRED_METHODS
+from trainer.plan import PlanInput, model_shape, plan, refusal
 from trainer.spec import AdapterEval, EvalReport, RunResult, RunSpec, SpecError, deep_merge
 
 log = logging.getLogger("alignd.refresh")
@@ -230,23 +231,19 @@ class Refresher:
         spec = self._run_spec(data, run_dir / "train", choice, sha, active_dir)
         spec_path = run_dir / "run.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
+        refused = job_plan_refusal(spec, self.config.training)
+        if refused:  # before a Job asks for GPUs it cannot use
+            return outcome.end(Outcome.FAILED, refused)
         end = self.runner.run(outcome.run_id, spec_path, stop, self.config.training.timeout_s)
         self.state.last_trained_sha = sha  # tried: the same data is not retried automatically
         result, unreadable = _read_result(run_dir / "train" / "result.json")
         if result is not None:
             outcome.training = _training_summary(result)
             self._record_training(outcome.training)
-        if end.exit is RunExit.TIMED_OUT:
-            return outcome.end(Outcome.FAILED, end.detail)
-        if end.exit is RunExit.INTERRUPTED or (result and result.status == "interrupted"):
-            return outcome.end(Outcome.INTERRUPTED, "stopped during shutdown")
-        if result is None:  # no result, or one that does not parse: a reason, never a KeyError
-            why = unreadable if end.exit is RunExit.SUCCEEDED else f"{end.detail}; {unreadable}"
-            return outcome.end(Outcome.FAILED, why)
-        if end.exit is not RunExit.SUCCEEDED or result.status != "succeeded":
-            return outcome.end(Outcome.FAILED, result.error or end.detail)
-        if result.adapter_dir is None:
-            return outcome.end(Outcome.FAILED, "the run succeeded but names no adapter")
+        failure = _run_failure(end, result, unreadable)
+        if failure is not None:
+            return outcome.end(*failure)
+        assert result is not None and result.adapter_dir is not None
 
         decision = decide_promotion(
             result.eval, result.detectors, self.config.gate, manifest.actors
@@ -351,6 +348,7 @@ class Refresher:
                 "data": str(snapshot),
                 "output_dir": str(out),
                 "base_model": training.base_model,
+                "dtype": training.dtype,
                 "method": choice.method,
                 "dataset_sha256": sha,
                 "data_kind": "kto_union" if choice.data_kind == "kto_union" else "auto",
@@ -441,6 +439,52 @@ class Refresher:
 
 def _path(path: Path | None) -> str | None:
     return str(path) if path is not None else None
+
+
+def _run_failure(
+    end: RunEnd, result: RunResult | None, unreadable: str
+) -> tuple[Outcome, str] | None:
+    """How a training run that produced no usable adapter ended; None when it did."""
+    if end.exit is RunExit.TIMED_OUT:
+        return Outcome.FAILED, end.detail
+    if end.exit is RunExit.INTERRUPTED or (result and result.status == "interrupted"):
+        return Outcome.INTERRUPTED, "stopped during shutdown"
+    if result is None:  # no result, or one that does not parse: a reason, never a KeyError
+        why = unreadable if end.exit is RunExit.SUCCEEDED else f"{end.detail}; {unreadable}"
+        return Outcome.FAILED, why
+    if end.exit is not RunExit.SUCCEEDED or result.status != "succeeded":
+        return Outcome.FAILED, result.error or end.detail
+    if result.adapter_dir is None:
+        return Outcome.FAILED, "the run succeeded but names no adapter"
+    return None
+
+
+def job_plan_refusal(spec: RunSpec, training: TrainingConfig) -> str:
+    """Why a training Job would not fit its GPUs (``trainer.plan``), naming what to change; ""
+    when it fits, when training runs locally or on CPU, or when the base's shape is unknown
+    (logged: the Job then runs unchecked)."""
+    k8s = training.kubernetes
+    if training.runner != "kubernetes" or k8s.gpus == 0:
+        return ""
+    try:
+        shape = model_shape(spec.base_model)
+    except (ValueError, OSError) as e:
+        log.warning("no memory plan for this refresh (%s); the Job runs unchecked", e)
+        return ""
+    setup = PlanInput(
+        shape=shape,
+        lora_r=spec.lora.r,
+        targets=tuple(spec.lora.target_modules),
+        batch=spec.hyper.batch_size,
+        seq_len=spec.hyper.max_length,
+        dtype="bf16" if spec.dtype == "auto" else spec.dtype,
+        quantize=spec.lora.quantize,
+        engine=spec.engine if k8s.gpus > 1 else "single",
+        gpus=k8s.gpus,
+        gpu_memory_gib=k8s.gpu_memory_gib,
+        checkpointing=spec.hyper.activation_checkpointing > 0,
+    )
+    return refusal(plan(setup))
 
 
 def make_runner(config: TrainingConfig) -> Runner:

@@ -12,14 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -30,9 +26,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from daemon.api import make_app
-from daemon.child import ChildEnd, start_child, supervise_child
 from daemon.config import AligndConfig, with_absolute_paths, with_split_salt
 from daemon.console import load_result, mount_console
+from daemon.drift import DriftProbe
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.metrics import Metrics
 from daemon.refresh import Refresher
@@ -49,7 +45,6 @@ from daemon.states import ActivationTrigger, RefreshTrigger
 from daemon.watch import Verdict, judge
 from feedback.config import read_secret
 from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
-from feedback.events import EditEvent, RatingEvent
 from feedback.production import AdapterFeedback, summarize
 from feedback.store import FeedbackStore, StoreUnusable
 from trainer.spec import AdapterEval, EvalReport, RunResult
@@ -85,10 +80,11 @@ class Service:
         self.registry = Registry(data / "registry", hooks)
         self.metrics = Metrics(CollectorRegistry())
         self.refresher = Refresher(config, self.store, self.registry, self.metrics)
+        self.stopping = threading.Event()  # set by a signal: stop taking work
+        self.drift = DriftProbe(self.store, self.registry, self.metrics, self.stopping)
         self.consumer = FeedbackConsumer(
             config.kafka, self.store, config.limits, on_batch=self.metrics.record_batch
         )
-        self.stopping = threading.Event()  # set by a signal: stop taking work
         self.consumer_stop = threading.Event()
         self.refresh_stop = threading.Event()
         self.manual_refresh: str | None = None
@@ -378,67 +374,10 @@ class Service:
             self.metrics.production_events.labels(adapter, role, "handled").set(feedback.handled)
             self.metrics.production_events.labels(adapter, role, "rated").set(feedback.rated)
 
-    # the probe's command line before its two file arguments (a test swaps in a slow one)
-    probe_command: tuple[str, ...] = ("-m", "trainer.probe")
-
     def drift_probe(self) -> float | None:
-        """KL(active ‖ reference) on recent production replies, computed in a child process
-        bounded in memory and time (``schedule.drift_probe_*``) and stopped when draining."""
-        active = self.registry.active()
-        if active is None:
-            return None
-        recent = [
-            s.event for s in self.store.iter_events(since_seq=max(0, self.store.max_seq() - 2000))
-        ]
-        replies = [(e, e.completion) for e in recent if isinstance(e, RatingEvent | EditEvent)]
-        sample = random.Random(0).sample(
-            replies, min(len(replies), self.config.schedule.drift_probe_prompts)
-        )
-        if not sample:
-            return None
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = {
-                "base_model": self.config.training.base_model,
-                "adapter": str(self.registry.version_dir(active)),
-                "examples": [
-                    {"prompt": [m.model_dump() for m in e.prompt], "response": r} for e, r in sample
-                ],
-            }
-            spec_path, out_path = Path(tmp, "probe.json"), Path(tmp, "out.json")
-            spec_path.write_text(json.dumps(spec))
-            schedule = self.config.schedule
-            child = start_child(
-                [*self.probe_command, str(spec_path), str(out_path)],
-                output=subprocess.DEVNULL,
-                memory_limit_mb=schedule.drift_probe_memory_limit_mb
-                or self.config.training.memory_limit_mb,
-            )
-            end = supervise_child(
-                child,
-                stop=self.stopping,
-                timeout_s=schedule.drift_probe_timeout_s,
-                grace_s=self.config.training.stop_grace_s,
-            )
-            if end is not ChildEnd.EXITED or child.returncode != 0:
-                why = end if end is not ChildEnd.EXITED else f"exit code {child.returncode}"
-                log.warning("drift probe did not finish: %s", why)
-                self.metrics.drift_probe_failures.labels(reason=_probe_reason(end)).inc()
-                return None
-            kl = float(json.loads(out_path.read_text())["kl_to_reference"])
-        self.metrics.drift_kl.set(kl)
-        self.metrics.drift_probe_timestamp.set(time.time())
-        with (self.config.paths.data_dir / "drift.jsonl").open("a") as f:  # the console's plot
-            entry = {"at": datetime.now(UTC).isoformat(), "version": active, "kl": kl}
-            f.write(json.dumps(entry) + "\n")
-        log.info(
-            "drift probe: active %s KL to reference %.4f nats/token on %d replies",
-            active,
-            kl,
-            len(sample),
-        )
-        return kl
+        """KL(active ‖ reference) on recent production replies (``daemon.drift``)."""
+        return self.drift.run(self.config, self.refresher.runner)
 
-    # --- views ----------------------------------------------------------------------------------
     def readiness_problems(self) -> list[str]:
         problems = []
         try:
@@ -560,10 +499,6 @@ class Service:
             "uptime_s": time.time() - self.started_at,
             "pid": os.getpid(),
         }
-
-
-def _probe_reason(end: ChildEnd) -> str:
-    return {ChildEnd.STOPPED: "stopped", ChildEnd.TIMED_OUT: "timed_out"}.get(end, "failed")
 
 
 def adapter_summary(info: VersionInfo) -> dict[str, Any]:

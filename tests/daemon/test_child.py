@@ -118,7 +118,7 @@ def test_the_drift_probe_is_bounded_and_stops_on_drain(tmp_path: Path, how: str)
         )
         assert not isinstance(event, Rejection)
         service.store.write_batch([Incoming(event)])
-        service.probe_command = ("-c", "import time; time.sleep(120)")
+        service.drift.command = ("-c", "import time; time.sleep(120)")
         if how == "drain":
             threading.Timer(0.5, service.stopping.set).start()
         started = time.monotonic()

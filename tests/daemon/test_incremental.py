@@ -153,3 +153,21 @@ def test_an_operators_full_request_reaches_the_refresh(
     assert wait_until(lambda: started, 10)
     assert started == [("operator request", True)]
     assert service.manual_full is False  # one request, one full run
+
+
+def test_training_dtype_reaches_the_run_spec(service: Service, tmp_path: Path) -> None:
+    """``training.dtype`` is the run's weight precision; ``training.run_spec.dtype`` wins."""
+    from daemon.scheduler import MethodChoice
+
+    refresher, choice = service.refresher, MethodChoice("dpo", "pairs", "test", {})
+    training = refresher.config.training
+
+    def spec_dtype(**update: object) -> str:
+        refresher.config = refresher.config.model_copy(
+            update={"training": training.model_copy(update=update)}
+        )
+        return refresher._run_spec(tmp_path, tmp_path / "out", choice, "0" * 64, None).dtype
+
+    assert spec_dtype() == "auto"
+    assert spec_dtype(dtype="bf16") == "bf16"
+    assert spec_dtype(dtype="bf16", run_spec={"dtype": "fp32"}) == "fp32"

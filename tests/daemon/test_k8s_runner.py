@@ -86,11 +86,13 @@ def test_runner_is_selectable_by_config() -> None:
 
 
 class Replay:
-    """Serves recorded API responses in order, and records what the client sent."""
+    """Serves recorded API responses in order, and records what the client sent.
+    ``on_create`` plays the Job's pod (e.g. writes the file it would write on the volume)."""
 
     def __init__(self, status_sequence: list[str]) -> None:
         self.status_sequence = status_sequence
         self.requests: list[tuple[str, str, Any]] = []
+        self.on_create: Any = None
 
     def response(self, method: str, path: str) -> tuple[int, str]:
         if method == "POST" and path.endswith("/jobs"):
@@ -116,6 +118,8 @@ def api(request: pytest.FixtureRequest) -> Iterator[tuple[Replay, Any]]:
             length = int(self.headers.get("content-length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
             replay.requests.append((self.command, self.path, body))
+            if self.command == "POST" and replay.on_create is not None:
+                replay.on_create(body)
             code, name = replay.response(self.command, self.path.split("?")[0])
             payload = (
                 (RESPONSES / name).read_text().replace("JOB_NAME", "alignd-train-r1").encode()
@@ -188,3 +192,107 @@ def test_timeout_deletes_the_job(api: tuple[Replay, Any]) -> None:
     end = runner.run("r1", Path("/data/run.json"), threading.Event(), timeout_s=0.05)
     assert end.exit == RunExit.TIMED_OUT and end.detail.startswith("timed out")
     assert replay.requests[-1][0] == "DELETE"
+
+
+def test_probe_job_manifest() -> None:
+    """The drift probe runs as a Job with the trainer's image, limits and placement, on one
+    GPU at most, writing its result next to its spec on the shared volume."""
+    spec, out = Path("/data/probes/p1/probe.json"), Path("/data/probes/p1/out.json")
+    job = build_job("p1", spec, GPU, timeout_s=900, task="probe", out_path=out)
+    kubernetes_validate.validate(job, "1.33.0", strict=True)
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"] == ["python", "-I", "-m", "trainer.probe", str(spec), str(out)]
+    assert container["resources"]["limits"] == {"memory": GPU.memory, "nvidia.com/gpu": "1"}
+    assert pod["nodeSelector"] == GPU.node_selector and pod["tolerations"] == GPU.tolerations
+    assert job["metadata"]["name"] == "alignd-probe-p1"
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "drift-probe"
+    assert job["spec"]["activeDeadlineSeconds"] == 900
+    cpu = build_job("p1", spec, KubernetesJobConfig(gpus=0), timeout_s=60, task="probe",
+                    out_path=out)  # fmt: skip
+    assert (
+        "nvidia.com/gpu"
+        not in cpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    )
+    with pytest.raises(ValueError, match="needs the path"):
+        build_job("p1", spec, GPU, timeout_s=60, task="probe")
+    # where training shards the base (run_spec.engine: fsdp), the probe takes the same GPUs
+    sharded = build_job("p1", spec, GPU, timeout_s=60, task="probe", out_path=out, sharded=True)
+    kubernetes_validate.validate(sharded, "1.33.0", strict=True)
+    [container] = sharded["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["torchrun", "--standalone", "--nproc_per_node=4", "-m",
+                                    "trainer.probe", str(spec), str(out)]  # fmt: skip
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+
+
+@pytest.fixture()
+def probing_service(tmp_path: Path) -> Iterator[Any]:
+    """A daemon with an active adapter and served replies in its store."""
+    from registry_support import make_adapter
+
+    from daemon.service import Service
+    from feedback.events import parse_event
+    from feedback.store import Incoming
+
+    service = Service(AligndConfig(paths={"data_dir": tmp_path / "data"},
+                                   store={"url": f"sqlite:///{tmp_path / 'f.db'}"}))  # fmt: skip
+    version = service.registry.register(
+        make_adapter(tmp_path / "adapter"), {"gate": {"promote": True, "reasons": []}}
+    )
+    service.registry.promote(version, actor="test", reason="setup")
+    events = []
+    for n in range(10):
+        raw = {
+            "schema_version": 1, "event_id": f"r{n}", "type": "rating",
+            "occurred_at": "2026-11-20T10:00:00Z", "rating": "up",
+            "prompt": [{"role": "user", "content": f"Where is order {n}?"}],
+            "completion": f"Order {n} ships today.",
+        }  # fmt: skip
+        events.append(Incoming(parse_event(json.dumps(raw).encode())))  # type: ignore[arg-type]
+    service.store.write_batch(events)
+    yield service
+    service.store.close()
+    service.instance_lock.release()
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("api", [["job_active.json", "job_succeeded.json"]], indirect=True)
+def test_the_drift_probe_runs_as_a_job_where_training_does(
+    api: tuple[Replay, Any], probing_service: Any, engine: str
+) -> None:
+    replay, api_client = api
+    service = probing_service
+    training = service.config.training.model_copy(update={"run_spec": {"engine": engine}})
+    service.config = service.config.model_copy(update={"training": training})
+    k8s = KubernetesJobConfig(poll_s=0.01, gpus=2)
+    service.refresher.runner = KubernetesJobRunner(k8s, api_client)
+    seen: dict[str, Any] = {}
+
+    def pod(job: dict[str, Any]) -> None:  # the Job's pod: reads the spec, writes its result
+        spec_path, out_path = job["spec"]["template"]["spec"]["containers"][0]["command"][-2:]
+        seen["spec"] = json.loads(Path(spec_path).read_text())
+        Path(out_path).write_text(json.dumps({"kl_to_reference": 0.125, "n": 10}))
+
+    replay.on_create = pod
+    assert service.drift_probe() == 0.125
+    assert len(seen["spec"]["examples"]) == 10 and seen["spec"]["dtype"] == "auto"
+    assert seen["spec"]["engine"] == engine
+    command = replay.requests[0][2]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[0] == ("torchrun" if engine == "fsdp" else "python")  # sharded as training
+    assert seen["spec"]["adapter"].startswith(str(service.config.paths.data_dir))  # the volume
+    assert replay.requests[0][2]["metadata"]["name"].startswith("alignd-probe-")
+    assert replay.requests[-1][0] == "DELETE"
+    assert not list((service.config.paths.data_dir / "probes").iterdir())  # no customer text left
+    assert service.metrics.drift_kl._value.get() == 0.125
+
+
+@pytest.mark.parametrize("api", [["job_failed.json"]], indirect=True)
+def test_a_failed_probe_job_is_counted_not_fatal(
+    api: tuple[Replay, Any], probing_service: Any
+) -> None:
+    replay, api_client = api
+    service = probing_service
+    service.refresher.runner = KubernetesJobRunner(KubernetesJobConfig(poll_s=0.01), api_client)
+    assert service.drift_probe() is None
+    failures = service.metrics.drift_probe_failures.labels(reason="failed")._value.get()
+    assert failures == 1 and replay.requests[-1][0] == "DELETE"

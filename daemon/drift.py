@@ -1,0 +1,157 @@
+"""The KL drift probe: KL(active adapter ‖ reference) on recent production replies.
+
+Computed where training runs, never in the daemon: a child process bounded in memory and time
+(``schedule.drift_probe_*``), or a Kubernetes Job with the trainer's image and limits
+(``training.runner: kubernetes``; sharded over the training GPUs with ``run_spec.engine:
+fsdp``); stopped when the daemon drains. The result feeds ``alignd_drift_kl_nats`` and
+``<data_dir>/drift.jsonl`` (the console's plot). A probe that does not finish is counted in
+``alignd_drift_probe_failures_total`` by reason and changes nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.child import ChildEnd, start_child, supervise_child
+from daemon.config import AligndConfig
+from daemon.k8s_runner import KubernetesJobRunner
+from daemon.metrics import Metrics
+from daemon.registry import Registry
+from daemon.runners import RunExit, Runner
+from feedback.events import EditEvent, RatingEvent
+from feedback.store import FeedbackStore
+
+log = logging.getLogger("alignd.drift")
+
+# how a probe that did not finish is counted (alignd_drift_probe_failures_total{reason})
+_REASONS = {
+    ChildEnd.STOPPED: "stopped",
+    ChildEnd.TIMED_OUT: "timed_out",
+    RunExit.INTERRUPTED: "stopped",
+    RunExit.TIMED_OUT: "timed_out",
+}
+
+
+class DriftProbe:
+    # the probe's command line before its two file arguments (a test swaps in a slow one)
+    command: tuple[str, ...] = ("-m", "trainer.probe")
+
+    def __init__(
+        self,
+        store: FeedbackStore,
+        registry: Registry,
+        metrics: Metrics,
+        stopping: threading.Event,
+    ) -> None:
+        self.store, self.registry, self.metrics, self.stopping = store, registry, metrics, stopping
+
+    def run(self, config: AligndConfig, runner: Runner) -> float | None:
+        """Probe the active adapter now; None when there is none, no served reply, or the
+        probe did not finish. ``runner``: the refresh's (a Job runner means a probe Job)."""
+        active = self.registry.active()
+        if active is None:
+            return None
+        recent = [
+            s.event for s in self.store.iter_events(since_seq=max(0, self.store.max_seq() - 2000))
+        ]
+        replies = [(e, e.completion) for e in recent if isinstance(e, RatingEvent | EditEvent)]
+        sample = random.Random(0).sample(
+            replies, min(len(replies), config.schedule.drift_probe_prompts)
+        )
+        if not sample:
+            return None
+        training = config.training
+        spec = {
+            "base_model": training.base_model,
+            "adapter": str(self.registry.version_dir(active)),
+            "dtype": training.run_spec.get("dtype", training.dtype),
+            "quantize": (training.run_spec.get("lora") or {}).get("quantize"),
+            "engine": training.run_spec.get("engine", "ddp"),
+            "examples": [
+                {"prompt": [m.model_dump() for m in e.prompt], "response": r} for e, r in sample
+            ],
+        }
+        if isinstance(runner, KubernetesJobRunner):
+            kl = self._job(config, runner, spec)
+        else:
+            kl = self._child(config, spec)
+        if kl is None:
+            return None
+        self.metrics.drift_kl.set(kl)
+        self.metrics.drift_probe_timestamp.set(time.time())
+        with (config.paths.data_dir / "drift.jsonl").open("a") as f:  # the console's plot
+            entry = {"at": datetime.now(UTC).isoformat(), "version": active, "kl": kl}
+            f.write(json.dumps(entry) + "\n")
+        log.info(
+            "drift probe: active %s KL to reference %.4f nats/token on %d replies",
+            active,
+            kl,
+            len(sample),
+        )
+        return kl
+
+    def _failed(self, end: ChildEnd | RunExit, why: str) -> None:
+        log.warning("drift probe did not finish: %s", why)
+        self.metrics.drift_probe_failures.labels(reason=_REASONS.get(end, "failed")).inc()
+
+    def _child(self, config: AligndConfig, spec: dict[str, Any]) -> float | None:
+        schedule = config.schedule
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path, out_path = Path(tmp, "probe.json"), Path(tmp, "out.json")
+            spec_path.write_text(json.dumps(spec))
+            child = start_child(
+                [*self.command, str(spec_path), str(out_path)],
+                output=subprocess.DEVNULL,
+                memory_limit_mb=schedule.drift_probe_memory_limit_mb
+                or config.training.memory_limit_mb,
+            )
+            end = supervise_child(
+                child,
+                stop=self.stopping,
+                timeout_s=schedule.drift_probe_timeout_s,
+                grace_s=config.training.stop_grace_s,
+            )
+            if end is not ChildEnd.EXITED or child.returncode != 0:
+                self._failed(
+                    end, end if end is not ChildEnd.EXITED else f"exit code {child.returncode}"
+                )
+                return None
+            return float(json.loads(out_path.read_text())["kl_to_reference"])
+
+    def _job(
+        self, config: AligndConfig, runner: KubernetesJobRunner, spec: dict[str, Any]
+    ) -> float | None:
+        """The probe as a Job: its spec and result on the shared volume (the Job mounts
+        ``paths.data_dir``), removed afterwards (they hold customer text)."""
+        probe_id = f"p{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        work = config.paths.data_dir / "probes" / probe_id
+        work.mkdir(parents=True)
+        try:
+            spec_path, out_path = work / "probe.json", work / "out.json"
+            spec_path.write_text(json.dumps(spec))
+            end = runner.probe(
+                probe_id,
+                spec_path,
+                out_path,
+                self.stopping,
+                config.schedule.drift_probe_timeout_s,
+                sharded=spec["engine"] == "fsdp",
+            )
+            if end.exit is RunExit.SUCCEEDED and out_path.is_file():
+                return float(json.loads(out_path.read_text())["kl_to_reference"])
+            why = end.detail if end.exit is not RunExit.SUCCEEDED else "it wrote no result"
+            self._failed(end.exit, f"Job: {why}")
+            return None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,63 @@
+"""The drift probe's local path end to end: the daemon samples served replies from its store,
+runs the real ``python -m trainer.probe`` in a bounded child on the tiny model with a real
+adapter, and publishes the KL (gauge, ``drift.jsonl``). The Job path: ``test_k8s_runner``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from daemon.config import AligndConfig
+from daemon.service import Service
+from feedback.events import parse_event
+from feedback.store import Incoming
+
+
+def lora_adapter(path: Path) -> Path:
+    """A LoRA on the tiny model's first q_proj with a non-zero update, so the KL is not 0."""
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.randn(4, 32, generator=g),
+               f"{prefix}.lora_B.weight": torch.randn(32, 4, generator=g)},
+              str(path / "adapter_model.safetensors"))  # fmt: skip
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none",
+              "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}  # fmt: skip
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_the_probe_runs_in_a_child_and_publishes_the_kl(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    service = Service(AligndConfig(paths={"data_dir": tmp_path / "data"},
+                                   store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
+                                   training={"base_model": str(tiny_model_dir)}))  # fmt: skip
+    try:
+        assert service.drift_probe() is None  # nothing active yet
+        version = service.registry.register(
+            lora_adapter(tmp_path / "adapter"), {"gate": {"promote": True, "reasons": []}}
+        )
+        service.registry.promote(version, actor="test", reason="setup")
+        assert service.drift_probe() is None  # no served reply to probe
+        events: list[Any] = []
+        for n in range(12):
+            raw = {"schema_version": 1, "event_id": f"r{n}", "type": "rating",
+                   "occurred_at": "2026-11-20T10:00:00Z", "rating": "up",
+                   "prompt": [{"role": "user", "content": f"Where is order {n}?"}],
+                   "completion": f"Order {n} ships today."}  # fmt: skip
+            events.append(Incoming(parse_event(json.dumps(raw).encode())))  # type: ignore[arg-type]
+        service.store.write_batch(events)
+        kl = service.drift_probe()
+        assert kl is not None and kl > 0
+        assert service.metrics.drift_kl._value.get() == kl
+        [entry] = [json.loads(line) for line in (tmp_path / "data" / "drift.jsonl").open()]
+        assert entry["version"] == version and entry["kl"] == kl
+        assert service.metrics.drift_probe_failures.labels(reason="failed")._value.get() == 0
+    finally:
+        service.store.close()
+        service.instance_lock.release()
