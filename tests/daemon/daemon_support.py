@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,41 @@ import httpx
 import yaml
 from services import wait_until
 
+from daemon.config import AligndConfig
+from daemon.service import Service
 from demo.broker import EmbeddedBroker
+from feedback.events import parse_event
+from feedback.store import Incoming
 from trainer.spec import deep_merge
 
 TOKEN = "test-admin-token-0123456789"
 ORDERS = range(1000, 1040)
+
+
+@contextmanager
+def in_process_service(tmp_path: Path, **config: Any) -> Iterator[Service]:
+    """A ``Service`` in this process (nothing started) on a SQLite store under ``tmp_path``;
+    ``config`` is merged into its config. Closed and its instance lock released after."""
+    base = {"paths": {"data_dir": tmp_path / "data"},
+            "store": {"url": f"sqlite:///{tmp_path / 'f.db'}"}}  # fmt: skip
+    service = Service(AligndConfig(**deep_merge(base, config)))
+    try:
+        yield service
+    finally:
+        service.store.close()
+        service.instance_lock.release()
+
+
+def served_ratings(n: int) -> list[Incoming]:
+    """``n`` thumbs-up ratings of replies (no adapter named): what the drift probe samples."""
+    events = []
+    for i in range(n):
+        raw = {"schema_version": 1, "event_id": f"r{i}", "type": "rating",
+               "occurred_at": "2026-11-20T10:00:00Z", "rating": "up",
+               "prompt": [{"role": "user", "content": f"Where is order {i}?"}],
+               "completion": f"Order {i} ships today."}  # fmt: skip
+        events.append(Incoming(parse_event(json.dumps(raw).encode())))  # type: ignore[arg-type]
+    return events
 
 
 def edit_events(prefix: str, flipped: bool = False) -> list[bytes]:

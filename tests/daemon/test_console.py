@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+from daemon_support import in_process_service
 from fastapi.testclient import TestClient
 from registry_support import make_adapter
 
-from daemon.config import AligndConfig
 from daemon.service import Service
 
 TOKEN, READ = "console-admin-token-1234", "console-read-token-1234"
@@ -22,17 +22,14 @@ TOKEN, READ = "console-admin-token-1234", "console-read-token-1234"
 def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
     monkeypatch.setenv("ALIGND_ADMIN__TOKEN", TOKEN)
     monkeypatch.setenv("ALIGND_ADMIN__READ_TOKEN", READ)
-    svc = Service(AligndConfig(paths={"data_dir": tmp_path / "data"},
-                               store={"url": f"sqlite:///{tmp_path / 'f.db'}"}))  # fmt: skip
-    hostile = "<script>alert(1)</script>"
-    for seed, passed in enumerate([True, True, False]):
-        gate = {"promote": passed, "reasons": [] if passed else [f"kl_budget {hostile}"],
-                "checks": [{"name": "kl_budget", "passed": passed, "detail": hostile}]}  # fmt: skip
-        svc.registry.register(make_adapter(tmp_path / f"a{seed}", seed=seed), {"gate": gate})
-    svc.registry.promote("v0001", actor="setup", reason="setup")
-    yield svc
-    svc.store.close()
-    svc.instance_lock.release()
+    with in_process_service(tmp_path) as svc:
+        hostile = "<script>alert(1)</script>"
+        for seed, passed in enumerate([True, True, False]):
+            gate = {"promote": passed, "reasons": [] if passed else [f"kl_budget {hostile}"],
+                    "checks": [{"name": "kl_budget", "passed": passed, "detail": hostile}]}  # fmt: skip
+            svc.registry.register(make_adapter(tmp_path / f"a{seed}", seed=seed), {"gate": gate})
+        svc.registry.promote("v0001", actor="setup", reason="setup")
+        yield svc
 
 
 def signed_in(service: Service, token: str) -> TestClient:

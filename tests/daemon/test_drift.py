@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
+from daemon_support import in_process_service, served_ratings
 from safetensors.torch import save_file
-
-from daemon.config import AligndConfig
-from daemon.service import Service
-from feedback.events import parse_event
-from feedback.store import Incoming
 
 
 def lora_adapter(path: Path) -> Path:
@@ -34,30 +29,17 @@ def lora_adapter(path: Path) -> Path:
 def test_the_probe_runs_in_a_child_and_publishes_the_kl(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    service = Service(AligndConfig(paths={"data_dir": tmp_path / "data"},
-                                   store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
-                                   training={"base_model": str(tiny_model_dir)}))  # fmt: skip
-    try:
+    with in_process_service(tmp_path, training={"base_model": str(tiny_model_dir)}) as service:
         assert service.drift_probe() is None  # nothing active yet
         version = service.registry.register(
             lora_adapter(tmp_path / "adapter"), {"gate": {"promote": True, "reasons": []}}
         )
         service.registry.promote(version, actor="test", reason="setup")
         assert service.drift_probe() is None  # no served reply to probe
-        events: list[Any] = []
-        for n in range(12):
-            raw = {"schema_version": 1, "event_id": f"r{n}", "type": "rating",
-                   "occurred_at": "2026-11-20T10:00:00Z", "rating": "up",
-                   "prompt": [{"role": "user", "content": f"Where is order {n}?"}],
-                   "completion": f"Order {n} ships today."}  # fmt: skip
-            events.append(Incoming(parse_event(json.dumps(raw).encode())))  # type: ignore[arg-type]
-        service.store.write_batch(events)
+        service.store.write_batch(served_ratings(12))
         kl = service.drift_probe()
         assert kl is not None and kl > 0
         assert service.metrics.drift_kl._value.get() == kl
         [entry] = [json.loads(line) for line in (tmp_path / "data" / "drift.jsonl").open()]
         assert entry["version"] == version and entry["kl"] == kl
         assert service.metrics.drift_probe_failures.labels(reason="failed")._value.get() == 0
-    finally:
-        service.store.close()
-        service.instance_lock.release()

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from daemon_support import in_process_service
 from registry_support import make_adapter
 from services import wait_until
 
-from daemon.config import AligndConfig
 from daemon.service import Service
 from feedback.config import DatasetConfig
 from feedback.events import parse_event
@@ -87,13 +88,9 @@ def test_view_holds_new_rows_a_replay_sample_and_every_heldout_row(tmp_path: Pat
 
 
 @pytest.fixture()
-def service(tmp_path: Path) -> Service:
-    svc = Service(AligndConfig(paths={"data_dir": tmp_path / "data"},
-                               store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
-                               dataset={"heldout_fraction": 0.2}))  # fmt: skip
-    yield svc
-    svc.store.close()
-    svc.instance_lock.release()
+def service(tmp_path: Path) -> Iterator[Service]:
+    with in_process_service(tmp_path, dataset={"heldout_fraction": 0.2}) as svc:
+        yield svc
 
 
 def register_on(service: Service, tmp_path: Path, sha: str, method: str = "dpo") -> str:

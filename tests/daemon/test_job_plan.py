@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_support import in_process_service
 
 from daemon.config import AligndConfig
 from daemon.refresh import job_plan_refusal
@@ -76,13 +78,9 @@ class RecordingRunner:
 
 
 @pytest.fixture()
-def service(tmp_path: Path) -> Any:
-    svc = Service(AligndConfig(paths={"data_dir": tmp_path / "data"},
-                               store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
-                               training={"min_pairs": 4}))  # fmt: skip
-    yield svc
-    svc.store.close()
-    svc.instance_lock.release()
+def service(tmp_path: Path) -> Iterator[Service]:
+    with in_process_service(tmp_path, training={"min_pairs": 4}) as svc:
+        yield svc
 
 
 def test_the_refresh_refuses_before_the_job_starts(service: Service) -> None:

@@ -228,31 +228,16 @@ def test_probe_job_manifest() -> None:
 @pytest.fixture()
 def probing_service(tmp_path: Path) -> Iterator[Any]:
     """A daemon with an active adapter and served replies in its store."""
+    from daemon_support import in_process_service, served_ratings
     from registry_support import make_adapter
 
-    from daemon.service import Service
-    from feedback.events import parse_event
-    from feedback.store import Incoming
-
-    service = Service(AligndConfig(paths={"data_dir": tmp_path / "data"},
-                                   store={"url": f"sqlite:///{tmp_path / 'f.db'}"}))  # fmt: skip
-    version = service.registry.register(
-        make_adapter(tmp_path / "adapter"), {"gate": {"promote": True, "reasons": []}}
-    )
-    service.registry.promote(version, actor="test", reason="setup")
-    events = []
-    for n in range(10):
-        raw = {
-            "schema_version": 1, "event_id": f"r{n}", "type": "rating",
-            "occurred_at": "2026-11-20T10:00:00Z", "rating": "up",
-            "prompt": [{"role": "user", "content": f"Where is order {n}?"}],
-            "completion": f"Order {n} ships today.",
-        }  # fmt: skip
-        events.append(Incoming(parse_event(json.dumps(raw).encode())))  # type: ignore[arg-type]
-    service.store.write_batch(events)
-    yield service
-    service.store.close()
-    service.instance_lock.release()
+    with in_process_service(tmp_path) as service:
+        version = service.registry.register(
+            make_adapter(tmp_path / "adapter"), {"gate": {"promote": True, "reasons": []}}
+        )
+        service.registry.promote(version, actor="test", reason="setup")
+        service.store.write_batch(served_ratings(10))
+        yield service
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])

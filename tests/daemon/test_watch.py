@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from daemon_support import in_process_service
 from registry_support import make_adapter
 
-from daemon.config import AligndConfig
 from daemon.service import Service
 from daemon.watch import WatchConfig, judge, p_worse
 from feedback.events import parse_event
@@ -107,21 +108,13 @@ def served_events(adapter: str | None, handled: int, edited: int, *, prefix: str
 
 
 @pytest.fixture()
-def service(tmp_path: Path) -> Service:
-    svc = Service(
-        AligndConfig(
-            paths={"data_dir": tmp_path / "data"},
-            store={"url": f"sqlite:///{tmp_path / 'f.db'}"},
-            watch={"min_events": 100},
-        )
-    )
-    passed = {"gate": {"promote": True, "reasons": []}}
-    for seed in range(2):
-        version = svc.registry.register(make_adapter(tmp_path / f"a{seed}", seed=seed), passed)
-        svc.registry.promote(version, actor="test", reason="setup")
-    yield svc
-    svc.store.close()
-    svc.instance_lock.release()
+def service(tmp_path: Path) -> Iterator[Service]:
+    with in_process_service(tmp_path, watch={"min_events": 100}) as svc:
+        passed = {"gate": {"promote": True, "reasons": []}}
+        for seed in range(2):
+            adapter = make_adapter(tmp_path / f"a{seed}", seed=seed)
+            svc.registry.promote(svc.registry.register(adapter, passed), actor="t", reason="setup")
+        yield svc
 
 
 def test_a_worse_adapter_is_rolled_back_and_rejected(service: Service) -> None:
