@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,22 @@ def served_ratings(n: int) -> list[Incoming]:
                "completion": f"Order {i} ships today."}  # fmt: skip
         events.append(Incoming(parse_event(json.dumps(raw).encode())))  # type: ignore[arg-type]
     return events
+
+
+def agent_edits(start: int, stop: int, now: datetime | None = None) -> list[Incoming]:
+    """Agents' edits of orders ``start``…``stop - 1`` (an apology rewritten to a plain answer),
+    parsed as the consumer would at ``now``."""
+    out = []
+    for n in range(start, stop):
+        raw = {
+            "schema_version": 1, "event_id": f"e{n}", "type": "edit",
+            "occurred_at": "2026-11-20T10:00:00Z",
+            "prompt": [{"role": "user", "content": f"Where is my order {n}?"}],
+            "completion": f"So sorry! Order {n} is delayed.",
+            "edited_completion": f"Order {n} ships today.",
+        }  # fmt: skip
+        out.append(Incoming(parse_event(json.dumps(raw).encode(), now=now)))  # type: ignore[arg-type]
+    return out
 
 
 def edit_events(prefix: str, flipped: bool = False) -> list[bytes]:

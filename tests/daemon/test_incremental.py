@@ -12,33 +12,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from daemon_support import in_process_service
+from daemon_support import agent_edits, in_process_service
 from registry_support import make_adapter
 from services import wait_until
 
 from daemon.service import Service
 from feedback.config import DatasetConfig
-from feedback.events import parse_event
 from feedback.increment import incremental_view
 from feedback.manifest import SnapshotManifest
 from feedback.snapshot import build_snapshot
-from feedback.store import FeedbackStore, Incoming
+from feedback.store import FeedbackStore
 
 NOW = datetime(2026, 11, 24, tzinfo=UTC)
-
-
-def edits(start: int, stop: int) -> list[Incoming]:
-    out = []
-    for n in range(start, stop):
-        raw = {
-            "schema_version": 1, "event_id": f"e{n}", "type": "edit",
-            "occurred_at": "2026-11-20T10:00:00Z",
-            "prompt": [{"role": "user", "content": f"Where is my order {n}?"}],
-            "completion": f"So sorry! Order {n} is delayed.",
-            "edited_completion": f"Order {n} ships today.",
-        }  # fmt: skip
-        out.append(Incoming(parse_event(json.dumps(raw).encode(), now=NOW)))  # type: ignore[arg-type]
-    return out
 
 
 def rows(path: Path) -> list[dict[str, object]]:
@@ -52,10 +37,10 @@ def key(row: dict[str, object]) -> str:
 def test_view_holds_new_rows_a_replay_sample_and_every_heldout_row(tmp_path: Path) -> None:
     store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
     config = DatasetConfig(heldout_fraction=0.2)
-    store.write_batch(edits(0, 300))
+    store.write_batch(agent_edits(0, 300, now=NOW))
     old = tmp_path / "old"
     build_snapshot(store, old, config, now=NOW)
-    store.write_batch(edits(300, 340))
+    store.write_batch(agent_edits(300, 340, now=NOW))
     new = tmp_path / "new"
     manifest = build_snapshot(store, new, config, now=NOW)
     view = tmp_path / "view"
@@ -102,9 +87,9 @@ def register_on(service: Service, tmp_path: Path, sha: str, method: str = "dpo")
 
 def test_refresher_chooses_incremental_or_full(service: Service, tmp_path: Path) -> None:
     refresher, run = service.refresher, tmp_path / "run"
-    service.store.write_batch(edits(0, 200))
+    service.store.write_batch(agent_edits(0, 200, now=NOW))
     first, _ = refresher._snapshot("r1")
-    service.store.write_batch(edits(200, 230))
+    service.store.write_batch(agent_edits(200, 230, now=NOW))
     second, second_dir = refresher._snapshot("r2")
 
     def plan(active: str | None, method: str = "dpo", full: bool = False) -> dict[str, object]:

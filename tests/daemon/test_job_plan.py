@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_support import in_process_service
+from daemon_support import agent_edits, in_process_service
 
 from daemon.config import AligndConfig
 from daemon.refresh import job_plan_refusal
 from daemon.runners import RunEnd
 from daemon.service import Service
 from daemon.states import Outcome, RefreshTrigger
-from feedback.events import parse_event
-from feedback.store import Incoming
 from trainer.spec import RunSpec
 
 SEVENTY_B = {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672,
@@ -84,17 +82,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
 
 
 def test_the_refresh_refuses_before_the_job_starts(service: Service) -> None:
-    events = []
-    for n in range(40):
-        raw = {
-            "schema_version": 1, "event_id": f"e{n}", "type": "edit",
-            "occurred_at": "2026-11-20T10:00:00Z",
-            "prompt": [{"role": "user", "content": f"Where is my order {n}?"}],
-            "completion": f"So sorry! Order {n} is delayed.",
-            "edited_completion": f"Order {n} ships today.",
-        }  # fmt: skip
-        events.append(Incoming(parse_event(json.dumps(raw).encode())))  # type: ignore[arg-type]
-    service.store.write_batch(events)
+    service.store.write_batch(agent_edits(0, 40))
     refresher, runner = service.refresher, RecordingRunner()
     refresher.config = refresher.config.model_copy(
         update={"training": k8s(memory=0.5).training.model_copy(update={"min_pairs": 4})}
