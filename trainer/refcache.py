@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import random
 import sqlite3
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,32 @@ def model_identity(model_dir: Path, device_type: str, dtype: str = "float32") ->
     return json.dumps({"weights": parts, "device": device_type, "dtype": dtype})
 
 
+def open_cache_file(path: Path, timeout: float = 60.0) -> sqlite3.Connection:
+    """The cache file, in WAL mode with its table, however many processes open it at once.
+
+    The ranks of a run (and concurrent refreshes on one base) open the same file together.
+    Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is
+    locked" *at once*, without waiting out ``timeout``, when two connections both hold a read
+    lock and both ask for it (waiting could deadlock). So the switch and the schema are
+    retried until ``timeout``; a lock held longer than that is still an error.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+            db.commit()
+            return db
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                db.close()
+                raise
+            db.rollback()
+            time.sleep(random.uniform(0.01, 0.05))  # apart, so one of them gets the lock
+
+
 @dataclass
 class CacheStats:
     """How many reference log-probs a run looked up, and how many it had to compute."""
@@ -103,11 +131,7 @@ class ReferenceCache:
         self._memory: dict[bytes, float] = {}
         self._db: sqlite3.Connection | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=60)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(_SCHEMA)
-            self._db.commit()
+            self._db = open_cache_file(path)
 
     def key(self, example: Encoded) -> bytes:
         h = hashlib.sha256(self.identity)
