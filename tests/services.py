@@ -8,11 +8,12 @@ with a message saying so — it is never skipped silently.
 from __future__ import annotations
 
 import glob
+import multiprocessing
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from demo.broker import free_port
@@ -79,3 +80,24 @@ def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 40) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _when_released(start: object, target: Callable[[], object]) -> None:
+    start.wait()  # type: ignore[attr-defined]
+    target()
+
+
+def exit_codes_started_together(
+    target: Callable[[], object], processes: int = 3
+) -> list[int | None]:
+    """Run ``target`` in ``processes`` forked processes released at the same moment (the ranks
+    of a run, or pods, opening one new store); their exit codes: an exception exits 1, with its
+    traceback on stderr. Fork, so ``target`` may be a closure; it should touch no torch."""
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(processes)
+    procs = [ctx.Process(target=_when_released, args=(start, target)) for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(90)
+    return [proc.exitcode for proc in procs]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from events_support import edit, encode, rating
+from services import exit_codes_started_together
+from sqlalchemy import create_engine
 
 from feedback.events import Event, Rejection, parse_event
 from feedback.store import FeedbackStore, Incoming
@@ -181,3 +183,36 @@ def test_sqlite_refuses_a_network_filesystem(
     with pytest.raises(store_module.StoreUnusable, match=r"store\.url: .*network filesystem"):
         FeedbackStore(f"sqlite:///{tmp_path / 'shared' / 'feedback.db'}")
     FeedbackStore(f"sqlite:///{tmp_path.parent / 'local' / 'feedback.db'}").close()
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
+)
+def test_processes_creating_a_new_store_at_once_all_succeed(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Processes opening one new store together (`alignd serve` and `alignd ingest` on a fresh
+    volume, two pods on an empty database) each find the tables missing and create them; on
+    SQLite one is also refused the WAL switch at once. Before the retry: 33 of 80 openers failed
+    ("table feedback_events already exists", "database is locked")."""
+    admin = None
+    if backend == "postgresql":
+        server = request.getfixturevalue("postgres_url")
+        admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    for trial in range(10):
+        if admin is None:
+            url = f"sqlite:///{tmp_path / f'{trial}.db'}"
+        else:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f"CREATE DATABASE race_{trial}")
+            url = server.rsplit("/", 1)[0] + f"/race_{trial}"
+        codes = exit_codes_started_together(lambda: FeedbackStore(url).close())  # noqa: B023
+        assert codes == [0, 0, 0], f"trial {trial}"
+        store = FeedbackStore(url)
+        assert store.count() == 0  # one schema, usable
+        store.close()
+        if admin is not None:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE race_{trial}")
+    if admin is not None:
+        admin.dispose()

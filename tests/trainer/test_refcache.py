@@ -4,16 +4,15 @@ different base model or tokenisation never hits a stale entry."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from conftest import PAIRS, build_tiny_model
+from services import exit_codes_started_together
 from test_train import make_spec
 
 from trainer.logprobs import Encoded
@@ -187,24 +186,13 @@ def test_ranks_sharing_a_cache_compute_the_same_misses(tmp_path: Path) -> None:
     torch.testing.assert_close(results[0], results[1])
 
 
-def _open_together(path: str, start: Any) -> None:
-    start.wait()
-    open_cache_file(Path(path)).close()  # an error exits 1, its traceback on stderr
-
-
 def test_processes_opening_a_new_cache_file_at_once_all_succeed(tmp_path: Path) -> None:
     """The ranks of a run open the same new file together. SQLite refuses one of two
     connections that both ask to switch it to WAL at once with "database is locked", without
     waiting for its timeout: before the retry, one rank in about ten FSDP runs on a busy machine
     died there, and the other then failed at its next collective with gloo's "Connection closed
     by peer"."""
-    ctx = multiprocessing.get_context("fork")  # the children touch SQLite only
     for trial in range(20):
-        start = ctx.Barrier(3)
-        path = str(tmp_path / f"{trial}.sqlite")
-        openers = [ctx.Process(target=_open_together, args=(path, start)) for _ in range(3)]
-        for p in openers:
-            p.start()
-        for p in openers:
-            p.join(90)
-        assert [p.exitcode for p in openers] == [0, 0, 0], f"trial {trial}"
+        path = tmp_path / f"{trial}.sqlite"
+        codes = exit_codes_started_together(lambda: open_cache_file(path).close())  # noqa: B023
+        assert codes == [0, 0, 0], f"trial {trial}"
