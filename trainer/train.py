@@ -200,7 +200,9 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     cache = ReferenceCache(
         spec.reference_cache,
         model_identity(
-            resolve_base_model(spec.base_model), device.type, quantize or str(dtype)[6:]
+            resolve_base_model(spec.base_model),
+            device.type,
+            quantize or str(dtype).removeprefix("torch."),
         ),
         found_everywhere=world.all_true if world.sharded else None,
     )
