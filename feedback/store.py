@@ -13,10 +13,8 @@ cannot help: the consumer dead-letters that one event) from an unreachable datab
 
 from __future__ import annotations
 
-import random
 import re
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +47,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 
+from feedback.base import until_settled
 from feedback.events import Event, canonical_json, load_stored, prompt_key, sha256_text
 
 metadata = MetaData()
@@ -111,37 +110,11 @@ class StoredEvent:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     # readers (dataset builds) never block the writer; a new file's switch may be refused
-    # while another process switches it: FeedbackStore retries its first connection
+    # while another process switches it: FeedbackStore retries its schema (until_settled)
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each commit in WAL mode
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
-
-
-_RACE = re.compile(r"database is locked|already exists|duplicate key")
-
-
-def _until_settled(
-    create: Callable[[], object], *errors: type[Exception], timeout_s: float = 30.0
-) -> None:
-    """Run ``create`` (the schema, on the store's first connection) while other processes may
-    do the same.
-
-    Two processes opening a new store at once race: SQLite answers one of two connections that
-    both ask to switch a new file to WAL "database is locked" at once, without waiting for its
-    busy timeout, and both may find a table missing and create it ("already exists"; PostgreSQL
-    reports a duplicate type). Both are settled by the other process; trying again sees its
-    work. Any other error, or one still failing after ``timeout_s``, is raised.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            create()
-            return
-        except errors as e:
-            if not _RACE.search(str(e)) or time.monotonic() > deadline:
-                raise
-            time.sleep(random.uniform(0.01, 0.1))  # apart, so one of them goes first
 
 
 def is_data_error(error: SQLAlchemyError) -> bool:
@@ -220,7 +193,7 @@ class FeedbackStore:
             metadata.create_all(self.engine)
             served_index.create(self.engine, checkfirst=True)  # stores created before the index
 
-        _until_settled(create_schema, OperationalError, ProgrammingError, IntegrityError)
+        until_settled(create_schema, OperationalError, ProgrammingError, IntegrityError)
 
     def close(self) -> None:
         self.engine.dispose()

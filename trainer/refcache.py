@@ -21,10 +21,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import random
 import sqlite3
 import struct
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from feedback.base import until_settled
 from trainer.logprobs import Encoded
 
 ComputeFn = Callable[[Any, list[Encoded], int, int], Tensor]
@@ -76,29 +75,23 @@ def model_identity(model_dir: Path, device_type: str, dtype: str = "float32") ->
 
 
 def open_cache_file(path: Path, timeout: float = 60.0) -> sqlite3.Connection:
-    """The cache file, in WAL mode with its table, however many processes open it at once.
-
-    The ranks of a run (and concurrent refreshes on one base) open the same file together.
-    Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is
-    locked" *at once*, without waiting out ``timeout``, when two connections both hold a read
-    lock and both ask for it (waiting could deadlock). So the switch and the schema are
-    retried until ``timeout``; a lock held longer than that is still an error.
+    """The cache file, in WAL mode with its table, however many processes open it at once (the
+    ranks of a run, concurrent refreshes on one base): see :func:`feedback.base.until_settled`.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
-            db.commit()
-            return db
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
-                db.close()
-                raise
-            db.rollback()
-            time.sleep(random.uniform(0.01, 0.05))  # apart, so one of them gets the lock
+
+    def create() -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(_SCHEMA)
+        db.commit()
+
+    try:
+        until_settled(create, sqlite3.OperationalError, timeout_s=timeout)
+    except sqlite3.OperationalError:
+        db.close()
+        raise
+    return db
 
 
 @dataclass

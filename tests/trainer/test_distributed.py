@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from trainer.spec import RunSpec
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+STDERR_TAIL = 12_000  # enough for every process's traceback, not only the last one
 HYPER = {"max_steps": 5, "learning_rate": 1e-2, "batch_size": 4, "grad_accum": 2, "warmup_ratio": 0}
 
 
@@ -48,7 +49,7 @@ def train(spec: Path, processes: int = 1) -> dict[str, Any]:
     done = subprocess.run(
         [*command, str(spec)], capture_output=True, text=True, env=ENV, timeout=300
     )
-    assert done.returncode == 0, done.stderr[-12000:]  # every rank's traceback, not only the last
+    assert done.returncode == 0, done.stderr[-STDERR_TAIL:]
     result: dict[str, Any] = json.loads((spec.parent / spec.stem / "result.json").read_text())
     assert result["status"] == "succeeded"
     return result
@@ -196,9 +197,7 @@ def test_the_drift_probe_shards_like_training(
         done = subprocess.run(
             [*command, str(probe), str(out)], capture_output=True, text=True, env=ENV, timeout=300
         )
-        assert done.returncode == 0, done.stderr[
-            -12000:
-        ]  # every rank's traceback, not only the last
+        assert done.returncode == 0, done.stderr[-STDERR_TAIL:]
         kls[engine] = json.loads(out.read_text())
     assert kls["fsdp"]["n"] == kls["ddp"]["n"] == 6
     sharded, whole = kls["fsdp"], kls["ddp"]
