@@ -111,7 +111,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
             gpu_memory_gib=args.gpu_memory,
             checkpointing=args.checkpointing,
             device="cpu" if args.cpu else "cuda",
-            attention="math" if args.cpu else "flash",
         )
         result = plan(setup)
     except ValueError as e:
@@ -368,9 +367,7 @@ def make_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--gpus", type=int, default=1)
     plan_cmd.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
     plan_cmd.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    plan_cmd.add_argument(
-        "--cpu", action="store_true", help="plan a CPU run (math attention, no CUDA context)"
-    )
+    plan_cmd.add_argument("--cpu", action="store_true", help="plan a CPU run (no CUDA context)")
     plan_cmd.set_defaults(func=cmd_plan)
 
     config = sub.add_parser("config", help="configuration")

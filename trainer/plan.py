@@ -11,12 +11,17 @@ batch, sequence length, precision, quantisation and engine. Parts of the estimat
 - **LoRA + optimizer**: LoRA parameters × 16 bytes (fp32 weight, gradient, AdamW's two moments);
   FSDP shards them too.
 - **activations** kept for backward, per GPU: tokens = pairs per GPU × 2 sequences × sequence
-  length (an upper bound: the trainer runs a pair's shared prompt once), per layer ≈ (10·hidden
-  + 2·kv width + 4·intermediate + LoRA ranks) values per token in the compute precision, plus
-  twice one layer's worth for the gradients in flight during its backward; with a
-  ``math`` attention kernel (CPU) also heads × row² attention probabilities and mask per layer,
-  rows being the packed rows of ``hyper.pack_tokens``. Activation checkpointing keeps one
-  hidden state per token and layer and recomputes one layer at a time.
+  length (an upper bound: the trainer runs a pair's shared prompt once). Per token and layer, in
+  the compute precision: the MLP's three intermediate-wide tensors and four hidden-wide ones of
+  attention (queries, keys and values repeated to every head, the output); in fp32 whatever the
+  base's precision: six hidden-wide tensors (the norms' upcast residual stream) and each LoRA
+  target's input and r-wide middle (the adapter is fp32). Per layer, the packed rows' attention
+  mask: scaled-dot-product attention turns the boolean mask into an additive one in the compute
+  precision and keeps it (row² per packed row, rows being ``hyper.pack_tokens`` long); the
+  attention probabilities are not kept. Plus twice one layer's worth for the gradients in flight
+  during its backward. These counts are the tensors autograd saves, measured on SmolLM2 in fp32
+  and bf16 (``bench/plan_accuracy.py``). Activation checkpointing keeps one hidden state per
+  token and layer and recomputes one layer at a time.
 - **logits**: the LM head runs 256 scored tokens at a time (``trainer.logprobs.HEAD_CHUNK``),
   fp32 logits, their exponentials and their gradient.
 - **runtime**: the CUDA context and allocator slack (1 GiB), or on CPU the interpreter and
@@ -150,7 +155,6 @@ class PlanInput:
     gpu_memory_gib: float = 80.0
     checkpointing: bool = False
     device: Literal["cuda", "cpu"] = "cuda"
-    attention: Literal["flash", "math"] = "flash"
     pack_tokens: int = 1024  # hyper.pack_tokens: pairs share rows of about this many tokens
     headroom: float = 0.9
 
@@ -202,16 +206,15 @@ def plan(p: PlanInput) -> Plan:
 
     pairs = math.ceil(p.batch / p.gpus)
     tokens = pairs * 2 * p.seq_len
-    per_token_layer = (
-        10 * s.hidden + 2 * s.kv_width + 4 * s.intermediate + p.lora_r * len(p.targets)
+    targets_in = sum(s.module_shape(t)[0] for t in p.targets)
+    per_token_layer = compute * (3 * s.intermediate + 4 * s.hidden) + 4 * (
+        6 * s.hidden + targets_in + p.lora_r * len(p.targets)
     )
-    attention_layer = 0.0
-    if p.attention == "math":  # every head's probabilities (and the mask) over each packed row
-        per_row = max(1, p.pack_tokens // (2 * p.seq_len))  # pairs packed into one row
-        full_rows, rest = divmod(pairs, per_row)
-        row_squares = full_rows * (per_row * 2 * p.seq_len) ** 2 + (rest * 2 * p.seq_len) ** 2
-        attention_layer = s.heads * row_squares * (compute + 1)
-    one_layer = tokens * per_token_layer * compute + attention_layer
+    per_row = max(1, p.pack_tokens // (2 * p.seq_len))  # pairs packed into one row
+    full_rows, rest = divmod(pairs, per_row)
+    row_squares = full_rows * (per_row * 2 * p.seq_len) ** 2 + (rest * 2 * p.seq_len) ** 2
+    mask_layer = row_squares * compute
+    one_layer = tokens * per_token_layer + mask_layer
     backward = 2 * one_layer  # one layer's gradients in flight while its backward runs
     full = s.layers * one_layer + backward
     checkpointed = s.layers * tokens * s.hidden * compute + one_layer + backward
@@ -308,7 +311,8 @@ def describe(result: Plan) -> str:
         f"vocab {s.vocab}; LoRA r={p.lora_r} on {', '.join(p.targets)} "
         f"({s.lora_params(p.lora_r, p.targets) / 1e6:.1f}M parameters)",
         f"run: {p.batch} pairs per step, {p.seq_len} tokens per sequence, {p.dtype}{quantized}, "
-        f"{p.engine} on {p.gpus} GPU(s) of {p.gpu_memory_gib:g} GiB ({p.attention} attention)",
+        f"{p.engine} on {p.gpus} GPU(s) of {p.gpu_memory_gib:g} GiB"
+        f"{' (planned as a CPU run)' if p.device == 'cpu' else ''}",
         "",
         f"  weights                          {gib(result.weights)}",
         f"  LoRA + optimizer state           {gib(result.lora_optimizer)}",
