@@ -11,17 +11,19 @@ batch, sequence length, precision, quantisation and engine. Parts of the estimat
 - **LoRA + optimizer**: LoRA parameters × 16 bytes (fp32 weight, gradient, AdamW's two moments);
   FSDP shards them too.
 - **activations** kept for backward, per GPU: tokens = pairs per GPU × 2 sequences × sequence
-  length (an upper bound: the trainer runs a pair's shared prompt once). Per token and layer, in
-  the compute precision: the MLP's three intermediate-wide tensors and four hidden-wide ones of
-  attention (queries, keys and values repeated to every head, the output); in fp32 whatever the
-  base's precision: six hidden-wide tensors (the norms' upcast residual stream) and each LoRA
-  target's input and r-wide middle (the adapter is fp32). Per layer, the packed rows' attention
-  mask: scaled-dot-product attention turns the boolean mask into an additive one in the compute
-  precision and keeps it (row² per packed row, rows being ``hyper.pack_tokens`` long); the
-  attention probabilities are not kept. Plus twice one layer's worth for the gradients in flight
-  during its backward. These counts are the tensors autograd saves, measured on SmolLM2 in fp32
-  and bf16 (``bench/plan_accuracy.py``). Activation checkpointing keeps one hidden state per
-  token and layer and recomputes one layer at a time.
+  length (an upper bound: the trainer runs a pair's shared prompt once). Per token and layer,
+  in the compute precision: the MLP's three intermediate-wide tensors and four hidden-wide ones
+  of attention (queries, keys and values repeated to every head, the output); in fp32 whatever
+  the base's precision: six hidden-wide tensors (the norms' upcast residual stream); each LoRA
+  target's input and r-wide middle in fp32 on CPU (the adapter is fp32), in the compute
+  precision on CUDA (the trainer autocasts a half-precision base). Per layer, the packed rows'
+  attention mask: scaled-dot-product attention turns the boolean mask into an additive one in
+  the compute precision and keeps it (row² per packed row, rows being ``hyper.pack_tokens``
+  long); the attention probabilities are not kept. Plus twice one layer's worth for the
+  gradients in flight during its backward. These counts are the tensors autograd saves,
+  measured on CPU with SmolLM2 and the tests' tiny model in fp32 and bf16
+  (``tests/trainer/test_plan.py``); not yet on a GPU. Activation checkpointing keeps one hidden
+  state per token and layer and recomputes one layer at a time.
 - **logits**: the LM head runs 256 scored tokens at a time (``trainer.logprobs.HEAD_CHUNK``),
   fp32 logits, their exponentials and their gradient.
 - **runtime**: the CUDA context and allocator slack (1 GiB), or on CPU the interpreter and
@@ -207,8 +209,13 @@ def plan(p: PlanInput) -> Plan:
     pairs = math.ceil(p.batch / p.gpus)
     tokens = pairs * 2 * p.seq_len
     targets_in = sum(s.module_shape(t)[0] for t in p.targets)
-    per_token_layer = compute * (3 * s.intermediate + 4 * s.hidden) + 4 * (
-        6 * s.hidden + targets_in + p.lora_r * len(p.targets)
+    # on CUDA the trainer autocasts a half-precision base, so the fp32 adapter's matmuls keep
+    # their inputs in the compute precision; on CPU nothing autocasts and they stay fp32
+    lora_bytes = compute if p.device == "cuda" else 4
+    per_token_layer = (
+        compute * (3 * s.intermediate + 4 * s.hidden)
+        + 4 * 6 * s.hidden
+        + lora_bytes * (targets_in + p.lora_r * len(p.targets))
     )
     per_row = max(1, p.pack_tokens // (2 * p.seq_len))  # pairs packed into one row
     full_rows, rest = divmod(pairs, per_row)

@@ -83,9 +83,12 @@ def test_lora_optimizer_and_activation_arithmetic() -> None:
     assert checkpointed.activations < result.activations / 5
     one_per_row = plan(PlanInput(**{**base.__dict__, "pack_tokens": 200}))
     assert result.activations - one_per_row.activations == (30 + 2) * (400**2 - 2 * 200**2) * 4
-    bf16 = plan(PlanInput(**{**base.__dict__, "dtype": "bf16"}))  # the fp32 part stays fp32
-    bf16_layer = tokens * (compute_precision * 2 + fp32 * 4) + 400**2 * 2
-    assert bf16.activations == 32 * bf16_layer
+    bf16_cpu = plan(PlanInput(**{**base.__dict__, "dtype": "bf16", "device": "cpu"}))
+    assert bf16_cpu.activations == 32 * (tokens * (compute_precision * 2 + fp32 * 4) + 400**2 * 2)
+    bf16_cuda = plan(PlanInput(**{**base.__dict__, "dtype": "bf16"}))  # LoRA inputs autocast
+    lora_part = 4 * 576 + 8 * 4
+    bf16_layer = tokens * (compute_precision * 2 + (fp32 - lora_part) * 4 + lora_part * 2)
+    assert bf16_cuda.activations == 32 * (bf16_layer + 400**2 * 2)
     mlp = plan(PlanInput(**{**base.__dict__, "targets": ("down_proj",)}))
     # each target's own input width and r-wide middle: four of 576 + 8 against one of 1536 + 8
     assert result.activations - mlp.activations == 32 * tokens * 4 * (4 * (576 + 8) - (1536 + 8))
@@ -132,7 +135,7 @@ def test_refusal_names_each_single_change_that_fits() -> None:
     assert "fsdp on 4 GPU(s) (run_spec.engine: fsdp)" in seventy_b
     checkpointed = refusal(plan(PlanInput(model_shape("70b"), engine="ddp", gpus=8, lora_r=64,
                                           batch=8, seq_len=2048, checkpointing=True)))  # fmt: skip
-    assert "change run_spec.engine: fsdp (34.8 GiB)" in checkpointed  # same GPUs, sharded
+    assert "change run_spec.engine: fsdp (34.1 GiB)" in checkpointed  # same GPUs, sharded
     huge = refusal(plan(PlanInput(model_shape("70b"), batch=64, seq_len=8192, gpu_memory_gib=24)))
     assert "no single change" in huge and "up to 8 GPUs" in huge
 
