@@ -1,6 +1,6 @@
 """The memory planner (``alignd plan``, ``trainer.plan``) against measured peaks, on CPU.
 
-    PYTHONPATH=. .venv/bin/python bench/plan_accuracy.py [--steps 2] [--seq-len 512]
+    PYTHONPATH=. .venv/bin/python bench/plan_accuracy.py [--steps 2] [--seq-len 512] [--dtypes fp32]
 
 Trains real runs (``python -m trainer.train`` in a child, as the daemon runs it) on pairs whose
 sequences fill ``hyper.max_length`` exactly (a short prompt, long replies that differ from their
@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument(
+        "--dtypes", default="fp32,bf16", help="bf16 on CPU with the fixed threshold is slow"
+    )
     args = parser.parse_args()
     from conftest import build_tiny_model  # the tests' tiny Llama
 
@@ -89,7 +92,7 @@ def main() -> None:
     ratios = []
     for name, model in (("tiny", str(tiny)), ("smollm2", "smollm2")):
         seq = min(args.seq_len, 512) if name == "tiny" else args.seq_len
-        for dtype in ("fp32", "bf16"):
+        for dtype in args.dtypes.split(","):
             for checkpointing in (False, True):
                 out = work / f"{name}-{dtype}-{int(checkpointing)}"
                 spec = {
