@@ -237,7 +237,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--method",
         default="dpo",
         choices=list(METHODS),
-        help="the loss (README: Methods)",
+        help="the loss (docs/reference.md: Methods)",
     )
     train.add_argument(
         "--base-model",

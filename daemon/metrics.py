@@ -14,7 +14,7 @@ from feedback.events import REASONS
 
 
 class Metrics:
-    # Every metric in one place, one declaration each (the README's table is generated from
+    # Every metric in one place, one declaration each (docs/reference.md's table is generated from
     # them): long by design, with no logic to split out.
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry

@@ -45,7 +45,7 @@ ROUND_STAGES = (
 # The injected regression: agents rewrite this share of the drafts they would have sent as-is.
 INJECTED_REWRITE_SHARE = 0.5
 
-# The recipe, tuned on this scenario (see README "What the demo shows" for what moved it).
+# The recipe, tuned on this scenario (docs/results.md has what moved it).
 DEMO_RUN_SPEC: dict[str, Any] = {
     "method": "rpo",
     "hyper": {

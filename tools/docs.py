@@ -1,7 +1,7 @@
-"""Generated reference sections of README.md, so they never drift from the code.
+"""Generated sections of docs/reference.md, so they never drift from the code.
 
-    python -m tools.docs          rewrite the generated sections in README.md
-    python -m tools.docs --check  exit 1 if README.md is out of date (a test runs this)
+    python -m tools.docs          rewrite the generated sections in docs/reference.md
+    python -m tools.docs --check  exit 1 if docs/reference.md is out of date (a test runs this)
 
 A section lives between ``<!-- BEGIN GENERATED: name -->`` and ``<!-- END GENERATED: name -->``.
 """
@@ -21,7 +21,7 @@ from daemon.config import AligndConfig
 from trainer.methods import method_list
 from trainer.spec import RunSpec
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
 
 
 def _default(field: FieldInfo) -> str:
@@ -100,7 +100,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
 def _replace(text: str, name: str, body: str) -> str:
     begin, end = f"<!-- BEGIN GENERATED: {name} -->\n", f"<!-- END GENERATED: {name} -->"
     if begin not in text or end not in text:
-        raise ValueError(f"README.md has no generated section {name!r}")
+        raise ValueError(f"docs/reference.md has no generated section {name!r}")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     return head + begin + body + "\n" + end + tail
@@ -114,14 +114,14 @@ def render(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    current = README.read_text()
+    current = REFERENCE.read_text()
     wanted = render(current)
     if "--check" in args:
         if current != wanted:
-            print("README.md is out of date: run `python -m tools.docs`", file=sys.stderr)
+            print("docs/reference.md is out of date: run `python -m tools.docs`", file=sys.stderr)
             return 1
         return 0
-    README.write_text(wanted)
+    REFERENCE.write_text(wanted)
     return 0
 
 

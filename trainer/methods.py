@@ -1,5 +1,5 @@
 """The training methods: one table that the run spec, the daemon's config, the CLI, the
-objectives' dispatch and the README's method list are all derived from.
+objectives' dispatch and docs/reference.md's method list are all derived from.
 
 Adding a method = one :class:`Method` entry here + its loss in ``trainer.losses`` + a test of
 the loss. Each entry's ``pair_loss`` / ``unpaired_loss`` adapts the run's hyperparameters to
@@ -78,7 +78,7 @@ class Method:
     """What the trainer, the daemon and the docs need to know about one method."""
 
     name: str
-    summary: str  # the README's words: what it is, and the paper
+    summary: str  # the reference's words: what it is, and the paper
     paired: bool  # (prompt, chosen, rejected) rows; else (prompt, completion, desirable)
     needs_reference: bool  # False: the reference model is never run (SimPO, ORPO)
     log2_at_init: bool  # loss is exactly log 2 when policy == reference (step-0 check)
@@ -242,5 +242,5 @@ def check_paired_method(name: str) -> str:
 
 
 def method_list() -> str:
-    """The README's method list (``python -m tools.docs``)."""
+    """docs/reference.md's method list (``python -m tools.docs``)."""
     return ", ".join(f"`{m.name}` ({m.summary})" for m in METHODS.values())

@@ -30,7 +30,7 @@ batch, sequence length, precision, quantisation and engine. Parts of the estimat
   libraries (0.45 GiB, measured).
 
 A plan *fits* when its total stays within ``headroom`` (90%) of the GPU's memory. The estimate's
-error against measured peaks is printed by ``bench/plan_accuracy.py`` and stated in the README.
+error against measured peaks is printed by ``bench/plan_accuracy.py`` and stated in bench/README.md.
 """
 
 from __future__ import annotations

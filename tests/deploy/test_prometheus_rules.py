@@ -48,7 +48,7 @@ def test_promtool_unit_tests_cover_every_alert() -> None:
 
 
 def test_every_alert_has_summary_description_and_runbook() -> None:
-    readme = (DEPLOY / "README.md").read_text().lower()
+    readme = (DEPLOY.parent / "docs" / "operations.md").read_text().lower()
     for group in yaml.safe_load(RULES.read_text())["groups"]:
         for rule in group["rules"]:
             annotations = rule["annotations"]

@@ -1,6 +1,6 @@
 """QLoRA (``lora.quantize: nf4``) needs a CUDA GPU; this machine has none, so what is tested
 here is the clear error a CPU machine gives, at the daemon's start-up and at a run's start,
-naming the key. (The 4-bit path itself runs only on a GPU: see README, production-size bases.)
+naming the key. (The 4-bit path itself runs only on a GPU: see docs/operations.md, production-size bases.)
 """
 
 from __future__ import annotations
