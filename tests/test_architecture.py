@@ -92,7 +92,7 @@ def test_no_import_cycle_among_product_modules() -> None:
         visit(name, [])
 
 
-def test_the_daemon_process_never_imports_torch_or_the_showcase() -> None:
+def test_the_daemon_process_never_imports_torch_or_the_showcase(child_processes: None) -> None:
     # The daemon must stay small: models live in its child processes, never in its memory.
     code = (
         "import sys, daemon.cli, daemon.service, daemon.refresh;"
@@ -104,7 +104,7 @@ def test_the_daemon_process_never_imports_torch_or_the_showcase() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_code_cites_only_documents_in_the_repository() -> None:
+def test_code_cites_only_documents_in_the_repository(child_processes: None) -> None:
     tracked = subprocess.run(
         ["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True
     ).stdout.split()
@@ -119,8 +119,7 @@ def test_code_cites_only_documents_in_the_repository() -> None:
     assert not missing, missing
 
 
-@pytest.mark.integration
-def test_the_wheel_holds_the_product_alone(tmp_path: Path) -> None:
+def test_the_wheel_holds_the_product_alone(child_processes: None, tmp_path: Path) -> None:
     # pip's own build of the project, as a user's `pip install alignd` would get it, from a
     # copy of the checkout (showcase and tooling included) so no build/ lands in the checkout.
     source = tmp_path / "src"

@@ -26,7 +26,7 @@ SECRETS = {
 
 
 def test_a_planted_package_in_the_working_directory_is_never_imported(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    child_processes: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The image's working directory is the writable shared volume: a ``trainer/`` planted there
     (or on PYTHONPATH) must not shadow the installed one in a child."""
@@ -43,7 +43,9 @@ def test_a_planted_package_in_the_working_directory_is_never_imported(
     assert Path(out.read_text()).resolve() == Path(trainer.__file__).resolve()
 
 
-def test_children_do_not_inherit_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_children_do_not_inherit_secrets(
+    child_processes: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("ALIGND_CACHE_DIR", str(tmp_path / "cache"))
@@ -63,7 +65,7 @@ def test_child_env_keeps_ordinary_variables() -> None:
 
 
 @pytest.mark.parametrize("how", ["stop", "timeout"])
-def test_a_child_is_stopped_on_drain_or_timeout(how: str) -> None:
+def test_a_child_is_stopped_on_drain_or_timeout(child_processes: None, how: str) -> None:
     child = start_child(["-c", "import time; time.sleep(120)"])
     stop = threading.Event()
     if how == "stop":
@@ -74,7 +76,7 @@ def test_a_child_is_stopped_on_drain_or_timeout(how: str) -> None:
     assert child.returncode is not None and time.monotonic() - started < 10
 
 
-def test_isolated_child_starts_in_a_safe_directory(tmp_path: Path) -> None:
+def test_isolated_child_starts_in_a_safe_directory(child_processes: None, tmp_path: Path) -> None:
     out = tmp_path / "cwd.txt"
     assert run_child(["-c", f"import os; open({str(out)!r}, 'w').write(os.getcwd())"]) == 0
     assert out.read_text() == "/"
@@ -82,7 +84,9 @@ def test_isolated_child_starts_in_a_safe_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["drain", "timeout"])
-def test_the_drift_probe_is_bounded_and_stops_on_drain(tmp_path: Path, how: str) -> None:
+def test_the_drift_probe_is_bounded_and_stops_on_drain(
+    child_processes: None, tmp_path: Path, how: str
+) -> None:
     """The probe child (here a stand-in that hangs, as a probe on a huge base would) is
     stopped when the daemon drains or the probe's timeout passes, and counted."""
     from registry_support import make_adapter

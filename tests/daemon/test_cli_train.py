@@ -10,7 +10,9 @@ from pathlib import Path
 ALIGND = [sys.executable, "-m", "daemon.cli"]
 
 
-def test_alignd_train_end_to_end(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
+def test_alignd_train_end_to_end(
+    child_processes: None, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
         [
@@ -43,7 +45,9 @@ def test_alignd_train_end_to_end(tiny_model_dir: Path, pairs_file: Path, tmp_pat
     assert spec["hyper"]["max_steps"] == 4 and spec["hyper"]["warmup_ratio"] == 0
 
 
-def test_alignd_train_bad_option_names_the_field(pairs_file: Path, tmp_path: Path) -> None:
+def test_alignd_train_bad_option_names_the_field(
+    child_processes: None, pairs_file: Path, tmp_path: Path
+) -> None:
     proc = subprocess.run(
         [*ALIGND, "train", "--data", str(pairs_file), "--out", str(tmp_path / "o"), "--beta", "-2"],
         capture_output=True,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,18 +28,9 @@ from registry_support import make_adapter
 from daemon.registry import Registry
 from demo.broker import EmbeddedBroker, free_port
 
-pytestmark = pytest.mark.integration
-
 READ_TOKEN = "console-read-only-token-42"
 ARTIFACTS = Path(os.environ.get("ALIGND_TEST_ARTIFACTS", Path(__file__).parents[2] / ".artifacts"))
 SHOTS = ARTIFACTS / "console"
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        raise RuntimeError("Chromium not found: install Debian's chromium package (make test does)")
-    return path
 
 
 def gate(passed: bool) -> dict[str, Any]:
@@ -125,7 +115,7 @@ def sign_in(page: Any, url: str, token: str, actor: str = "alice") -> None:
     page.click("button:has-text('Sign in')")
 
 
-def test_console_in_a_browser(daemon: tuple[Daemon, Registry]) -> None:
+def test_console_in_a_browser(daemon: tuple[Daemon, Registry], chromium: str) -> None:
     from playwright.sync_api import sync_playwright
 
     running, registry = daemon
@@ -133,7 +123,7 @@ def test_console_in_a_browser(daemon: tuple[Daemon, Registry]) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     requested: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         page = context.new_page()
         page.on("request", lambda request: requested.append(request.url))

@@ -17,17 +17,14 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from daemon_support import ORDERS, Daemon, curated_pairs, edit_events, write_config
 from services import wait_until
 
 from daemon.registry import Registry, check_adapter_dir
 from demo.broker import EmbeddedBroker, free_port, produce_events
 
-pytestmark = pytest.mark.integration
 
-
-def test_daemon_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_daemon_end_to_end(child_processes: None, tiny_model_dir: Path, tmp_path: Path) -> None:
     with EmbeddedBroker() as broker:
         broker.create_topics("alignd.feedback", partitions=2)
         broker.create_topics("alignd.feedback.dlq")

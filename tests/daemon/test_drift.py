@@ -27,7 +27,7 @@ def lora_adapter(path: Path) -> Path:
 
 
 def test_the_probe_runs_in_a_child_and_publishes_the_kl(
-    tiny_model_dir: Path, tmp_path: Path
+    child_processes: None, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     with in_process_service(tmp_path, training={"base_model": str(tiny_model_dir)}) as service:
         assert service.drift_probe() is None  # nothing active yet

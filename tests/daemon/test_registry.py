@@ -168,7 +168,7 @@ def assert_registry_valid(root: Path) -> Registry:
 @pytest.mark.parametrize("when", ["before", "after"])
 @pytest.mark.parametrize("nth", [1, 2])
 def test_kill_9_during_a_registry_write_leaves_a_valid_registry(
-    tmp_path: Path, target: str, when: str, nth: int
+    child_processes: None, tmp_path: Path, target: str, when: str, nth: int
 ) -> None:
     root = tmp_path / "registry"
     script = tmp_path / "child.py"

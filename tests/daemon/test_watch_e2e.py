@@ -10,15 +10,12 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from daemon_support import Daemon, write_config
 from registry_support import make_adapter
 from services import wait_until
 
 from daemon.registry import Registry
 from demo.broker import EmbeddedBroker, free_port, produce_events
-
-pytestmark = pytest.mark.integration
 
 PER_ADAPTER = 240
 
@@ -40,7 +37,7 @@ def served(adapter: str, edited_share: float, prefix: str) -> list[bytes]:
     return out
 
 
-def test_daemon_rolls_back_a_regressed_adapter(tmp_path: Path) -> None:
+def test_daemon_rolls_back_a_regressed_adapter(child_processes: None, tmp_path: Path) -> None:
     registry = Registry(tmp_path / "data" / "registry")
     passed = {"gate": {"promote": True, "reasons": []}}
     for seed in range(2):

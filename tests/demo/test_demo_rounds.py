@@ -21,8 +21,6 @@ from conftest import build_tiny_model
 
 from demo.run import run_demo
 
-pytestmark = pytest.mark.integration
-
 TINY_RECIPE = {
     "method": "dpo",
     "hyper": {"max_steps": 6, "learning_rate": 0.01, "batch_size": 4, "warmup_ratio": 0},
@@ -80,7 +78,9 @@ def chatty_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_two_rounds_and_an_injected_regression(chatty_model_dir: Path, tmp_path: Path) -> None:
+def test_two_rounds_and_an_injected_regression(
+    child_processes: None, chatty_model_dir: Path, tmp_path: Path
+) -> None:
     code = run_demo(
         tmp_path,
         prompts=40,

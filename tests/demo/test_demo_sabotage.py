@@ -16,7 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 from services import wait_until
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "daemon"))  # so it also runs on its own
@@ -25,8 +24,6 @@ from daemon_support import Daemon, write_config
 from demo.broker import EmbeddedBroker, free_port, produce_events
 from demo.scenario import CARRIERS, POLICY_RULES, make_cases
 from demo.simulate import agent_edit, build_events
-
-pytestmark = pytest.mark.integration
 
 
 def reply_for(case) -> str:  # what a rambling SFT model says (no generation: the model is random)
@@ -60,7 +57,9 @@ def curated_set(path: Path) -> Path:
     return path
 
 
-def test_flipped_feedback_is_rejected_by_the_gate(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_flipped_feedback_is_rejected_by_the_gate(
+    tiny_model_dir: Path, tmp_path: Path, child_processes: None
+) -> None:
     cases = make_cases(80, seed=11)
     sim = build_events(cases, [reply_for(c) for c in cases], seed=11, noise=False)
     with EmbeddedBroker() as broker:
@@ -172,8 +171,7 @@ def gate_check(run: dict, name: str) -> dict:
     return next(c for c in run["gate"]["checks"] if c["name"] == name)
 
 
-@pytest.mark.slow
-def test_edits_that_invent_facts_are_rejected(tmp_path: Path) -> None:
+def test_edits_that_invent_facts_are_rejected(tmp_path: Path, smollm2_dir: Path) -> None:
     run, status = grounded_refresh(tmp_path, "inventing")
     assert run["outcome"] == "rejected", run
     check = gate_check(run, "unsupported_claims")
@@ -181,8 +179,9 @@ def test_edits_that_invent_facts_are_rejected(tmp_path: Path) -> None:
     assert status["active_adapter"] is None  # the registry's active version is unchanged
 
 
-@pytest.mark.slow
-def test_edits_that_drop_the_policy_sentence_are_rejected(tmp_path: Path) -> None:
+def test_edits_that_drop_the_policy_sentence_are_rejected(
+    tmp_path: Path, smollm2_dir: Path
+) -> None:
     run, status = grounded_refresh(tmp_path, "no_policy")
     assert run["outcome"] == "rejected", run
     check = gate_check(run, "policy_compliance")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,20 @@ K8S_VERSION = "1.33.0"
 CUSTOM = {"PrometheusRule", "ServiceMonitor"}  # CRDs of the Prometheus operator: no upstream schema
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with kustomize) is needed to render deploy/kubernetes"
-    out = subprocess.run(
-        [kubectl, "kustomize", str(DEPLOY / "kubernetes" / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+@pytest.fixture(scope="module")
+def rendered(kubectl: str) -> dict[str, list[dict[str, Any]]]:
+    """Every overlay as `kubectl kustomize` renders it: once per module, read by every test."""
+
+    def render(overlay: str) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [kubectl, "kustomize", str(DEPLOY / "kubernetes" / "overlays" / overlay)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+    return {overlay: render(overlay) for overlay in OVERLAYS}
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -45,8 +48,10 @@ def test_overlays_exist() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_renders_and_validates(overlay: str) -> None:
-    docs = render(overlay)
+def test_overlay_renders_and_validates(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = rendered[overlay]
     kinds = {d["kind"] for d in docs}
     assert {
         "Deployment",
@@ -67,8 +72,8 @@ def test_overlay_renders_and_validates(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_deployment_invariants(overlay: str) -> None:
-    docs = render(overlay)
+def test_deployment_invariants(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = rendered[overlay]
     deployment = by_kind(docs, "Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
@@ -95,9 +100,9 @@ def test_deployment_invariants(overlay: str) -> None:
     assert mounted == claims
 
 
-def test_prometheus_rule_wraps_the_rule_file() -> None:
+def test_prometheus_rule_wraps_the_rule_file(rendered: dict[str, list[dict[str, Any]]]) -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alignd-rules.yml").read_text())
-    wrapped = by_kind(render("gpu"), "PrometheusRule")
+    wrapped = by_kind(rendered["gpu"], "PrometheusRule")
     assert wrapped["spec"] == rules, "run: make deploy-rules"
 
 
@@ -150,8 +155,10 @@ def effective_config(docs: list[dict[str, Any]]) -> AligndConfig:
     return AligndConfig(**yaml.safe_load(by_kind(docs, "ConfigMap")["data"]["alignd.yaml"]))
 
 
-def test_gpu_overlay_trains_in_jobs_and_never_loads_the_base_in_the_daemon() -> None:
-    config = effective_config(render("gpu"))
+def test_gpu_overlay_trains_in_jobs_and_never_loads_the_base_in_the_daemon(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    config = effective_config(rendered["gpu"])
     assert config.training.runner == "kubernetes"
     assert config.training.kubernetes.gpus >= 1 and config.training.kubernetes.memory
     assert config.store.url.startswith("postgresql") and "@" in config.store.url
@@ -160,16 +167,20 @@ def test_gpu_overlay_trains_in_jobs_and_never_loads_the_base_in_the_daemon() -> 
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_drift_probe_is_bounded_where_it_runs(overlay: str) -> None:
-    config = effective_config(render(overlay))
+def test_drift_probe_is_bounded_where_it_runs(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    config = effective_config(rendered[overlay])
     if config.schedule.drift_probe_cron is not None:
         limit = config.schedule.drift_probe_memory_limit_mb or config.training.memory_limit_mb
         assert limit is not None and config.schedule.drift_probe_timeout_s <= 3600
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_sqlite_is_never_on_a_shared_volume(overlay: str) -> None:
-    docs = render(overlay)
+def test_sqlite_is_never_on_a_shared_volume(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = rendered[overlay]
     config = effective_config(docs)
     if not config.store.url.startswith("sqlite"):
         return
@@ -187,8 +198,10 @@ def test_sqlite_is_never_on_a_shared_volume(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_operators_reach_the_admin_api_while_the_daemon_is_not_ready(overlay: str) -> None:
-    docs = render(overlay)
+def test_operators_reach_the_admin_api_while_the_daemon_is_not_ready(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = rendered[overlay]
     pod_labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     [admin] = [
         d for d in docs if d["kind"] == "Service" and d["spec"].get("publishNotReadyAddresses")
@@ -198,8 +211,10 @@ def test_operators_reach_the_admin_api_while_the_daemon_is_not_ready(overlay: st
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pod_disruption_budget_covers_the_daemon(overlay: str) -> None:
-    docs = render(overlay)
+def test_pod_disruption_budget_covers_the_daemon(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = rendered[overlay]
     pod_labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     pdb = by_kind(docs, "PodDisruptionBudget")["spec"]
     assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -207,10 +222,12 @@ def test_pod_disruption_budget_covers_the_daemon(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policies_name_their_peers(overlay: str) -> None:
+def test_network_policies_name_their_peers(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     from daemon.k8s_runner import build_job
 
-    docs = render(overlay)
+    docs = rendered[overlay]
     policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
     daemon = policies["alignd"]
     pod_labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
@@ -232,8 +249,10 @@ def test_network_policies_name_their_peers(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_secrets_reach_the_daemon_as_files_only(overlay: str) -> None:
-    [container] = by_kind(render(overlay), "Deployment")["spec"]["template"]["spec"]["containers"]
+def test_secrets_reach_the_daemon_as_files_only(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    [container] = by_kind(rendered[overlay], "Deployment")["spec"]["template"]["spec"]["containers"]
     for env in container.get("env", []):
         assert "valueFrom" not in env, env  # a secret in the environment would reach children
         assert not any(w in env["name"] for w in ("TOKEN", "PASSWORD")) or env["name"].endswith(

@@ -4,7 +4,6 @@ each alert has a runbook section; every metric the rules use is one alignd expor
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,22 +16,14 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "alignd-rules.yml"
 
 
-def promtool() -> str:
-    found = shutil.which("promtool")
-    assert found, "promtool not found: install Debian's prometheus package (make test does)"
-    return found
-
-
-def test_promtool_check_rules() -> None:
-    proc = subprocess.run(
-        [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True
-    )
+def test_promtool_check_rules(promtool: str) -> None:
+    proc = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_promtool_unit_tests_cover_every_alert() -> None:
+def test_promtool_unit_tests_cover_every_alert(promtool: str) -> None:
     proc = subprocess.run(
-        [promtool(), "test", "rules", "alignd-rules.test.yml"],
+        [promtool, "test", "rules", "alignd-rules.test.yml"],
         capture_output=True,
         text=True,
         cwd=RULES.parent,

@@ -4,7 +4,6 @@ loads the alert rules, and answers queries for alignd's metrics through its HTTP
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import yaml
 from services import wait_until
 
 from demo.broker import EmbeddedBroker, free_port, produce_events
 
-pytestmark = pytest.mark.integration
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alignd-rules.yml"
 
 
@@ -31,11 +28,8 @@ def query(prom: str, expr: str) -> list[dict[str, Any]]:
     return result
 
 
-def test_prometheus_scrapes_alignd(tmp_path: Path) -> None:
-    binary = shutil.which("prometheus")
-    assert binary, (
-        "the prometheus server is needed: Debian's prometheus package (make test installs it)"
-    )
+def test_prometheus_scrapes_alignd(tmp_path: Path, prometheus_binary: str) -> None:
+    binary = prometheus_binary
     with EmbeddedBroker() as broker:
         broker.create_topics("alignd.feedback")
         broker.create_topics("alignd.feedback.dlq")

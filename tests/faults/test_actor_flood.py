@@ -19,8 +19,6 @@ from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore, Incoming
 from trainer.spec import AdapterEval, EvalReport, PreferenceReport
 
-pytestmark = pytest.mark.integration
-
 
 def edit(event_id: str, actor: str, question: str) -> Incoming:
     raw: dict[str, Any] = {

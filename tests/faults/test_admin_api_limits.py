@@ -57,7 +57,7 @@ def start(tmp_path: Path, **admin: object) -> tuple[subprocess.Popen[bytes], int
 
 
 def test_unauthenticated_chunked_600mb_body_is_refused_unread(
-    tmp_path: Path, fault_figures
+    child_processes: None, tmp_path: Path, fault_figures
 ) -> None:
     daemon, port = start(tmp_path)
     try:
@@ -99,7 +99,9 @@ def test_unauthenticated_chunked_600mb_body_is_refused_unread(
         stop(daemon)
 
 
-def test_connections_beyond_the_limit_are_answered_503(tmp_path: Path) -> None:
+def test_connections_beyond_the_limit_are_answered_503(
+    child_processes: None, tmp_path: Path
+) -> None:
     daemon, port = start(tmp_path, max_connections=4)
     idle = []
     try:

@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 from daemon_support import Daemon, write_config
 from services import wait_until
@@ -24,8 +22,6 @@ from test_daemon_e2e import ORDERS, edit_events
 
 from daemon.registry import Registry, check_adapter_dir
 from demo.broker import EmbeddedBroker, free_port, produce_events
-
-pytestmark = pytest.mark.integration
 
 
 def pid_alive(pid: int) -> bool:
@@ -67,7 +63,9 @@ def sigkill_with_its_trainer(daemon: Daemon) -> list[int]:
     return children
 
 
-def test_daemon_sigkilled_mid_refresh(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_daemon_sigkilled_mid_refresh(
+    child_processes: None, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     with EmbeddedBroker() as broker:
         broker.create_topics("alignd.feedback", partitions=2)
         broker.create_topics("alignd.feedback.dlq")
@@ -109,7 +107,7 @@ def test_daemon_sigkilled_mid_refresh(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_daemon_sigkilled_at_random_points_of_refreshes(
-    tiny_model_dir: Path, tmp_path: Path, fault_figures
+    child_processes: None, tiny_model_dir: Path, tmp_path: Path, fault_figures
 ) -> None:
     """Four SIGKILLs at seeded-random moments of a whole refresh (snapshot, training, evaluation,
     gate, registration): after each restart no run is left running, every version is complete,

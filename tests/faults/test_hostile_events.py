@@ -124,10 +124,13 @@ def test_parse_event_never_raises_and_always_gives_a_known_reason(raw: bytes) ->
         assert result.reason in REASONS and result.detail
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_ten_thousand_hostile_messages_through_the_consumer(
-    tmp_path: Path, fault_figures, backend: str, request: pytest.FixtureRequest
+    child_processes: None,
+    tmp_path: Path,
+    fault_figures,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     rng = random.Random(0)
     messages: list[bytes] = []

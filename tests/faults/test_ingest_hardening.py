@@ -22,7 +22,6 @@ from feedback.config import KafkaConfig
 from feedback.consumer import REASON_HEADER, FeedbackConsumer
 from feedback.store import FeedbackStore
 
-pytestmark = pytest.mark.integration
 TOPIC, DLQ = "alignd.feedback", "alignd.feedback.dlq"
 CODECS = ("gzip", "snappy", "lz4", "zstd")
 
@@ -77,7 +76,7 @@ def dead_letters(broker: EmbeddedBroker, topic: str, expected: int) -> list[Any]
 
 
 def test_a_producer_with_each_codec_is_stored(
-    broker: EmbeddedBroker, postgres_url: str, fault_figures
+    child_processes: None, broker: EmbeddedBroker, postgres_url: str, fault_figures
 ) -> None:
     store = FeedbackStore(postgres_url)
     stored = {}
@@ -98,7 +97,11 @@ def test_a_producer_with_each_codec_is_stored(
 
 
 def test_a_codec_this_process_lacks_blocks_loudly_then_recovers(
-    broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+    child_processes: None,
+    broker: EmbeddedBroker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog,
 ) -> None:
     """Simulates an image built without python-snappy (the library is hidden from kafka-python,
     the only thing faked here); the broker and the snappy batches are real."""
@@ -137,7 +140,7 @@ def pg_store(postgres_url: str):
 
 
 def test_an_event_postgresql_refuses_is_dead_lettered_and_its_batch_is_stored(
-    broker: EmbeddedBroker, pg_store: FeedbackStore, fault_figures
+    child_processes: None, broker: EmbeddedBroker, pg_store: FeedbackStore, fault_figures
 ) -> None:
     # A rule the validator does not know: the database refuses this one event (CHECK).
     with pg_store.engine.begin() as conn:
@@ -163,7 +166,7 @@ def test_an_event_postgresql_refuses_is_dead_lettered_and_its_batch_is_stored(
 
 
 def test_a_rejected_message_with_a_2mb_key_is_dead_lettered(
-    broker: EmbeddedBroker, tmp_path: Path
+    child_processes: None, broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     broker.create_topics(TOPIC, DLQ)
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=8_000_000)

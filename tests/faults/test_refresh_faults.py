@@ -110,7 +110,7 @@ def assert_registry_intact(refresher: Refresher, versions: list[str], active: st
 
 
 @pytest.fixture()
-def promoted(tmp_path: Path, tiny_model_dir: Path) -> Refresher:
+def promoted(tmp_path: Path, tiny_model_dir: Path, child_processes: None) -> Refresher:
     refresher = make_refresher(tmp_path, tiny_model_dir)
     first = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
     assert first.outcome == "promoted", first
@@ -190,7 +190,9 @@ def test_crash_recovery_marks_running_runs_interrupted(
     assert not list(refresher.snapshots_dir.glob(".building-*"))
 
 
-def test_collapsing_candidate_is_rejected_by_the_gate(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_collapsing_candidate_is_rejected_by_the_gate(
+    child_processes: None, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     """Feedback whose rejected side is the chosen answer repeated: plain DPO widens the margin by
     making the chosen answer less likely too (likelihood collapse). The run's detector fires
     and the gate refuses the candidate, naming the check; nothing becomes active."""
@@ -280,7 +282,7 @@ def test_malformed_result_fails_the_run_naming_the_field(
 
 
 def test_registry_manifest_keeps_hashes_and_counts_not_customer_text(
-    tmp_path: Path, tiny_model_dir: Path
+    child_processes: None, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """The run directory keeps the held-out prompts and replies (until retention); the version's
     manifest, which outlives it and is served by the admin API, keeps only hashes and counts."""

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 from services import stop_process as stop
 from services import wait_until
@@ -82,7 +81,7 @@ def consistent(root: Path) -> tuple[bool, str]:
 
 
 def test_concurrent_promote_and_rollback_leave_one_consistent_state(
-    tmp_path: Path, fault_figures
+    child_processes: None, tmp_path: Path, fault_figures
 ) -> None:
     trials, good, failures = 20, 0, []
     adapters = [make_adapter(tmp_path / f"src{i}", seed=i) for i in range(4)]
@@ -175,7 +174,7 @@ def healthy(port: int) -> bool:
 
 
 def test_a_crash_between_activation_and_serving_is_repaired_at_restart(
-    tmp_path: Path, fault_figures
+    child_processes: None, tmp_path: Path, fault_figures
 ) -> None:
     data = tmp_path / "data"
     root = data / "registry"
@@ -234,7 +233,7 @@ def two_daemons(tmp_path: Path, first_dir: Path, second_dir: Path, store_url: st
 
 
 def test_a_second_daemon_on_the_same_data_directory_refuses_to_start(
-    tmp_path: Path, fault_figures
+    child_processes: None, tmp_path: Path, fault_figures
 ) -> None:
     data = tmp_path / "data"
     log = two_daemons(tmp_path, data, data, f"sqlite:///{tmp_path / 'f.db'}")
@@ -247,9 +246,8 @@ def test_a_second_daemon_on_the_same_data_directory_refuses_to_start(
     )
 
 
-@pytest.mark.integration
 def test_two_daemons_on_one_postgresql_store_refuse_even_with_separate_directories(
-    tmp_path: Path, postgres_url: str
+    child_processes: None, tmp_path: Path, postgres_url: str
 ) -> None:
     log = two_daemons(tmp_path, tmp_path / "node-a", tmp_path / "node-b", postgres_url)
     assert "advisory lock" in log

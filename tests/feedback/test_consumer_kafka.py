@@ -24,7 +24,6 @@ from feedback.config import KafkaConfig
 from feedback.consumer import REASON_HEADER, FeedbackConsumer
 from feedback.store import FeedbackStore
 
-pytestmark = pytest.mark.integration
 TOPIC, DLQ = "alignd.feedback", "alignd.feedback.dlq"
 
 
@@ -58,7 +57,7 @@ def committed(broker: EmbeddedBroker, partitions: int = 1) -> int:
 
 
 def test_malformed_events_go_to_the_dlq_with_reasons_and_neighbours_are_stored(
-    broker: EmbeddedBroker, tmp_path: Path
+    child_processes: None, broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     broker.create_topics(TOPIC, partitions=2)
     broker.create_topics(DLQ)
@@ -92,7 +91,7 @@ def test_malformed_events_go_to_the_dlq_with_reasons_and_neighbours_are_stored(
 
 
 def test_sigkill_mid_stream_then_restart_stores_every_event_exactly_once(
-    broker: EmbeddedBroker, tmp_path: Path
+    child_processes: None, broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     broker.create_topics(TOPIC, partitions=2)
     broker.create_topics(DLQ)
@@ -109,11 +108,14 @@ def test_sigkill_mid_stream_then_restart_stores_every_event_exactly_once(
     cmd = [sys.executable, "-m", "daemon.cli", "ingest", "--until-idle", "3"]
     store = FeedbackStore(f"sqlite:///{db}")
     stored_at_kill = []
-    for _ in range(3):  # three crashes at different points of the stream
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for crash in range(3):  # three crashes at different points of the stream
+        log = tmp_path / f"ingest-{crash}.log"
+        with log.open("wb") as err:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
         before = store.count()
         assert wait_until(lambda before=before: store.count() > before + 100, 60), (
-            "ingestion did not progress"
+            f"ingestion did not progress after crash {crash} (stored {store.count()}): "
+            + log.read_text()[-3000:]
         )
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -131,7 +133,7 @@ def test_sigkill_mid_stream_then_restart_stores_every_event_exactly_once(
     store.close()
 
 
-def test_broker_outage_does_not_stop_the_consumer(tmp_path: Path) -> None:
+def test_broker_outage_does_not_stop_the_consumer(child_processes: None, tmp_path: Path) -> None:
     broker = EmbeddedBroker().start()
     try:
         broker.create_topics(TOPIC)
@@ -169,7 +171,7 @@ def test_broker_outage_does_not_stop_the_consumer(tmp_path: Path) -> None:
 
 
 def test_store_failure_commits_nothing_and_loses_nothing(
-    broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    child_processes: None, broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     broker.create_topics(TOPIC)
     broker.create_topics(DLQ)

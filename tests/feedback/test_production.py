@@ -53,7 +53,7 @@ def test_edit_size() -> None:
     assert summarize([]).edit_size is None and summarize([]).edit_rate is None
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FeedbackStore]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'f.db'}"

@@ -80,8 +80,7 @@ def table_rows(snapshot: Path) -> dict[str, list[dict[str, object]]]:
 
 @pytest.mark.parametrize(
     ("seed", "backend"),
-    [(seed, "sqlite") for seed in range(6)]
-    + [pytest.param(1, "postgresql", marks=pytest.mark.integration)],
+    [(seed, "sqlite") for seed in range(6)] + [(1, "postgresql")],
 )
 def test_streaming_equals_in_memory(
     seed: int, backend: str, tmp_path: Path, request: pytest.FixtureRequest

@@ -21,7 +21,7 @@ def ev(raw: dict) -> Event:
     return parsed
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'feedback.db'}"
@@ -185,11 +185,9 @@ def test_sqlite_refuses_a_network_filesystem(
     FeedbackStore(f"sqlite:///{tmp_path.parent / 'local' / 'feedback.db'}").close()
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
-)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_processes_creating_a_new_store_at_once_all_succeed(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+    child_processes: None, backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Processes opening one new store together (`alignd serve` and `alignd ingest` on a fresh
     volume, two pods on an empty database) each find the tables missing and create them; on

@@ -69,7 +69,9 @@ def adapter_weights(run: Path) -> dict[str, Any]:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
-def test_two_processes_match_one(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
+def test_two_processes_match_one(
+    child_processes: None, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
     a = train(spec_file(tmp_path, "single", tiny_model_dir, pairs_file))
     b = train(spec_file(tmp_path, "ddp", tiny_model_dir, pairs_file), processes=2)
     assert_same_training(a, b)
@@ -84,7 +86,7 @@ def test_two_processes_match_one(tiny_model_dir: Path, pairs_file: Path, tmp_pat
 
 
 def test_fsdp_shards_the_base_and_matches_one_process(
-    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+    child_processes: None, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
     incumbent = tmp_path / "incumbent"
     train(spec_file(tmp_path, "incumbent", tiny_model_dir, pairs_file, seed=7))
@@ -150,7 +152,7 @@ def test_fsdp_shards_the_base_and_matches_one_process(
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_kto_baseline_is_the_global_batch_mean(
-    engine: str, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+    child_processes: None, engine: str, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
     """KTO's z0 (the KL baseline) is a mean over the whole micro-batch: a rank's own rows alone
     would give each process a different baseline and a different loss."""
@@ -177,7 +179,7 @@ def test_kto_baseline_is_the_global_batch_mean(
 
 
 def test_the_drift_probe_shards_like_training(
-    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+    child_processes: None, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
     """``python -m trainer.probe`` under torchrun with engine fsdp: the same KL as one process."""
     train(spec_file(tmp_path, "adapter", tiny_model_dir, pairs_file))

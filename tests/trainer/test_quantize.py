@@ -34,7 +34,7 @@ def test_a_run_on_cpu_fails_at_once_naming_the_key(
     assert not (tmp_path / "out" / "adapter").exists()
 
 
-def test_the_daemon_refuses_to_start_naming_the_key() -> None:
+def test_the_daemon_refuses_to_start_naming_the_key(child_processes: None) -> None:
     with pytest.raises(ValidationError, match=r"run_spec\.lora\.quantize: nf4 needs a CUDA GPU"):
         AligndConfig(training={"run_spec": {"lora": {"quantize": "nf4"}}})
     with pytest.raises(ValidationError, match=r"training\.kubernetes\.gpus is 0"):

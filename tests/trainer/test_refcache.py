@@ -186,7 +186,9 @@ def test_ranks_sharing_a_cache_compute_the_same_misses(tmp_path: Path) -> None:
     torch.testing.assert_close(results[0], results[1])
 
 
-def test_processes_opening_a_new_cache_file_at_once_all_succeed(tmp_path: Path) -> None:
+def test_processes_opening_a_new_cache_file_at_once_all_succeed(
+    child_processes: None, tmp_path: Path
+) -> None:
     """The ranks of a run open the same new file together. SQLite refuses one of two
     connections that both ask to switch it to WAL at once with "database is locked", without
     waiting for its timeout: before the retry, one rank in about ten FSDP runs on a busy machine

@@ -15,10 +15,8 @@ from trainer.model import attach_lora, load_base
 from trainer.spec import LoraSpec, RunSpec
 from trainer.train import run
 
-pytestmark = pytest.mark.slow
 
-
-def test_smollm2_dpo_loss_goes_down(tmp_path: Path) -> None:
+def test_smollm2_dpo_loss_goes_down(smollm2_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in SUPPORT_PAIRS))
     spec = RunSpec.model_validate(
@@ -67,7 +65,7 @@ def reply_logp(model, tokenizer, prompt: str, reply: str) -> float:
     return float(logps.gather(-1, torch.tensor(reply_ids)[:, None]).sum())
 
 
-def test_smollm2_answers_the_shipped_factuality_set_above_chance() -> None:
+def test_smollm2_answers_the_shipped_factuality_set_above_chance(smollm2_dir: Path) -> None:
     model, tokenizer = load_base("smollm2", torch.device("cpu"))
     questions = load_factuality_set("default")
     assert len(questions) >= 100
@@ -78,7 +76,7 @@ def test_smollm2_answers_the_shipped_factuality_set_above_chance() -> None:
     assert score >= 0.40, score
 
 
-def test_smollm2_in_bf16_starts_like_fp32_and_learns(tmp_path: Path) -> None:
+def test_smollm2_in_bf16_starts_like_fp32_and_learns(smollm2_dir: Path, tmp_path: Path) -> None:
     """The real base with ``dtype: bf16`` on CPU. Step 0 (policy == reference) matches fp32:
     loss within 0.02, gradient norm within 10%, and the step-0 reference check passes on its
     half-precision form (the loss itself is off log 2 by ~0.008 here, which the fp32 check's
