@@ -6,6 +6,7 @@ directory so the trainer's real loading path is exercised.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ def child_processes() -> None:
     the process tier."""
 
 
-def _program(name: str, package: str) -> str:
+def _installed(name: str, package: str) -> str:
     found = shutil.which(name)
     if not found:
         raise RuntimeError(f"{name} not found: install Debian's {package} package (make test does)")
@@ -56,22 +57,22 @@ def _program(name: str, package: str) -> str:
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    return _program("promtool", "prometheus")
+    return _installed("promtool", "prometheus")
 
 
 @pytest.fixture(scope="session")
 def prometheus_binary() -> str:
-    return _program("prometheus", "prometheus")
+    return _installed("prometheus", "prometheus")
 
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    return shutil.which("chromium-browser") or _program("chromium", "chromium")
+    return shutil.which("chromium-browser") or _installed("chromium", "chromium")
 
 
 @pytest.fixture(scope="session")
 def kubectl() -> str:
-    return _program("kubectl", "kubectl (with kustomize)")
+    return _installed("kubectl", "kubectl (with kustomize)")
 
 
 @pytest.fixture(scope="session")
@@ -186,6 +187,9 @@ def postgres_server() -> Iterator[str]:
     yield from start(base)
 
 
+_DATABASES = itertools.count()
+
+
 @pytest.fixture()
 def postgres_url(postgres_server: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh database on the session's server: no test sees another's rows, whatever the
@@ -194,7 +198,7 @@ def postgres_url(postgres_server: str, request: pytest.FixtureRequest) -> Iterat
 
     import sqlalchemy
 
-    name = "t_" + re.sub(r"\W", "_", request.node.name)[:40].lower() + f"_{id(request) % 10**6}"
+    name = f"t{next(_DATABASES)}_" + re.sub(r"\W", "_", request.node.name)[:40].lower()
     admin = sqlalchemy.create_engine(postgres_server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')

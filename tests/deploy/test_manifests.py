@@ -20,10 +20,11 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OVERLAYS = sorted(p.name for p in (DEPLOY / "kubernetes" / "overlays").iterdir())
 K8S_VERSION = "1.33.0"
 CUSTOM = {"PrometheusRule", "ServiceMonitor"}  # CRDs of the Prometheus operator: no upstream schema
+Rendered = dict[str, list[dict[str, Any]]]  # overlay -> its documents
 
 
 @pytest.fixture(scope="module")
-def rendered(kubectl: str) -> dict[str, list[dict[str, Any]]]:
+def rendered(kubectl: str) -> Rendered:
     """Every overlay as `kubectl kustomize` renders it: once per module, read by every test."""
 
     def render(overlay: str) -> list[dict[str, Any]]:
@@ -48,9 +49,7 @@ def test_overlays_exist() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_renders_and_validates(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str
-) -> None:
+def test_overlay_renders_and_validates(rendered: Rendered, overlay: str) -> None:
     docs = rendered[overlay]
     kinds = {d["kind"] for d in docs}
     assert {
@@ -72,7 +71,7 @@ def test_overlay_renders_and_validates(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_deployment_invariants(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+def test_deployment_invariants(rendered: Rendered, overlay: str) -> None:
     docs = rendered[overlay]
     deployment = by_kind(docs, "Deployment")
     spec = deployment["spec"]
@@ -100,7 +99,7 @@ def test_deployment_invariants(rendered: dict[str, list[dict[str, Any]]], overla
     assert mounted == claims
 
 
-def test_prometheus_rule_wraps_the_rule_file(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_prometheus_rule_wraps_the_rule_file(rendered: Rendered) -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alignd-rules.yml").read_text())
     wrapped = by_kind(rendered["gpu"], "PrometheusRule")
     assert wrapped["spec"] == rules, "run: make deploy-rules"
@@ -156,7 +155,7 @@ def effective_config(docs: list[dict[str, Any]]) -> AligndConfig:
 
 
 def test_gpu_overlay_trains_in_jobs_and_never_loads_the_base_in_the_daemon(
-    rendered: dict[str, list[dict[str, Any]]],
+    rendered: Rendered,
 ) -> None:
     config = effective_config(rendered["gpu"])
     assert config.training.runner == "kubernetes"
@@ -167,9 +166,7 @@ def test_gpu_overlay_trains_in_jobs_and_never_loads_the_base_in_the_daemon(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_drift_probe_is_bounded_where_it_runs(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str
-) -> None:
+def test_drift_probe_is_bounded_where_it_runs(rendered: Rendered, overlay: str) -> None:
     config = effective_config(rendered[overlay])
     if config.schedule.drift_probe_cron is not None:
         limit = config.schedule.drift_probe_memory_limit_mb or config.training.memory_limit_mb
@@ -177,9 +174,7 @@ def test_drift_probe_is_bounded_where_it_runs(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_sqlite_is_never_on_a_shared_volume(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str
-) -> None:
+def test_sqlite_is_never_on_a_shared_volume(rendered: Rendered, overlay: str) -> None:
     docs = rendered[overlay]
     config = effective_config(docs)
     if not config.store.url.startswith("sqlite"):
@@ -199,7 +194,7 @@ def test_sqlite_is_never_on_a_shared_volume(
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_operators_reach_the_admin_api_while_the_daemon_is_not_ready(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str
+    rendered: Rendered, overlay: str
 ) -> None:
     docs = rendered[overlay]
     pod_labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
@@ -211,9 +206,7 @@ def test_operators_reach_the_admin_api_while_the_daemon_is_not_ready(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pod_disruption_budget_covers_the_daemon(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str
-) -> None:
+def test_pod_disruption_budget_covers_the_daemon(rendered: Rendered, overlay: str) -> None:
     docs = rendered[overlay]
     pod_labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     pdb = by_kind(docs, "PodDisruptionBudget")["spec"]
@@ -222,9 +215,7 @@ def test_pod_disruption_budget_covers_the_daemon(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policies_name_their_peers(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str
-) -> None:
+def test_network_policies_name_their_peers(rendered: Rendered, overlay: str) -> None:
     from daemon.k8s_runner import build_job
 
     docs = rendered[overlay]
@@ -249,9 +240,7 @@ def test_network_policies_name_their_peers(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_secrets_reach_the_daemon_as_files_only(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str
-) -> None:
+def test_secrets_reach_the_daemon_as_files_only(rendered: Rendered, overlay: str) -> None:
     [container] = by_kind(rendered[overlay], "Deployment")["spec"]["template"]["spec"]["containers"]
     for env in container.get("env", []):
         assert "valueFrom" not in env, env  # a secret in the environment would reach children

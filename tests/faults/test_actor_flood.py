@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import text
 
 from daemon.gate import GateConfig, decide_promotion
 from feedback.config import DatasetConfig
@@ -79,6 +78,4 @@ def test_a_flood_from_one_account_is_capped_reported_and_gated(
         share_cap_100=f"{tight.actors.largest_share:.3f}",
         gate="rejected (actor_share)",
     )
-    with store.engine.begin() as conn:
-        conn.execute(text("DELETE FROM feedback_events"))
     store.close()

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer
-from sqlalchemy import text
 
 from demo.broker import EmbeddedBroker, produce_events
 from feedback.config import KafkaConfig
@@ -154,8 +153,6 @@ def test_ten_thousand_hostile_messages_through_the_consumer(
             else f"sqlite:///{tmp_path / 'f.db'}"
         )
         store = FeedbackStore(url)
-        with store.engine.begin() as conn:  # the PostgreSQL server is shared by the session
-            conn.execute(text("DELETE FROM feedback_events"))
         consumer = FeedbackConsumer(
             KafkaConfig(
                 bootstrap_servers=broker.bootstrap,
