@@ -86,6 +86,7 @@ def _summarise(result: RunResult) -> str:
             "reward_accuracy": pref.reward_accuracy if pref else None,
             "ranking_accuracy": pref.ranking_accuracy if pref else None,
             "kl_to_reference": report.kl_to_reference,
+            "drift_nats_per_reply": report.retain_kl.nats_per_reply if report.retain_kl else None,
             "factuality": report.factuality,
         }
         bits = [f"{k}={v:.4f}" for k, v in values.items() if v is not None]

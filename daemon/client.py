@@ -102,7 +102,7 @@ def _client(args: argparse.Namespace) -> int:
             "state",
             "method",
             "heldout_accuracy",
-            "kl_to_reference",
+            "drift",
             "factuality",
             "parent",
             "created_at",

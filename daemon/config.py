@@ -62,8 +62,10 @@ class ScheduleConfig(FrozenModel):
     min_new_ratings: int | None = Field(1000, gt=0, description="new thumbs that trigger a run")
     min_interval_s: float = Field(3600.0, ge=0, description="never start runs closer than this")
     tick_s: float = Field(30.0, gt=0, description="how often the decision is re-evaluated")
-    drift_probe_cron: str | None = Field("*/30 * * * *", description="KL drift probe schedule")
-    drift_probe_prompts: int = Field(32, gt=0, description="recent production replies per probe")
+    drift_probe_cron: str | None = Field(
+        "*/30 * * * *",
+        description="drift probe schedule: the active adapter's KL on the retain set",
+    )
     drift_probe_timeout_s: float = Field(
         900.0, gt=0, description="a probe running longer is stopped (counted as timed_out)"
     )
@@ -71,6 +73,16 @@ class ScheduleConfig(FrozenModel):
         None, gt=0, description="address-space limit of the probe child (null: training's)"
     )
     retention_cron: str | None = Field("17 4 * * *", description="when store retention runs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "drift_probe_prompts" in data:
+            raise ValueError(
+                "drift_probe_prompts is gone: the probe measures the retain set "
+                "(run_spec.eval.retain_set), not recent production replies"
+            )
+        return data
 
     @field_validator("cron", "drift_probe_cron", "retention_cron")
     @classmethod

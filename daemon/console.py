@@ -208,7 +208,7 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
                 esc(str(v.get("created_at") or "")[:19].replace("T", " ")),
                 esc(registered_by.get(v["version"]) or "—"),
                 fmt(v.get("heldout_accuracy")),
-                fmt(v.get("kl_to_reference"), 4),
+                fmt(v.get("drift"), 2),
                 '<span class="pass">passed</span>' if v.get("gate_passed")
                 else '<span class="fail">rejected</span>',
             ]
@@ -228,9 +228,9 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
             ]],
         )  # fmt: skip
         kl_points = [
-            (float(i + 1), float(v["kl_to_reference"]))
+            (float(i + 1), float(v["drift"]))
             for i, v in enumerate(versions)
-            if isinstance(v.get("kl_to_reference"), int | float)
+            if isinstance(v.get("drift"), int | float)
         ]
         drift = [(i + 1.0, float(d["kl"])) for i, d in enumerate(backend.drift_history()[-200:])]
         actions = action_form(
@@ -260,15 +260,16 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
                     "created (UTC)",
                     "by",
                     "held-out acc.",
-                    "KL",
+                    "drift",
                     "gate",
                 ],
                 rows,
             )
-            + "</section><div class='grid'><section><h2>KL to the reference at evaluation</h2>"
-            + svg_lines({"held-out KL": kl_points}, x_label="version number", y_label="KL")
-            + "</section><section><h2>KL drift of the active adapter (probe)</h2>"
-            + svg_lines({"drift KL": drift}, x_label="probe", y_label="KL")
+            + "</section><div class='grid'><section><h2>Drift at evaluation "
+            "(KL per retain reply)</h2>"
+            + svg_lines({"drift": kl_points}, x_label="version number", y_label="nats")
+            + "</section><section><h2>Drift of the active adapter (probe)</h2>"
+            + svg_lines({"drift probe": drift}, x_label="probe", y_label="nats")
             + "</section></div>"
         )
         return page("Overview", body, session)

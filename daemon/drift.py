@@ -1,9 +1,16 @@
-"""The KL drift probe: KL(active adapter ‖ reference) on recent production replies.
+"""The drift probe: the gate's drift measure, on the adapter being served.
+
+KL(reference ‖ active adapter), exact over the vocabulary, summed per reply, on the reference's
+own replies to the retain set: prompts unrelated to the feedback, where no change is intended
+(``trainer.retain``; the gate's ``drift``, budgeted by ``gate.drift_budget``). Not on production
+replies: those are where the feedback asks for change, and they would carry customer text into
+the probe. The reference's retain replies are generated once per base and cached under
+``<data_dir>/cache``, shared with the trainer's evaluation.
 
 Computed where training runs, never in the daemon: a child process bounded in memory and time
 (``schedule.drift_probe_*``), or a Kubernetes Job with the trainer's image and limits
 (``training.runner: kubernetes``; sharded over the training GPUs with ``run_spec.engine:
-fsdp``); stopped when the daemon drains. The result feeds ``alignd_drift_kl_nats`` and
+fsdp``); stopped when the daemon drains. The result feeds ``alignd_drift_retain_nats`` and
 ``<data_dir>/drift.jsonl`` (the console's plot). A probe that does not finish is counted in
 ``alignd_drift_probe_failures_total`` by reason and changes nothing else.
 """
@@ -12,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import subprocess
 import tempfile
@@ -29,8 +35,6 @@ from daemon.k8s_runner import KubernetesJobRunner
 from daemon.metrics import Metrics
 from daemon.registry import Registry
 from daemon.runners import RunExit, Runner
-from feedback.events import EditEvent, RatingEvent
-from feedback.store import FeedbackStore
 
 log = logging.getLogger("alignd.drift")
 
@@ -49,38 +53,31 @@ class DriftProbe:
 
     def __init__(
         self,
-        store: FeedbackStore,
         registry: Registry,
         metrics: Metrics,
         stopping: threading.Event,
     ) -> None:
-        self.store, self.registry, self.metrics, self.stopping = store, registry, metrics, stopping
+        self.registry, self.metrics, self.stopping = registry, metrics, stopping
 
     def run(self, config: AligndConfig, runner: Runner) -> float | None:
-        """Probe the active adapter now; None when there is none, no served reply, or the
-        probe did not finish. ``runner``: the refresh's (a Job runner means a probe Job)."""
+        """Probe the active adapter now; None when there is none, no retain set is configured,
+        or the probe did not finish. ``runner``: the refresh's (a Job runner means a probe Job)."""
         active = self.registry.active()
         if active is None:
             return None
-        recent = [
-            s.event for s in self.store.iter_events(since_seq=max(0, self.store.max_seq() - 2000))
-        ]
-        replies = [(e, e.completion) for e in recent if isinstance(e, RatingEvent | EditEvent)]
-        sample = random.Random(0).sample(
-            replies, min(len(replies), config.schedule.drift_probe_prompts)
-        )
-        if not sample:
-            return None
         training = config.training
+        evaluation = training.run_spec.get("eval") or {}
+        if evaluation.get("retain_set", "default") is None:
+            return None  # no retain set configured: nothing to measure drift on
         spec = {
             "base_model": training.base_model,
             "adapter": str(self.registry.version_dir(active)),
             "dtype": training.run_spec.get("dtype", training.dtype),
             "quantize": (training.run_spec.get("lora") or {}).get("quantize"),
             "engine": training.run_spec.get("engine", "ddp"),
-            "examples": [
-                {"prompt": [m.model_dump() for m in e.prompt], "response": r} for e, r in sample
-            ],
+            "retain_set": evaluation.get("retain_set", "default"),
+            "max_new_tokens": evaluation.get("retain_max_new_tokens", 48),
+            "cache_dir": str(config.paths.data_dir / "cache"),
         }
         if isinstance(runner, KubernetesJobRunner):
             kl = self._job(config, runner, spec)
@@ -93,12 +90,7 @@ class DriftProbe:
         with (config.paths.data_dir / "drift.jsonl").open("a") as f:  # the console's plot
             entry = {"at": datetime.now(UTC).isoformat(), "version": active, "kl": kl}
             f.write(json.dumps(entry) + "\n")
-        log.info(
-            "drift probe: active %s KL to reference %.4f nats/token on %d replies",
-            active,
-            kl,
-            len(sample),
-        )
+        log.info("drift probe: active %s, %.3f nats per retain reply", active, kl)
         return kl
 
     def _failed(self, end: ChildEnd | RunExit, why: str) -> None:
@@ -127,13 +119,13 @@ class DriftProbe:
                     end, end if end is not ChildEnd.EXITED else f"exit code {child.returncode}"
                 )
                 return None
-            return float(json.loads(out_path.read_text())["kl_to_reference"])
+            return float(json.loads(out_path.read_text())["nats_per_reply"])
 
     def _job(
         self, config: AligndConfig, runner: KubernetesJobRunner, spec: dict[str, Any]
     ) -> float | None:
         """The probe as a Job: its spec and result on the shared volume (the Job mounts
-        ``paths.data_dir``), removed afterwards (they hold customer text)."""
+        ``paths.data_dir``), removed afterwards."""
         probe_id = f"p{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         work = config.paths.data_dir / "probes" / probe_id
         work.mkdir(parents=True)
@@ -149,7 +141,7 @@ class DriftProbe:
                 sharded=spec["engine"] == "fsdp",
             )
             if end.exit is RunExit.SUCCEEDED and out_path.is_file():
-                return float(json.loads(out_path.read_text())["kl_to_reference"])
+                return float(json.loads(out_path.read_text())["nats_per_reply"])
             why = end.detail if end.exit is not RunExit.SUCCEEDED else "it wrote no result"
             self._failed(end.exit, f"Job: {why}")
             return None

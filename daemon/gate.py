@@ -11,17 +11,22 @@ words; preference accuracy alone would have promoted that adapter.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from feedback.base import FrozenModel
 from feedback.manifest import ActorShares
 from trainer.spec import AdapterEval, DetectorFinding, EvalReport
 
 DETECTORS = ("non_finite_loss", "reference_mismatch", "sign_bug", "likelihood_collapse")
+
+# Nats per retain reply. Measured on SmolLM2-135M (docs/operations.md, "The drift budget"): the
+# reference against itself 0; RPO candidates at lr 2e-4 (two seeds) ~0.2; the demo's round-1
+# candidates 10-12 with a 2-6 point factuality loss; ten times the learning rate 23-81.
+DRIFT_BUDGET = 5.0
 
 
 class GateConfig(FrozenModel):
@@ -39,8 +44,11 @@ class GateConfig(FrozenModel):
     factuality_tolerance: float | None = Field(
         0.02, ge=0, description="allowed drop vs the reference"
     )
-    kl_budget: float | None = Field(
-        0.5, gt=0, description="max KL(candidate‖reference), nats/token"
+    drift_budget: float | None = Field(
+        DRIFT_BUDGET,
+        gt=0,
+        description="max drift: mean KL(reference‖candidate) in nats summed per reply, on the "
+        "reference's replies to the retain set (prompts unrelated to the feedback)",
     )
     chosen_logp_tolerance: float | None = Field(
         0.05,
@@ -90,6 +98,16 @@ class GateConfig(FrozenModel):
         0.6, ge=0, le=1, description="reward accuracy on curated_heldout, when one is set"
     )
     block_on_detectors: bool = Field(True, description="any training detector fired → reject")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kl_budget" in data:
+            raise ValueError(
+                "kl_budget was replaced by drift_budget (nats per reply on the retain set, not "
+                "nats per token on the chosen replies): see docs/operations.md#the-drift-budget"
+            )
+        return data
 
     @field_validator("curated_heldout")
     @classmethod
@@ -193,15 +211,18 @@ def _reference_checks(cand: AdapterEval, ref: AdapterEval, config: GateConfig) -
                 "factuality",
             )
         )
-    if config.kl_budget is not None:
-        checks.append(
-            _at_most(
-                "kl_budget",
-                cand.kl_to_reference,
-                config.kl_budget,
-                "KL(candidate‖reference) nats/token",
-            )
+    if config.drift_budget is not None:
+        drift = cand.retain_kl
+        check = _at_most(
+            "drift",
+            drift.nats_per_reply if drift else None,
+            config.drift_budget,
+            "KL(reference‖candidate) nats per retain reply",
         )
+        if drift is not None:
+            interval = f" (±{drift.ci95:.2f}, 95% interval over {drift.num_replies} replies)"
+            check = replace(check, detail=check.detail + interval)
+        checks.append(check)
     if config.chosen_logp_tolerance is not None:
         checks.append(
             _relative_at_least(

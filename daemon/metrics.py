@@ -101,7 +101,13 @@ class Metrics:
         )
         self.kl = Gauge(
             "alignd_kl_to_reference_nats",
-            "Per-token KL(adapter ‖ reference) on held-out",
+            "Requested change: per-token KL(adapter ‖ reference) on held-out chosen replies",
+            ["adapter"],
+            registry=r,
+        )
+        self.retain_drift = Gauge(
+            "alignd_retain_drift_nats",
+            "Drift at evaluation: KL(reference ‖ adapter) per reply on the retain set",
             ["adapter"],
             registry=r,
         )
@@ -123,8 +129,8 @@ class Metrics:
             registry=r,
         )
         self.drift_kl = Gauge(
-            "alignd_drift_kl_nats",
-            "Active adapter's KL to the reference on recent production prompts",
+            "alignd_drift_retain_nats",
+            "Drift probe: the active adapter's KL(reference ‖ adapter) per reply on the retain set",
             registry=r,
         )
         self.drift_probe_failures = Counter(

@@ -374,11 +374,12 @@ class Refresher:
 
     def _record_eval(self, adapter: str, evaluation: AdapterEval) -> None:
         """The eval gauges of ``adapter`` (candidate | active); unmeasured values are left."""
-        preference = evaluation.preference
+        preference, drift = evaluation.preference, evaluation.retain_kl
         for gauge, value in (
             (self.metrics.heldout_accuracy, preference.reward_accuracy if preference else None),
             (self.metrics.factuality, evaluation.factuality),
             (self.metrics.kl, evaluation.kl_to_reference),
+            (self.metrics.retain_drift, drift.nats_per_reply if drift else None),
         ):
             if value is not None:
                 gauge.labels(adapter=adapter).set(value)

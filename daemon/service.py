@@ -81,7 +81,7 @@ class Service:
         self.metrics = Metrics(CollectorRegistry())
         self.refresher = Refresher(config, self.store, self.registry, self.metrics)
         self.stopping = threading.Event()  # set by a signal: stop taking work
-        self.drift = DriftProbe(self.store, self.registry, self.metrics, self.stopping)
+        self.drift = DriftProbe(self.registry, self.metrics, self.stopping)
         self.consumer = FeedbackConsumer(
             config.kafka, self.store, config.limits, on_batch=self.metrics.record_batch
         )
@@ -517,6 +517,7 @@ def adapter_summary(info: VersionInfo) -> dict[str, Any]:
         "run_id": m.get("run_id"),
         "heldout_accuracy": candidate.preference.reward_accuracy if candidate.preference else None,
         "kl_to_reference": candidate.kl_to_reference,
+        "drift": candidate.retain_kl.nats_per_reply if candidate.retain_kl else None,
         "factuality": candidate.factuality,
         "gate_passed": (m.get("gate") or {}).get("promote"),
     }

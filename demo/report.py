@@ -18,7 +18,7 @@ from typing import Any
 from demo.rounds import COLUMNS, Round, table_rows
 from demo.simulate import apologizes
 from feedback.manifest import SnapshotManifest
-from trainer.spec import GenerationReport, PreferenceReport, RunResult
+from trainer.spec import AdapterEval, GenerationReport, PreferenceReport, RunResult
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,12 @@ class Row:
 
 def _words(text: str) -> int:
     return len(text.split())
+
+
+def _drift(evaluation: AdapterEval, *, task: bool = False) -> float | None:
+    """Nats per reply: on the retain set (drift), or on the reference's task replies."""
+    report = evaluation.task_kl if task else evaluation.retain_kl
+    return report.nats_per_reply if report is not None else None
 
 
 def before_after(result: RunResult) -> list[Row]:
@@ -112,7 +118,24 @@ def before_after(result: RunResult) -> list[Row]:
             ref_pref.chosen_logps_per_token,
             cand_pref.chosen_logps_per_token,
         ),
-        Row("KL to the reference (nats/token)", 0.0, cand.kl_to_reference, "{:.4f}"),
+        Row(
+            "drift: KL on the retain set (nats per reply)",
+            _drift(result.eval.reference),
+            _drift(cand),
+            "{:.2f}",
+        ),
+        Row(
+            "requested change: KL on held-out chosen replies (nats/token)",
+            0.0,
+            cand.kl_to_reference,
+            "{:.4f}",
+        ),
+        Row(
+            "requested change: KL on the reference's task replies (nats per reply)",
+            _drift(result.eval.reference, task=True),
+            _drift(cand, task=True),
+            "{:.1f}",
+        ),
     ]
 
 
@@ -327,8 +350,8 @@ def rounds_png(rounds: list[Round]) -> str:
     )
     cost.set_ylabel("training seconds (green: promoted, red: not)")
     kl = cost.twinx()
-    kl.plot(xs, [(r.refresh.kl if r.refresh else None) or 0 for r in refreshed], "k^--")
-    kl.set_ylabel("KL to the reference (nats/token)")
+    kl.plot(xs, [(r.refresh.drift if r.refresh else None) or 0 for r in refreshed], "k^--")
+    kl.set_ylabel("drift: KL per retain reply (nats)")
     cost.set_title("each round's refresh")
     fig.tight_layout()
     png = _png(fig)

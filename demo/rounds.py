@@ -68,7 +68,7 @@ class Refresh:
     train_rows: int | None
     train_s: float | None
     wall_s: float | None
-    kl: float | None
+    drift: float | None  # KL(reference ‖ candidate) per retain reply, the gate's drift
     unsupported_rate: float | None  # on held-out prompts, the candidate's greedy replies
     grounded_rate: float | None
     policy_compliance: float | None
@@ -78,6 +78,7 @@ def refresh(run: dict[str, Any], result: RunResult | None) -> Refresh:
     training = run.get("training_data") or {}
     timings = result.timings if result is not None else {}
     generation = result.eval.candidate.generation if result is not None else None
+    drift = result.eval.candidate.retain_kl if result is not None else None
     return Refresh(
         outcome=str(run.get("outcome")),
         reason=str(run.get("reason") or ""),
@@ -86,7 +87,7 @@ def refresh(run: dict[str, Any], result: RunResult | None) -> Refresh:
         train_rows=result.num_train_examples if result is not None else None,
         train_s=timings.get("train_s"),
         wall_s=timings.get("wall_s"),
-        kl=result.eval.candidate.kl_to_reference if result is not None else None,
+        drift=drift.nats_per_reply if drift is not None else None,
         unsupported_rate=generation.unsupported_rate if generation else None,
         grounded_rate=generation.grounded_rate if generation else None,
         policy_compliance=generation.policy_compliance if generation else None,
@@ -126,7 +127,7 @@ COLUMNS = (
     "mode",
     "rows",
     "train s",
-    "KL",
+    "drift",
     "gate",
     "active after",
 )
@@ -150,7 +151,7 @@ def table_rows(rounds: list[Round]) -> list[list[str]]:
                 (f.mode or "—") if f else "—",
                 _num(f.train_rows, "{:d}") if f else "—",
                 _num(f.train_s, "{:.0f}") if f else "—",
-                _num(f.kl, "{:.2f}") if f else "—",
+                _num(f.drift, "{:.1f}") if f else "—",
                 f.outcome if f else "—",
                 r.active_after or "SFT",
             ]

@@ -144,6 +144,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def chatty_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model whose greedy replies are not blank: the shared tiny model answers
+    with newlines only, which the event schema rightly refuses as empty text. Tokens that
+    decode to whitespace (or nothing) get zero output logits, so some other token always wins."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = build_tiny_model(tmp_path_factory.mktemp("chatty-llama"), seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    blank = [
+        i
+        for i in range(len(tokenizer))
+        if not tokenizer.decode([i], skip_special_tokens=True).strip()
+    ]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[blank] = 0
+    model.save_pretrained(path)
+    return path
+
+
 PAIRS = [
     {
         "prompt": "Where is my order 1234?",

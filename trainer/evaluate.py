@@ -9,7 +9,11 @@ reads):
 - preference: implicit-reward accuracy and margin (Rafailov et al. 2023, §5), and
   likelihood-ranking accuracy (mean per-token log-prob of chosen > rejected), which is also
   defined for the reference;
-- KL(adapter ‖ reference): teacher-forced, exact over the vocabulary, per response token;
+- drift: KL(reference ‖ adapter) summed per reply on the reference's own replies to the retain
+  set, prompts unrelated to the feedback (``trainer.retain``), which the gate budgets;
+- requested change, reported and judged by the behavioural checks rather than a budget:
+  KL(adapter ‖ reference) per token on held-out chosen replies, and KL(reference ‖ adapter) per
+  reply on the reference's greedy replies to the held-out prompts;
 - factuality: multiple-choice accuracy, the choice with the highest mean log-prob;
 - generation: greedy replies to held-out prompts and their degeneracy statistics
   (``trainer.generation``).
@@ -36,6 +40,13 @@ from trainer.generation import generate, generation_stats
 from trainer.logprobs import Encoded, collate, encode, response_logits
 from trainer.model import evaluating, using_adapter
 from trainer.packing import sequence_logps_shared_prefix
+from trainer.retain import (
+    drift_report,
+    encode_replies,
+    kl_per_reply,
+    load_prompts,
+    reference_replies,
+)
 from trainer.spec import AdapterEval, EvalReport, PreferenceReport, RunSpec
 
 
@@ -266,13 +277,40 @@ def _stage(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> EvalReport:
+def retain_drift(
+    spec: RunSpec, model: Any, tokenizer: Any, adapters: dict[str, str | None], identity: str
+) -> dict[str, Any]:
+    """Each adapter's drift on the retain set (the reference's is 0 by definition, measured
+    anyway: it is the check's noise floor)."""
+    if spec.eval.retain_set is None:
+        return {}
+    prompts = load_prompts(spec.eval.retain_set, shipped="eval")
+    _stage(f"eval: drift on {len(prompts)} retain prompts")
+    replies = reference_replies(
+        model,
+        tokenizer,
+        prompts,
+        identity=identity,
+        max_new_tokens=spec.eval.retain_max_new_tokens,
+        batch_size=spec.eval.batch_size,
+        cache_dir=spec.reference_cache.parent if spec.reference_cache is not None else None,
+    )
+    examples = encode_replies(tokenizer, prompts, replies)
+    pad, bs = tokenizer.pad_token_id, spec.eval.batch_size
+    return {
+        name: drift_report(*kl_per_reply(model, examples, adapter=a, pad_id=pad, batch_size=bs))
+        for name, a in adapters.items()
+    }
+
+
+def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str = "") -> EvalReport:
     """Candidate (``default``), incumbent (if given) and reference on the held-out split.
 
     Cost: one reference pass over the held-out pairs, then per adapter a scoring pass, an
     exact-KL pass (two forwards), greedy generation of up to ``eval.generate_max_prompts``
-    replies, and the factuality set (two scoring passes per choice) — greedy generation and
-    factuality dominate on CPU.
+    replies, two forwards over the reference's replies for the task and retain KLs, and the
+    factuality set (two scoring passes per choice) — greedy generation and factuality dominate
+    on CPU. The reference's retain replies are generated once per base (``identity``).
     """
     source = spec.eval_data or spec.data
     heldout_split = "train" if spec.eval_data else "heldout"
@@ -302,7 +340,9 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> EvalReport:
         kl_examples = evalset.chosen[: spec.eval.kl_max_examples]
         prompted = heldout_prompts(spec, pairs, rows)
         prompts, tags = [p for p, _ in prompted], [t for _, t in prompted]
-        for name, adapter in adapters.items():
+        task_examples: list[Encoded] = []
+        # the reference first: its replies are the text the others' task KL is measured on
+        for name, adapter in sorted(adapters.items(), key=lambda item: item[1] is not None):
             _stage(f"eval {name}: held-out preference, KL, {len(prompts)} greedy replies")
             report[name]["preference"] = preference_metrics(
                 model, evalset, adapter=adapter, beta=hp.beta, pad_id=pad, batch_size=bs
@@ -328,6 +368,11 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> EvalReport:
                     grounding=spec.eval.grounding,
                     policy_rules=spec.eval.policy_rules,
                 )
+                if adapter is None:
+                    task_examples = encode_replies(tokenizer, prompts, replies)
+                report[name]["task_kl"] = drift_report(
+                    *kl_per_reply(model, task_examples, adapter=adapter, pad_id=pad, batch_size=bs)
+                )
     if spec.eval.curated_pairs is not None:
         curated = build_pair_eval_set(
             model,
@@ -342,6 +387,8 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any) -> EvalReport:
             report[name]["curated"] = preference_metrics(
                 model, curated, adapter=adapter, beta=hp.beta, pad_id=pad, batch_size=bs
             )
+    for name, drift in retain_drift(spec, model, tokenizer, adapters, identity).items():
+        report[name]["retain_kl"] = drift
     questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
     if questions:
         for name, adapter in adapters.items():

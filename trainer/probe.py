@@ -1,14 +1,16 @@
-"""``python -m trainer.probe PROBE.json OUT.json`` — KL drift of a served adapter.
+"""``python -m trainer.probe PROBE.json OUT.json`` — drift of a served adapter.
 
-Input: ``{"base_model", "adapter", "examples": [{"prompt", "response"}], "dtype"?,
-"quantize"?, "engine"?}`` — recent production prompts with the replies actually served, and
-the precision and engine training uses (``training.dtype``, ``lora.quantize``,
-``run_spec.engine``). Output: ``{"kl_to_reference": nats/token, "n", "processes",
-"parameters_held", "parameters"}``, the
-teacher-forced KL(adapter ‖ reference) exact over the vocabulary. Runs on CUDA when there is
-one; under torchrun with ``engine: fsdp`` the base is sharded as in training (every process
-runs every forward, process 0 writes). Run by the daemon as a child process, or as a
-Kubernetes Job where training runs as Jobs, so the model never lives in the daemon.
+Input: ``{"base_model", "adapter", "retain_set", "max_new_tokens", "cache_dir", "dtype"?,
+"quantize"?, "engine"?}`` — the retain set the gate measures drift on (``eval.retain_set``:
+'default' or a JSONL path), the reference replies' length cap and where they are cached, and the
+precision and engine training uses (``training.dtype``, ``lora.quantize``,
+``run_spec.engine``). Output: ``{"nats_per_reply", "ci95", "nats_per_token", "num_replies",
+"processes", "parameters_held", "parameters"}``: KL(reference ‖ adapter) summed per reply on the
+reference's own replies to the retain set, exact over the vocabulary (``trainer.retain``), the
+same measure as the gate's ``drift`` check. Runs on CUDA when there is one; under torchrun with
+``engine: fsdp`` the base is sharded as in training (every process runs every forward, process 0
+writes). Run by the daemon as a child process, or as a Kubernetes Job where training runs as
+Jobs, so the model never lives in the daemon.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ from trainer.distributed import (
     load_base_for,
     shard_model,
 )
-from trainer.evaluate import kl_to_reference
-from trainer.logprobs import encode
-from trainer.model import weight_dtype
+from trainer.model import resolve_base_model, weight_dtype
+from trainer.refcache import model_identity
+from trainer.retain import (
+    drift_report,
+    encode_replies,
+    kl_per_reply,
+    load_prompts,
+    reference_replies,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,18 +51,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         dtype = weight_dtype(spec.get("dtype", "auto"), device)
-        base, tokenizer = load_base_for(
-            world, spec["base_model"], device, dtype, spec.get("quantize")
-        )
+        quantize = spec.get("quantize")
+        base, tokenizer = load_base_for(world, spec["base_model"], device, dtype, quantize)
         model = PeftModel.from_pretrained(base, spec["adapter"], adapter_name="served")
         if world.sharded:
             shard_model(model, world, device)
-        examples = [encode(tokenizer, e["prompt"], e["response"]) for e in spec["examples"]]
-        kl = kl_to_reference(model, examples, adapter="served", pad_id=tokenizer.pad_token_id)
+        prompts = load_prompts(spec.get("retain_set", "default"), shipped="eval")
+        identity = model_identity(  # as the trainer names it: the same cached replies
+            resolve_base_model(spec["base_model"]),
+            device.type,
+            quantize or str(dtype).removeprefix("torch."),
+        )
+        replies = reference_replies(
+            model,
+            tokenizer,
+            prompts,
+            identity=identity,
+            max_new_tokens=int(spec.get("max_new_tokens", 48)),
+            batch_size=8,
+            cache_dir=Path(spec["cache_dir"]) if spec.get("cache_dir") else None,
+        )
+        examples = encode_replies(tokenizer, prompts, replies)
+        drift = drift_report(
+            *kl_per_reply(model, examples, adapter="served", pad_id=tokenizer.pad_token_id)
+        )
         held, total = held_parameters(model)  # this process's share of the weights
         if world.is_main:
-            out = {"kl_to_reference": kl, "n": len(examples), "processes": world.size,
-                   "parameters_held": held, "parameters": total}  # fmt: skip
+            out = drift.model_dump() | {
+                "processes": world.size,
+                "parameters_held": held,
+                "parameters": total,
+            }
             Path(args[1]).write_text(json.dumps(out))
     finally:
         close_world()

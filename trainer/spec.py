@@ -158,7 +158,17 @@ class EvalSpec(FrozenModel):
 
     factuality_set: str | None = Field("default", description="'default', a JSONL path, or null")
     factuality_limit: int | None = Field(None, gt=0, description="score only the first N questions")
-    kl_max_examples: int = Field(64, ge=0, description="held-out replies for the exact KL")
+    kl_max_examples: int = Field(
+        64, ge=0, description="held-out chosen replies for the requested-change KL"
+    )
+    retain_set: str | None = Field(
+        "default",
+        description="prompts unrelated to the feedback where drift is measured ('default': "
+        "the shipped set, a JSONL path of {prompt} rows, or null)",
+    )
+    retain_max_new_tokens: int = Field(
+        48, gt=0, description="length cap of the reference's replies to the retain set"
+    )
     generate_max_prompts: int = Field(
         48, ge=0, description="greedy replies for the generation and grounding checks"
     )
@@ -173,6 +183,24 @@ class EvalSpec(FrozenModel):
         description="an operator-curated pairs file (prompt, chosen, rejected), scored next to "
         "the stream's held-out split",
     )
+
+
+class AnchorSpec(FrozenModel):
+    """The retain anchor: ``weight`` · KL(reference ‖ policy) summed per reply, on the
+    reference's own replies to general prompts, added to every micro-batch's loss
+    (``trainer.retain``). It keeps behaviour away from the feedback's prompts where it was."""
+
+    weight: float = Field(0.0, ge=0.0, description="α; 0 turns the anchor off")
+    prompts: str = Field(
+        "default",
+        description="'default' (the shipped training retain set, disjoint from the gate's) or "
+        "a JSONL path of {prompt} rows",
+    )
+    batch_size: int = Field(4, gt=0, description="retain replies per micro-batch")
+    top_k: int = Field(
+        64, gt=0, description="reference tokens kept per position; the rest is one tail bucket"
+    )
+    max_new_tokens: int = Field(48, gt=0, description="length cap of the reference's replies")
 
 
 class RunSpec(FrozenModel):
@@ -190,6 +218,7 @@ class RunSpec(FrozenModel):
     )
     hyper: Hyperparameters = Hyperparameters()
     lora: LoraSpec = LoraSpec()
+    anchor: AnchorSpec = AnchorSpec()
     detectors: Detectors = Detectors()
     eval: EvalSpec = EvalSpec()
     init_adapter: Path | None = Field(None, description="warm start: initial LoRA weights")
@@ -371,12 +400,36 @@ class GenerationReport(FrozenModel):
         return None if any(r is None for r in rates) else max(r for r in rates if r is not None)
 
 
+class DriftReport(FrozenModel):
+    """KL(reference ‖ adapter), exact over the vocabulary, summed over each of the reference's
+    own replies to a prompt set (``trainer.retain``)."""
+
+    nats_per_reply: float = Field(description="mean over the replies")
+    ci95: float = Field(description="half-width of the mean's 95% interval")
+    nats_per_token: float = Field(description="total KL / total reply tokens")
+    num_replies: int
+
+
 class AdapterEval(FrozenModel):
     """Everything measured about one adapter (or the reference) on the held-out split."""
 
     preference: PreferenceReport | None = None
     curated: PreferenceReport | None = Field(None, description="on eval.curated_pairs")
-    kl_to_reference: float | None = Field(None, description="nats per response token")
+    kl_to_reference: float | None = Field(
+        None,
+        description="requested change: KL(adapter ‖ reference) per token on held-out chosen "
+        "replies, the text the feedback asks for (reported, not budgeted)",
+    )
+    task_kl: DriftReport | None = Field(
+        None,
+        description="requested change: on the reference's greedy replies to held-out prompts "
+        "(the drafts agents rewrote)",
+    )
+    retain_kl: DriftReport | None = Field(
+        None,
+        description="drift: on the reference's replies to the retain set, prompts unrelated "
+        "to the feedback (the gate's drift_budget)",
+    )
     generation: GenerationReport | None = None
     factuality: float | None = Field(None, description="multiple-choice accuracy")
 
@@ -442,6 +495,9 @@ class RunResult(BaseModel):
     peak_memory_bytes: dict[str, int] = {}
     reference_logps: dict[str, int] = Field(
         {}, description="reference log-probs found in the cache ('hits') and 'computed'"
+    )
+    anchor: dict[str, int] = Field(
+        {}, description="the retain anchor's replies and the bytes of reference top-k kept"
     )
     parallel: dict[str, Any] = Field(
         {},

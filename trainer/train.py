@@ -48,6 +48,13 @@ from trainer.model import (
 )
 from trainer.objectives import encode_rows, make_objective
 from trainer.refcache import ReferenceCache, model_identity
+from trainer.retain import (
+    AnchorBatches,
+    encode_replies,
+    load_prompts,
+    reference_replies,
+    reference_topk,
+)
 from trainer.spec import Hyperparameters, RunResult, RunSpec, SpecError, load_spec
 
 
@@ -134,6 +141,33 @@ def step_metrics(step: int, parts: dict[str, list[torch.Tensor]], world: World) 
     return metrics
 
 
+def make_anchor(
+    spec: RunSpec, model: Any, tokenizer: Any, identity: str, result: RunResult
+) -> AnchorBatches:
+    """The retain anchor's data: the reference's replies to the training retain set (generated
+    once per base, cached beside the reference log-probs) and its top-k distributions on them
+    (one forward, every run: a few seconds, ~8·(k+1) bytes per reply token)."""
+    t0 = time.perf_counter()
+    a = spec.anchor
+    prompts = load_prompts(a.prompts, shipped="train")
+    replies = reference_replies(
+        model,
+        tokenizer,
+        prompts,
+        identity=identity,
+        max_new_tokens=a.max_new_tokens,
+        batch_size=spec.eval.batch_size,
+        cache_dir=spec.reference_cache.parent if spec.reference_cache is not None else None,
+    )
+    examples = encode_replies(tokenizer, prompts, replies)
+    pad = tokenizer.pad_token_id
+    top = reference_topk(model, examples, k=a.top_k, pad_id=pad, batch_size=spec.eval.batch_size)
+    anchor = AnchorBatches(examples, top, batch_size=a.batch_size, pad_id=pad)
+    result.anchor = {"replies": len(examples), "reference_bytes": anchor.nbytes}
+    result.timings["anchor_setup_s"] = time.perf_counter() - t0
+    return anchor
+
+
 # The recipe reads top to bottom in one function (~150 lines for the loop); the complexity
 # counted is the detectors, each a line or two, and splitting them out would hide the control flow.
 def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
@@ -197,14 +231,13 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     # one eval-mode forward per sequence.
     t_reference = time.perf_counter()
     pad_id, eval_bs = tokenizer.pad_token_id, spec.eval.batch_size
+    identity = model_identity(
+        resolve_base_model(spec.base_model),
+        device.type,
+        quantize or str(dtype).removeprefix("torch."),
+    )
     cache = ReferenceCache(
-        spec.reference_cache,
-        model_identity(
-            resolve_base_model(spec.base_model),
-            device.type,
-            quantize or str(dtype).removeprefix("torch."),
-        ),
-        found_everywhere=world.all_true if world.sharded else None,
+        spec.reference_cache, identity, found_everywhere=world.all_true if world.sharded else None
     )
     try:
         reference = {
@@ -215,6 +248,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         cache.close()
     result.reference_logps = cache.stats.as_dict()
     result.timings["reference_s"] = time.perf_counter() - t_reference
+    anchor = make_anchor(spec, model, tokenizer, identity, result) if spec.anchor.weight else None
     objective = make_objective(method, hp, encoded, reference, pad_id, world.sum_)
     n_examples = result.num_train_examples = objective.num_examples
     result.timings["setup_s"] = time.perf_counter() - t_setup
@@ -259,6 +293,13 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
                 losses, stats, n_tokens = objective.micro_batch(model, idx, device)
             # Sum over this rank's rows / global rows: gradients summed over ranks = global mean.
             loss: torch.Tensor = losses.sum() * world.backward_scale / (len(batch) * hp.grad_accum)
+            if anchor is not None:  # every rank runs the same retain batch: its share is 1/size
+                with autocast:
+                    anchor_kl = anchor.kl(model, device)
+                stats = stats | {"anchor_kl": anchor_kl.detach()}
+                loss = loss + spec.anchor.weight * anchor_kl.mean() * world.backward_scale / (
+                    world.size * hp.grad_accum
+                )
             torch.autograd.backward(scaler.scale(loss))
             tokens += n_tokens
             for key, value in (stats | {"loss": losses.detach()}).items():
@@ -339,7 +380,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         save_adapter(model, adapter_dir, lora_state)
         result.adapter_dir = str(adapter_dir)
     t_eval = time.perf_counter()
-    result.eval = evaluate_run(spec, model, tokenizer)
+    result.eval = evaluate_run(spec, model, tokenizer, identity)
     result.timings["eval_s"] = time.perf_counter() - t_eval
     result.status = "succeeded"
 

@@ -42,18 +42,6 @@ def in_process_service(tmp_path: Path, **config: Any) -> Iterator[Service]:
         service.instance_lock.release()
 
 
-def served_ratings(n: int) -> list[Incoming]:
-    """``n`` thumbs-up ratings of replies (no adapter named): what the drift probe samples."""
-    events = []
-    for i in range(n):
-        raw = {"schema_version": 1, "event_id": f"r{i}", "type": "rating",
-               "occurred_at": "2026-11-20T10:00:00Z", "rating": "up",
-               "prompt": [{"role": "user", "content": f"Where is order {i}?"}],
-               "completion": f"Order {i} ships today."}  # fmt: skip
-        events.append(Incoming(parse_event(json.dumps(raw).encode())))  # type: ignore[arg-type]
-    return events
-
-
 def agent_edits(start: int, stop: int, now: datetime | None = None) -> list[Incoming]:
     """Agents' edits of orders ``start``…``stop - 1`` (an apology rewritten to a plain answer),
     parsed as the consumer would at ``now``."""
@@ -155,7 +143,7 @@ def write_config(
             "policy_tolerance": None,
             "min_policy_compliance": None,
             "chosen_logp_tolerance": None,
-            "kl_budget": 5.0,
+            "drift_budget": None,  # a tiny random model drifts by chance
             "min_preference_accuracy": 0.75,
             "max_actor_share": None,  # these events name no actor; tests that do turn it on
         },

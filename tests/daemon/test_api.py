@@ -203,6 +203,7 @@ def test_metrics_endpoint_exposes_alignd_metrics(client: TestClient) -> None:
         "alignd_refresh_runs_total",
         "alignd_gate_decisions_total",
         "alignd_consumer_ready",
-        "alignd_drift_kl_nats",
+        "alignd_drift_retain_nats",
+        "alignd_retain_drift_nats",
     ):
         assert name in text

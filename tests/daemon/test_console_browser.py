@@ -81,6 +81,8 @@ def daemon(tmp_path: Path) -> Iterator[tuple[Daemon, Registry]]:
         manifest = {"gate": gate(passed), "method": "dpo", "dataset_sha256": f"{seed:064x}",
                     "parent": "v0001" if seed else None, "run_id": run_id,
                     "eval": {"candidate": {"kl_to_reference": 0.12 + 0.5 * seed,
+                                           "retain_kl": {"nats_per_reply": 0.4 + seed, "ci95": 0.1,
+                                                         "nats_per_token": 0.01, "num_replies": 63},
                                            "preference": {"reward_accuracy": 0.8 + 0.05 * seed}}},
                     }  # fmt: skip
         registry.register(make_adapter(tmp_path / f"a{seed}", seed=seed), manifest, actor="gate")
@@ -141,7 +143,7 @@ def test_console_in_a_browser(daemon: tuple[Daemon, Registry], chromium: str) ->
 
         # the admin: the version page, candidate against the active adapter
         sign_in(page, url, TOKEN)
-        assert page.locator("svg polyline").count() == 1  # KL per version
+        assert page.locator("svg polyline").count() == 1  # drift per version
         assert "0.850" in page.content()  # v0002's held-out accuracy
         page.screenshot(path=str(SHOTS / "overview-laptop.png"), full_page=True)
         page.goto(f"{url}/ui/versions/v0002")

@@ -1,6 +1,7 @@
-"""The drift probe's local path end to end: the daemon samples served replies from its store,
-runs the real ``python -m trainer.probe`` in a bounded child on the tiny model with a real
-adapter, and publishes the KL (gauge, ``drift.jsonl``). The Job path: ``test_k8s_runner``."""
+"""The drift probe's local path end to end: the daemon runs the real ``python -m trainer.probe``
+in a bounded child on the tiny model with a real adapter, which measures the gate's drift (the
+retain set) and caches the reference's replies where the trainer finds them; the daemon
+publishes it (gauge, ``drift.jsonl``). The Job path: ``test_k8s_runner``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from daemon_support import in_process_service, served_ratings
+from daemon_support import in_process_service
 from safetensors.torch import save_file
 
 
@@ -35,11 +36,22 @@ def test_the_probe_runs_in_a_child_and_publishes_the_kl(
             lora_adapter(tmp_path / "adapter"), {"gate": {"promote": True, "reasons": []}}
         )
         service.registry.promote(version, actor="test", reason="setup")
-        assert service.drift_probe() is None  # no served reply to probe
-        service.store.write_batch(served_ratings(12))
-        kl = service.drift_probe()
+        kl = service.drift_probe()  # needs no production traffic: the retain set is shipped
         assert kl is not None and kl > 0
+        assert list((tmp_path / "data" / "cache").glob("retain-*.json"))
         assert service.metrics.drift_kl._value.get() == kl
         [entry] = [json.loads(line) for line in (tmp_path / "data" / "drift.jsonl").open()]
         assert entry["version"] == version and entry["kl"] == kl
         assert service.metrics.drift_probe_failures.labels(reason="failed")._value.get() == 0
+
+
+def test_without_a_retain_set_there_is_nothing_to_probe(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    training = {"base_model": str(tiny_model_dir), "run_spec": {"eval": {"retain_set": None}}}
+    with in_process_service(tmp_path, training=training) as service:
+        version = service.registry.register(
+            lora_adapter(tmp_path / "adapter"), {"gate": {"promote": True, "reasons": []}}
+        )
+        service.registry.promote(version, actor="test", reason="setup")
+        assert service.drift_probe() is None

@@ -49,13 +49,26 @@ def good_run() -> dict[str, Any]:
     return {
         "candidate": {
             "preference": {"reward_accuracy": 0.92, "chosen_logps_per_token": -1.00},
-            "kl_to_reference": 0.08,
+            # the requested change (the demo's round-1 figure): reported, never budgeted
+            "kl_to_reference": 1.22,
+            "retain_kl": {
+                "nats_per_reply": 1.5,
+                "ci95": 0.4,
+                "nats_per_token": 0.04,
+                "num_replies": 63,
+            },
             "factuality": 0.49,
             "generation": generation,
         },
         "reference": {
             "preference": {"chosen_logps_per_token": -1.02},
             "kl_to_reference": 0.0,
+            "retain_kl": {
+                "nats_per_reply": 0.0,
+                "ci95": 0.0,
+                "nats_per_token": 0.0,
+                "num_replies": 63,
+            },
             "factuality": 0.50,
             "generation": generation
             | {
@@ -103,7 +116,8 @@ CASES = [
         "beats_incumbent",
     ),
     ("factuality dropped 5 points", with_("candidate.factuality", 0.45), None, "factuality"),
-    ("over the KL budget", with_("candidate.kl_to_reference", 0.9), None, "kl_budget"),
+    ("drifted off-target", with_("candidate.retain_kl.nats_per_reply", 23.0), None, "drift"),
+    ("drift not measured", with_("candidate.retain_kl", None), None, "drift"),
     (
         "chosen log-prob collapsed",
         with_("candidate.preference.chosen_logps_per_token", -1.5),
@@ -221,7 +235,7 @@ def test_every_check_is_reported_with_value_and_threshold() -> None:
         "preference_accuracy",
         "beats_incumbent",
         "factuality",
-        "kl_budget",
+        "drift",
         "chosen_logp",
         "degenerate_replies",
         "distinct_replies",
@@ -263,9 +277,14 @@ def test_curated_set_is_checked_when_one_is_configured(tmp_path) -> None:
 
 
 def test_checks_can_be_switched_off() -> None:
-    run = with_("candidate.kl_to_reference", 5.0)
+    run = with_("candidate.retain_kl.nats_per_reply", 50.0)
     assert not decide_promotion(run, None, GateConfig()).promote
-    assert decide_promotion(run, None, GateConfig(kl_budget=None)).promote
+    assert decide_promotion(run, None, GateConfig(drift_budget=None)).promote
+
+
+def test_the_retired_kl_budget_key_fails_naming_its_successor() -> None:
+    with pytest.raises(ValueError, match="kl_budget was replaced by drift_budget"):
+        GateConfig.model_validate({"kl_budget": 0.5})
 
 
 def test_min_gain_over_incumbent() -> None:

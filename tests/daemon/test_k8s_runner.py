@@ -227,8 +227,8 @@ def test_probe_job_manifest() -> None:
 
 @pytest.fixture()
 def probing_service(tmp_path: Path) -> Iterator[Any]:
-    """A daemon with an active adapter and served replies in its store."""
-    from daemon_support import in_process_service, served_ratings
+    """A daemon with an active adapter."""
+    from daemon_support import in_process_service
     from registry_support import make_adapter
 
     with in_process_service(tmp_path) as service:
@@ -236,7 +236,6 @@ def probing_service(tmp_path: Path) -> Iterator[Any]:
             make_adapter(tmp_path / "adapter"), {"gate": {"promote": True, "reasons": []}}
         )
         service.registry.promote(version, actor="test", reason="setup")
-        service.store.write_batch(served_ratings(10))
         yield service
 
 
@@ -256,18 +255,19 @@ def test_the_drift_probe_runs_as_a_job_where_training_does(
     def pod(job: dict[str, Any]) -> None:  # the Job's pod: reads the spec, writes its result
         spec_path, out_path = job["spec"]["template"]["spec"]["containers"][0]["command"][-2:]
         seen["spec"] = json.loads(Path(spec_path).read_text())
-        Path(out_path).write_text(json.dumps({"kl_to_reference": 0.125, "n": 10}))
+        Path(out_path).write_text(json.dumps({"nats_per_reply": 0.125, "num_replies": 63}))
 
     replay.on_create = pod
     assert service.drift_probe() == 0.125
-    assert len(seen["spec"]["examples"]) == 10 and seen["spec"]["dtype"] == "auto"
+    assert seen["spec"]["retain_set"] == "default" and seen["spec"]["dtype"] == "auto"
+    assert seen["spec"]["cache_dir"] == str(service.config.paths.data_dir / "cache")  # the volume
     assert seen["spec"]["engine"] == engine
     command = replay.requests[0][2]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[0] == ("torchrun" if engine == "fsdp" else "python")  # sharded as training
     assert seen["spec"]["adapter"].startswith(str(service.config.paths.data_dir))  # the volume
     assert replay.requests[0][2]["metadata"]["name"].startswith("alignd-probe-")
     assert replay.requests[-1][0] == "DELETE"
-    assert not list((service.config.paths.data_dir / "probes").iterdir())  # no customer text left
+    assert not list((service.config.paths.data_dir / "probes").iterdir())  # cleaned up
     assert service.metrics.drift_kl._value.get() == 0.125
 
 

@@ -16,9 +16,6 @@ import json
 import sqlite3
 from pathlib import Path
 
-import pytest
-from conftest import build_tiny_model
-
 from demo.run import run_demo
 
 TINY_RECIPE = {
@@ -48,34 +45,12 @@ OVERRIDES = {
             "policy_tolerance",
             "min_policy_compliance",
             "chosen_logp_tolerance",
-            "kl_budget",
+            "drift_budget",
             "min_preference_accuracy",
             "max_actor_share",
         )
     },
 }
-
-
-@pytest.fixture(scope="module")
-def chatty_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random model whose greedy replies are not blank: the shared tiny model answers
-    with newlines only, which the event schema rightly refuses as empty text. Tokens that
-    decode to whitespace (or nothing) get zero output logits, so some other token always wins."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = build_tiny_model(tmp_path_factory.mktemp("chatty-llama"), seed=1)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    blank = [
-        i
-        for i in range(len(tokenizer))
-        if not tokenizer.decode([i], skip_special_tokens=True).strip()
-    ]
-    with torch.no_grad():
-        model.get_output_embeddings().weight[blank] = 0
-    model.save_pretrained(path)
-    return path
 
 
 def test_two_rounds_and_an_injected_regression(

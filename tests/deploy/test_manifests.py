@@ -136,7 +136,7 @@ def test_grafana_dashboard_is_sane() -> None:
         "alignd_last_training_loss",
         "alignd_gate_decisions_total",
         "alignd_active_adapter_info",
-        "alignd_drift_kl_nats",
+        "alignd_drift_retain_nats",
     ):
         assert metric in exprs, metric
     for panel in dashboard["panels"]:
@@ -146,7 +146,7 @@ def test_grafana_dashboard_is_sane() -> None:
     steps = drift["fieldConfig"]["defaults"]["thresholds"]["steps"]
     rules = (DEPLOY / "prometheus" / "alignd-rules.yml").read_text()
     assert any(
-        f"alignd_drift_kl_nats > {s['value']}" in rules for s in steps if s["value"] is not None
+        f"alignd_drift_retain_nats > {s['value']}" in rules for s in steps if s["value"] is not None
     )
 
 

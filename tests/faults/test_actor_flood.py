@@ -62,7 +62,7 @@ def test_a_flood_from_one_account_is_capped_reported_and_gated(
     perfect = EvalReport(
         candidate=AdapterEval(preference=PreferenceReport(num_pairs=300, reward_accuracy=0.99)),
     )
-    config = GateConfig(min_gain_over_incumbent=None, factuality_tolerance=None, kl_budget=None,
+    config = GateConfig(min_gain_over_incumbent=None, factuality_tolerance=None, drift_budget=None,
                         chosen_logp_tolerance=None, max_degenerate_rate=None, min_distinct_rate=None,
                         length_band=None, relevance_tolerance=None, unsupported_tolerance=None,
                         max_unsupported_rate=None, policy_tolerance=None,

@@ -181,19 +181,19 @@ def test_kto_baseline_is_the_global_batch_mean(
 def test_the_drift_probe_shards_like_training(
     child_processes: None, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
-    """``python -m trainer.probe`` under torchrun with engine fsdp: the same KL as one process."""
+    """``python -m trainer.probe`` under torchrun with engine fsdp: the same drift as one
+    process (generating the reference's retain replies sharded too)."""
     train(spec_file(tmp_path, "adapter", tiny_model_dir, pairs_file))
-    examples = [
-        {"prompt": r["prompt"], "response": r["rejected"]}
-        for r in map(json.loads, pairs_file.read_text().splitlines()[:6])
-    ]
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n"
+                              for r in map(json.loads, pairs_file.read_text().splitlines()[:6])))  # fmt: skip
     kls = {}
     for engine, processes in (("ddp", 1), ("fsdp", 2)):
         probe = tmp_path / f"probe-{engine}.json"
         out = tmp_path / f"out-{engine}.json"
         probe.write_text(json.dumps({"base_model": str(tiny_model_dir), "engine": engine,
                                      "adapter": str(tmp_path / "adapter" / "adapter"),
-                                     "examples": examples}))  # fmt: skip
+                                     "retain_set": str(retain), "max_new_tokens": 8}))  # fmt: skip
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         command = [sys.executable, *(launcher if processes > 1 else []), "-m", "trainer.probe"]
         done = subprocess.run(
@@ -201,9 +201,9 @@ def test_the_drift_probe_shards_like_training(
         )
         assert done.returncode == 0, done.stderr[-STDERR_TAIL:]
         kls[engine] = json.loads(out.read_text())
-    assert kls["fsdp"]["n"] == kls["ddp"]["n"] == 6
+    assert kls["fsdp"]["num_replies"] == kls["ddp"]["num_replies"] == 6
     sharded, whole = kls["fsdp"], kls["ddp"]
     assert sharded["processes"] == 2 and sharded["parameters"] == whole["parameters"]
     assert sharded["parameters_held"] < 0.75 * whole["parameters_held"]
-    assert kls["ddp"]["kl_to_reference"] > 0
-    assert kls["fsdp"]["kl_to_reference"] == pytest.approx(kls["ddp"]["kl_to_reference"], rel=1e-4)
+    assert kls["ddp"]["nats_per_reply"] > 0
+    assert kls["fsdp"]["nats_per_reply"] == pytest.approx(kls["ddp"]["nats_per_reply"], rel=1e-4)

@@ -27,6 +27,7 @@ FAST_EVAL = {
     "generate_max_prompts": 2,
     "max_new_tokens": 8,
     "kl_max_examples": 4,
+    "retain_max_new_tokens": 8,
 }
 
 
