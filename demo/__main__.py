@@ -41,6 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how agents edit: from the record (default), or sabotaged: stating specifics the "
         "record lacks, or leaving out the policy sentence (the gate should reject either)",
     )
+    parser.add_argument(
+        "--records",
+        choices=["line", "fields"],
+        default="line",
+        help="how the lookup result reaches the assistant: the tool's rendered summary line "
+        "(default), or shuffled 'field: value' lines with distractors (the hard mode)",
+    )
     args = parser.parse_args(argv)
     return run_demo(
         Path(args.workdir),
@@ -50,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         base_model=args.base_model,
         agent=args.agent,
+        records=args.records,
     )
 
 

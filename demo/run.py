@@ -30,7 +30,7 @@ from daemon.child import start_child, stop_child
 from demo import report
 from demo.broker import EmbeddedBroker, free_port, produce_events
 from demo.rounds import Round, production, refresh, text_table
-from demo.scenario import CARRIERS, POLICY_RULES, Case, make_cases
+from demo.scenario import CARRIERS, POLICY_RULES, Case, Records, make_cases
 from demo.simulate import Agent, Simulation, build_events, served_replies
 from feedback.manifest import SnapshotManifest
 from trainer.spec import RunResult, deep_merge
@@ -378,6 +378,7 @@ def run_demo(
     base_model: str = "smollm2",
     run_spec: dict[str, Any] | None = None,
     agent: Agent = "grounded",
+    records: Records = "line",
     config_overrides: dict[str, Any] | None = None,
 ) -> int:
     """The rounds in order, then (with two rounds or more) the injected regression; 0 when
@@ -408,7 +409,7 @@ def run_demo(
             progress.round = number
             n = prompts if number == 1 else round_prompts
             # round 1 keeps the one-round demo's seed (and so its cached replies)
-            cases = make_cases(n, seed if number == 1 else seed + 1000 * number)
+            cases = make_cases(n, seed if number == 1 else seed + 1000 * number, records)
             progress.begin(
                 ROUND_STAGES[0],
                 f"{n} fresh support requests with lookup records, the active adapter's real "
@@ -454,7 +455,7 @@ def run_demo(
                 daemon,
                 workdir,
                 history[-1],
-                make_cases(round_prompts, seed + 1000 * (rounds + 1)),
+                make_cases(round_prompts, seed + 1000 * (rounds + 1), records),
                 stored,
                 progress,
                 seed=seed + rounds,

@@ -2,9 +2,12 @@
 the answer an agent writes from that record.
 
 Every request carries the record the assistant would get from a lookup (order, shipment,
-refund, billing or account facts) as data in the system message: ``field: value`` lines in a
-varied order, with fields that do not matter to the request, never the sentence an agent would
-send. Some lookups find nothing; there the right reply asks for what is missing and invents
+refund, billing or account facts) as data in the system message, in one of two forms
+(``records``): ``line``, the default, is the lookup tool's rendered summary line, as many support
+integrations hand records to a model ("Order 70353: refund of 47.03 USD issued on November 7,
+2026 to the Amex card ending 8624."); ``fields``, the hard mode, is ``field: value`` lines in a
+varied order with fields that do not matter to the request. Neither is the sentence an agent
+would send (the agent writes dates as spoken, amounts with a $ sign, and the policy sentence). Some lookups find nothing; there the right reply asks for what is missing and invents
 nothing. Refund and billing answers start with the sentence Harbor's policy requires. Each case
 also holds what the sabotaged ``inventing`` agent says instead (specifics the record lacks).
 Seeded: the same seed gives the same cases. ``demo.simulate`` plays production around them.
@@ -15,7 +18,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, Literal
+
+Records = Literal["line", "fields"]
 
 SYSTEM = "You are Harbor's support assistant. Use only the lookup result; ask for what it lacks."
 # The sentence Harbor's legal team requires on refund and billing replies, and the rule the
@@ -106,6 +111,7 @@ class _Request:
     keywords: tuple[str, ...]
     facts: tuple[str, ...]
     invented: str
+    line: str = ""  # the lookup tool's summary line (``records="line"``)
 
 
 def _order(rng: random.Random, order: int, product: str) -> _Request:
@@ -134,7 +140,12 @@ def _order(rng: random.Random, order: int, product: str) -> _Request:
     invented = (
         f"Order {order} shipped {rng.choice(DAYS)} with {wrong} and arrives {rng.choice(DAYS)}."
     )
-    return _Request("order", ask, record, answer, (str(order),), (written(eta),), invented)
+    line = (
+        f"Order {order}: in transit with {carrier} since {written(shipped)}, estimated delivery "
+        f"{written(eta)}, tracking number {tracking}."
+    )
+    keys = (str(order),)
+    return _Request("order", ask, record, answer, keys, (written(eta),), invented, line)
 
 
 def _refund(rng: random.Random, order: int, product: str) -> _Request:
@@ -162,7 +173,11 @@ def _refund(rng: random.Random, order: int, product: str) -> _Request:
         "it reaches your card in 3-5 business days."
     )
     keys = (str(order), "refund")
-    return _Request("refund", ask, record, answer, keys, (f"{amount} USD",), invented)
+    line = (
+        f"Order {order}: refund of {amount} USD issued on {written(issued)} to the "
+        f"{card.capitalize()} card ending {last4}."
+    )
+    return _Request("refund", ask, record, answer, keys, (f"{amount} USD",), invented, line)
 
 
 def _billing(rng: random.Random, order: int, product: str) -> _Request:
@@ -184,7 +199,12 @@ def _billing(rng: random.Random, order: int, product: str) -> _Request:
         f"Order {order} was billed once for ${_money(rng)}; the duplicate hold is released "
         "within 2 days."
     )
-    return _Request("billing", ask, record, answer, (str(order),), (f"{amount} USD",), invented)
+    line = (
+        f"Order {order} ({product}): {amount} USD captured on {written(charged)}; a pending "
+        f"authorization of {amount} USD is released on {written(release)}."
+    )
+    facts = (f"{amount} USD",)
+    return _Request("billing", ask, record, answer, (str(order),), facts, invented, line)
 
 
 def _account(rng: random.Random, name: str) -> _Request:
@@ -203,6 +223,10 @@ def _account(rng: random.Random, name: str) -> _Request:
         "password_reset_link_valid_hours": hours,
         "two_factor": rng.choice(["on", "off"]),
     }
+    line = (
+        f"Account {email}: active, two-factor {record['two_factor']}; password reset links are "
+        f"valid for {hours} hours."
+    )
     answer = (
         f"Use 'Forgot password' on the sign-in page: the reset link goes to {email} and works "
         f"for {hours} hours."
@@ -212,7 +236,7 @@ def _account(rng: random.Random, name: str) -> _Request:
         "and works for 72 hours."
     )
     keys = ("password", "account", "link")
-    return _Request("account", ask, record, answer, keys, (email,), invented)
+    return _Request("account", ask, record, answer, keys, (email,), invented, line)
 
 
 def _shipping(rng: random.Random, order: int, product: str) -> _Request:
@@ -234,12 +258,18 @@ def _shipping(rng: random.Random, order: int, product: str) -> _Request:
         f"{spoken(cutoff)}, when it ships."
     )
     invented = f"Yes: open order {order}, choose 'Edit delivery' and save before {rng.choice(DAYS)} 6 pm, when it ships."
-    return _Request("shipping", ask, record, answer, (str(order),), (written(cutoff),), invented)
+    line = (
+        f"Order {order} ({product}): processing; the delivery address can be changed until "
+        f"{written(cutoff)}."
+    )
+    facts = (written(cutoff),)
+    return _Request("shipping", ask, record, answer, (str(order),), facts, invented, line)
 
 
 def _not_found(request: _Request, order: int) -> _Request:
     """The same request, but the lookup found no such order: ask, invent nothing."""
     request.record = {"order_lookup": f"no order {order} found for this customer"}
+    request.line = f"No order {order} found for this customer."
     request.answer = (
         f"I could not find order {order} on your account. Please send the order number from "
         "your confirmation e-mail, or the e-mail address you ordered with."
@@ -281,7 +311,9 @@ def _request(rng: random.Random, order: int, name: str) -> _Request:
     return request
 
 
-def make_cases(n: int, seed: int) -> list[Case]:
+def make_cases(n: int, seed: int, records: Records = "line") -> list[Case]:
+    """``n`` seeded cases; ``records`` changes only how the lookup result is written (the same
+    seed gives the same requests, facts and answers in both forms)."""
     rng = random.Random(seed)
     cases = []
     for _ in range(n):
@@ -290,7 +322,8 @@ def make_cases(n: int, seed: int) -> list[Case]:
         request = _request(rng, order, name)
         opening, closing = TONES[rng.choice(list(TONES))]
         text = opening.format(name=name) + request.ask + closing
-        system = f"{SYSTEM}\n\nLookup result:\n{render_record(request.record, rng)}"
+        fields = render_record(request.record, rng)  # drawn in both forms: same rng stream
+        system = f"{SYSTEM}\n\nLookup result:\n{fields if records == 'fields' else request.line}"
         prompt = [{"role": "system", "content": system}, {"role": "user", "content": text}]
         found = not request.record.get("order_lookup")
         answer = request.answer

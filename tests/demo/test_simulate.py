@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from demo.rounds import production
-from demo.scenario import POLICY_SENTENCE, make_cases
+from demo.scenario import POLICY_SENTENCE, Case, make_cases
 from demo.simulate import (
     addresses,
     agent_edit,
@@ -47,19 +47,35 @@ def test_agent_edit_answers_concisely_without_apologies() -> None:
     assert edited == case.answer  # substance, not just deletions
 
 
+def _record(case: Case) -> str:
+    return case.prompt[0]["content"].partition("Lookup result:\n")[2]
+
+
+def test_the_two_record_forms_differ_only_in_how_the_lookup_is_written() -> None:
+    lines, fields = make_cases(200, seed=4), make_cases(200, seed=4, records="fields")
+    for line, field in zip(lines, fields, strict=True):
+        assert line.prompt[1] == field.prompt[1]  # the same customer message
+        assert (line.answer, line.facts, line.found) == (field.answer, field.facts, field.found)
+        summary = _record(line)
+        assert len(summary.splitlines()) == 1 and summary.endswith(".")  # one rendered line
+        assert all(fact in summary for fact in line.facts)  # every key fact, as written
+        assert line.answer not in summary  # data, not the agent's sentence
+        assert not line.found or not any(
+            d in summary for d in ("customer_id", "loyalty_tier", "warehouse")
+        )
+
+
 def test_records_are_data_and_answers_use_only_their_facts() -> None:
-    cases = make_cases(300, seed=4)
+    cases = make_cases(300, seed=4, records="fields")
     for case in cases:
         system = case.prompt[0]["content"]
-        record = system.partition("Lookup result:\n")[2]
+        record = _record(case)
         assert record and all(": " in line for line in record.splitlines())  # fields, not prose
         assert case.answer not in system
         assert is_good(case, case.answer), case  # states the key facts, invents nothing
         assert unsupported(case, case.invented) or not case.found  # the sabotage does invent
     orders = [c for c in cases if c.category == "order" and c.found]
-    first_fields = {
-        c.prompt[0]["content"].partition("Lookup result:\n")[2].split(":")[0] for c in orders
-    }
+    first_fields = {_record(c).split(":")[0] for c in orders}
     assert len(first_fields) > 3  # the fields come in varied order, with distractors
     missing = [c for c in cases if not c.found]
     assert 0.05 < len(missing) / len(cases) < 0.25
