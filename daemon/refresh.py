@@ -516,4 +516,7 @@ def _training_summary(result: RunResult) -> dict[str, Any]:
         "detectors": {k: v["fired"] for k, v in result.detectors.items()},
         "timings": result.timings,
         "peak_memory_bytes": result.peak_memory_bytes,
+        # verifier-mined pairs (trainer.mining): how many of the rows trained on were mined
+        "mined_pairs": result.mining.get("pairs", 0),
+        "mining": result.mining,
     }

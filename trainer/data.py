@@ -107,6 +107,15 @@ def to_unpaired(rows: list[dict[str, Any]]) -> list[UnpairedRow]:
     return out
 
 
+def row_tags(row: dict[str, Any]) -> dict[str, str]:
+    """A row's tags as a dict: a snapshot stores ``[{key, value}, ...]``, a JSONL row may give a
+    mapping; rows from before tags were kept have none."""
+    tags = row.get("tags") or {}
+    if isinstance(tags, dict):
+        return {str(k): str(v) for k, v in tags.items()}
+    return {str(t["key"]): str(t["value"]) for t in tags}
+
+
 def rows_sha256(rows: list[dict[str, Any]]) -> str:
     """Content hash of rows (order-sensitive, key-order-insensitive)."""
     digest = hashlib.sha256()

@@ -23,7 +23,9 @@ reads):
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.data import PairRow, is_snapshot, read_rows, to_pairs
+from trainer.data import PairRow, is_snapshot, read_rows, row_tags, to_pairs
 from trainer.generation import generate, generation_stats
 from trainer.logprobs import Encoded, collate, encode, response_logits
 from trainer.model import evaluating, using_adapter
@@ -248,15 +250,6 @@ def factuality(
     return correct / len(questions)
 
 
-def row_tags(row: dict[str, Any]) -> dict[str, str]:
-    """A row's tags as a dict: a snapshot stores ``[{key, value}, ...]``, a JSONL row may give a
-    mapping; rows from before tags were kept have none."""
-    tags = row.get("tags") or {}
-    if isinstance(tags, dict):
-        return {str(k): str(v) for k, v in tags.items()}
-    return {str(t["key"]): str(t["value"]) for t in tags}
-
-
 def heldout_prompts(
     spec: RunSpec, pairs: list[PairRow], rows: list[dict[str, Any]]
 ) -> list[tuple[Any, dict[str, str]]]:
@@ -277,11 +270,33 @@ def _stage(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
+def _reference_factuality(
+    model: Any,
+    tokenizer: Any,
+    questions: list[dict[str, Any]],
+    batch_size: int,
+    identity: str,
+    cache_dir: Path | None,
+) -> float:
+    """The reference's factuality, once per (base, question set): it is the same every run."""
+    digest = hashlib.sha256(json.dumps([identity, questions], sort_keys=True).encode())
+    path = cache_dir / f"reference-factuality-{digest.hexdigest()[:24]}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        return float(json.loads(path.read_text()))
+    value = factuality(model, tokenizer, questions, adapter=None, batch_size=2 * batch_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+    return value
+
+
 def retain_drift(
     spec: RunSpec, model: Any, tokenizer: Any, adapters: dict[str, str | None], identity: str
 ) -> dict[str, Any]:
-    """Each adapter's drift on the retain set (the reference's is 0 by definition, measured
-    anyway: it is the check's noise floor)."""
+    """Each adapter's drift on the retain set (not the reference's: the same forward twice is 0
+    by construction)."""
     if spec.eval.retain_set is None:
         return {}
     prompts = load_prompts(spec.eval.retain_set, shipped="eval")
@@ -300,6 +315,7 @@ def retain_drift(
     return {
         name: drift_report(*kl_per_reply(model, examples, adapter=a, pad_id=pad, batch_size=bs))
         for name, a in adapters.items()
+        if a is not None
     }
 
 
@@ -326,6 +342,7 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str = "") 
         )
         adapters["incumbent"] = "incumbent"
     report: dict[str, dict[str, Any]] = {name: {} for name in adapters}
+    cache_dir = spec.reference_cache.parent if spec.reference_cache is not None else None
     pad, bs, hp = tokenizer.pad_token_id, spec.eval.batch_size, spec.hyper
     if rows:
         pairs = to_pairs(rows)
@@ -353,13 +370,25 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str = "") 
                 else kl_to_reference(model, kl_examples, adapter=adapter, pad_id=pad, batch_size=bs)
             )
             if prompts:
-                replies = generate(
-                    model,
-                    tokenizer,
-                    prompts,
-                    adapter=adapter,
-                    max_new_tokens=spec.eval.max_new_tokens,
-                    batch_size=bs,
+                replies = (
+                    reference_replies(  # the same every round for the prompts it has seen
+                        model,
+                        tokenizer,
+                        prompts,
+                        identity=identity,
+                        max_new_tokens=spec.eval.max_new_tokens,
+                        batch_size=bs,
+                        cache_dir=cache_dir,
+                    )
+                    if adapter is None
+                    else generate(
+                        model,
+                        tokenizer,
+                        prompts,
+                        adapter=adapter,
+                        max_new_tokens=spec.eval.max_new_tokens,
+                        batch_size=bs,
+                    )
                 )
                 report[name]["generation"] = generation_stats(
                     replies,
@@ -368,8 +397,9 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str = "") 
                     grounding=spec.eval.grounding,
                     policy_rules=spec.eval.policy_rules,
                 )
-                if adapter is None:
+                if adapter is None:  # its own KL on its own replies is 0: nothing to measure
                     task_examples = encode_replies(tokenizer, prompts, replies)
+                    continue
                 report[name]["task_kl"] = drift_report(
                     *kl_per_reply(model, task_examples, adapter=adapter, pad_id=pad, batch_size=bs)
                 )
@@ -393,7 +423,9 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str = "") 
     if questions:
         for name, adapter in adapters.items():
             _stage(f"eval {name}: factuality on {len(questions)} questions")
-            report[name]["factuality"] = factuality(
-                model, tokenizer, questions, adapter=adapter, batch_size=2 * bs
+            report[name]["factuality"] = (
+                _reference_factuality(model, tokenizer, questions, bs, identity, cache_dir)
+                if adapter is None
+                else factuality(model, tokenizer, questions, adapter=adapter, batch_size=2 * bs)
             )
     return EvalReport(**{name: AdapterEval(**parts) for name, parts in report.items()})

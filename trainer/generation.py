@@ -139,8 +139,12 @@ def generate(
     adapter: str | None,
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    samples: int = 1,
+    temperature: float = 0.0,
 ) -> list[str]:
-    """Greedy replies (left-padded batches), as the served model would answer."""
+    """Greedy replies (left-padded batches), as the served model would answer; with
+    ``temperature`` > 0, ``samples`` sampled replies per prompt instead (prompt-major order:
+    prompt 0's samples first), seeded by the caller's torch seed."""
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     replies: list[str] = []
@@ -155,7 +159,9 @@ def generate(
                 output = model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
+                    do_sample=temperature > 0,
+                    **({"temperature": temperature, "top_k": 0} if temperature > 0 else {}),
+                    num_return_sequences=samples if temperature > 0 else 1,
                     pad_token_id=tokenizer.pad_token_id,
                     use_cache=True,
                 )

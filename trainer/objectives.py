@@ -208,6 +208,9 @@ class UnpairedObjective:
         return out.losses, stats, batch.num_tokens
 
 
+Objective = PairedObjective | UnpairedObjective
+
+
 def make_objective(
     method: Method,
     hp: Hyperparameters,

@@ -64,30 +64,31 @@ def reference_replies(
     batch_size: int,
     cache_dir: Path | None,
 ) -> list[str]:
-    """The reference's greedy replies to ``prompts``, generated once per (base model identity,
-    prompts, length cap) and kept in ``cache_dir`` (None: generated every time)."""
-    key = hashlib.sha256(
-        json.dumps([identity, max_new_tokens, list(prompts)], sort_keys=True).encode()
-    ).hexdigest()[:24]
-    path = cache_dir / f"retain-{key}.json" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        replies: list[str] = json.loads(path.read_text())
-        if len(replies) == len(prompts):
-            return replies
-    replies = generate(
-        model,
-        tokenizer,
-        prompts,
-        adapter=None,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(replies))
-        os.replace(tmp, path)  # two ranks may write it: either copy is the same
-    return replies
+    """The reference's greedy replies to ``prompts``. Each is generated once per (base model
+    identity, length cap, prompt) and kept in ``cache_dir`` (None: generated every time): the
+    reference never changes, so neither does its greedy reply — across refreshes, the gate's
+    held-out prompts of earlier rounds, the drift probe and the anchor."""
+    key = hashlib.sha256(json.dumps([identity, max_new_tokens]).encode()).hexdigest()[:24]
+    path = cache_dir / f"reference-replies-{key}.json" if cache_dir is not None else None
+    known: dict[str, str] = json.loads(path.read_text()) if path and path.is_file() else {}
+    keys = [hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest() for p in prompts]
+    missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
+    if missing:
+        fresh = generate(
+            model,
+            tokenizer,
+            [prompts[i] for i in missing],
+            adapter=None,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
+        known |= {keys[i]: reply for i, reply in zip(missing, fresh, strict=True)}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, path)  # two ranks may write it: either copy is the same
+    return [known[k] for k in keys]
 
 
 def encode_replies(

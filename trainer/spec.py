@@ -203,6 +203,25 @@ class AnchorSpec(FrozenModel):
     max_new_tokens: int = Field(48, gt=0, description="length cap of the reference's replies")
 
 
+class MiningSpec(FrozenModel):
+    """Verifier-mined on-policy pairs (``trainer.mining``): the model answers the training
+    prompts, the gate's detectors flag replies, and *agent's reply ≻ flagged reply* pairs are
+    added to the training rows."""
+
+    samples: int = Field(0, ge=0, description="sampled replies per training prompt; 0 = off")
+    temperature: float = Field(0.8, gt=0, description="sampling temperature")
+    max_new_tokens: int = Field(80, gt=0, description="length cap of a sampled reply")
+    max_per_prompt: int = Field(2, gt=0, description="mined pairs per prompt at most")
+    when: Literal["before", "after"] = Field(
+        "after",
+        description="before: sample the starting model (the active adapter on a warm start); "
+        "after: train, sample the candidate, then train on with the mined pairs",
+    )
+    second_pass_epochs: float = Field(
+        1.0, gt=0, description="'after': passes over training + mined rows in the second pass"
+    )
+
+
 class RunSpec(FrozenModel):
     """Everything one training run needs. Paths are resolved by the writer."""
 
@@ -219,6 +238,7 @@ class RunSpec(FrozenModel):
     hyper: Hyperparameters = Hyperparameters()
     lora: LoraSpec = LoraSpec()
     anchor: AnchorSpec = AnchorSpec()
+    mining: MiningSpec = MiningSpec()
     detectors: Detectors = Detectors()
     eval: EvalSpec = EvalSpec()
     init_adapter: Path | None = Field(None, description="warm start: initial LoRA weights")
@@ -498,6 +518,9 @@ class RunResult(BaseModel):
     )
     anchor: dict[str, int] = Field(
         {}, description="the retain anchor's replies and the bytes of reference top-k kept"
+    )
+    mining: dict[str, Any] = Field(
+        {}, description="mined pairs: sampled, flagged, pairs, skipped, capped, by flag"
     )
     parallel: dict[str, Any] = Field(
         {},

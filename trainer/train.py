@@ -1,7 +1,8 @@
 """``python -m trainer.train RUN_SPEC.json`` — one LoRA preference-training run.
 
 Reads top to bottom: setup (spec, data, model) → reference pass (through the cross-run cache)
-→ loop → save → evaluation (``trainer.evaluate.evaluate_run``).
+→ loop (:func:`optimise`; with ``mining.when: after`` a second pass on the candidate's mined
+mistakes) → save → evaluation (``trainer.evaluate.evaluate_run``).
 Writes ``<output_dir>/adapter/`` (PEFT, vLLM-servable) and ``<output_dir>/result.json``.
 Exit code 0 only when the adapter was written; 1 for a failed or interrupted run (the result
 file says why); 2 for a spec that cannot be used (nothing is loaded).
@@ -19,6 +20,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,11 @@ from trainer.distributed import (
     shard_model,
 )
 from trainer.evaluate import evaluate_run, score
+from trainer.generation import generate
 from trainer.logprobs import Encoded
+from trainer.methods import Method
 from trainer.methods import method as method_info
+from trainer.mining import mine_pairs
 from trainer.model import (
     attach_lora,
     enable_activation_checkpointing,
@@ -46,7 +51,7 @@ from trainer.model import (
     save_adapter,
     weight_dtype,
 )
-from trainer.objectives import encode_rows, make_objective
+from trainer.objectives import Objective, encode_rows, make_objective
 from trainer.refcache import ReferenceCache, model_identity
 from trainer.retain import (
     AnchorBatches,
@@ -168,10 +173,116 @@ def make_anchor(
     return anchor
 
 
-# The recipe reads top to bottom in one function (~150 lines for the loop); the complexity
-# counted is the detectors, each a line or two, and splitting them out would hide the control flow.
-def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
-    hp, det = spec.hyper, spec.detectors
+@dataclass
+class Trainee:
+    """What every optimisation pass of a run shares: the model and how it runs."""
+
+    spec: RunSpec
+    method: Method
+    model: Any
+    tokenizer: Any
+    world: World
+    device: torch.device
+    autocast: Any
+    scaler: Any
+    generator: torch.Generator
+    identity: str
+    check_log2: bool  # the step-0 log 2 check: a fresh adapter on a method that starts there
+    half_precision: bool
+    anchor: AnchorBatches | None = None
+    steps_done: int = 0
+
+
+def prepare(t: Trainee, rows: list[dict[str, Any]], result: RunResult) -> Objective:
+    """Tokenise ``rows`` and fetch their reference log-probs through the cross-run cache.
+
+    The reference never changes during a run (nor across runs on the same base), so the loop
+    never runs it: on a refresh this is mostly cache hits, on a first run it costs about one
+    eval-mode forward per sequence (a second pass after mining computes only the mined rows).
+    """
+    t0 = time.perf_counter()
+    encoded = encode_rows(t.method, rows, t.tokenizer, t.spec.hyper)
+    pad_id = t.tokenizer.pad_token_id
+    cache = ReferenceCache(
+        t.spec.reference_cache,
+        t.identity,
+        found_everywhere=t.world.all_true if t.world.sharded else None,
+    )
+    try:
+        reference = {
+            name: cache.logps(t.model, examples, reference_logps, pad_id, t.spec.eval.batch_size)
+            for name, examples in encoded.reference_inputs(t.method).items()
+        }
+    finally:
+        cache.close()
+    result.reference_logps = cache.stats.as_dict()
+    result.timings["reference_s"] = result.timings.get("reference_s", 0.0) + (
+        time.perf_counter() - t0
+    )
+    return make_objective(t.method, t.spec.hyper, encoded, reference, pad_id, t.world.sum_)
+
+
+def mine(t: Trainee, rows: list[dict[str, Any]], result: RunResult) -> list[dict[str, Any]]:
+    """Sample the current model (adapter on) on the training rows' prompts and keep the replies
+    the gate's detectors flag as *agent's reply ≻ flagged reply* pairs (``trainer.mining``)."""
+    t0 = time.perf_counter()
+    m, ev = t.spec.mining, t.spec.eval
+    # mining needs whole-model forwards on every rank; a sharded model generates in lockstep
+    replies = generate(
+        t.model,
+        t.tokenizer,
+        [r["prompt"] for r in rows],
+        adapter="default",
+        max_new_tokens=m.max_new_tokens,
+        batch_size=ev.batch_size,
+        samples=m.samples,
+        temperature=m.temperature,
+    )
+    samples = [replies[i * m.samples : (i + 1) * m.samples] for i in range(len(rows))]
+    mined, report = mine_pairs(
+        rows,
+        samples,
+        max_per_prompt=m.max_per_prompt,
+        grounding=ev.grounding,
+        rules=ev.policy_rules,
+    )
+    result.mining = report.as_dict() | {"when": m.when}
+    if t.world.is_main:  # for the operator: which replies were flagged, and why
+        with (t.spec.output_dir / "mined.jsonl").open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in mined)
+    result.timings["mining_s"] = time.perf_counter() - t0
+    tqdm.write(
+        f"mined {report.pairs} pairs from {report.sampled} samples "
+        f"({report.flagged} flagged: {dict(report.by_flag)})",
+        file=sys.stderr,
+    )
+    return mined
+
+
+def load_model(
+    spec: RunSpec, world: World, device: torch.device, dtype: torch.dtype
+) -> tuple[Any, Any]:
+    """The base (quantised or sharded as the spec says) with the LoRA adapter attached."""
+    quantize = spec.lora.quantize
+    model, tokenizer = load_base_for(world, spec.base_model, device, dtype, quantize)
+    if quantize is not None:  # norms in fp32, input grads for the frozen 4-bit base
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=False
+        )
+    for module in model.modules():  # dropout in the base would make policy != reference at step 0
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model = attach_lora(model, spec.lora, spec.init_adapter)
+    enable_activation_checkpointing(model, spec.hyper.activation_checkpointing)
+    if world.sharded:
+        shard_model(model, world, device)
+    return model, tokenizer
+
+
+def train(spec: RunSpec, result: RunResult) -> None:
+    hp = spec.hyper
     method = method_info(spec.method)
     t_setup = time.perf_counter()
 
@@ -183,6 +294,8 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         rows = rows + read_rows(spec.data, kind="pairs", split="train")
     if not rows:
         raise DataError(f"{spec.data}: no training rows for method {method.name!r}")
+    if spec.mining.samples and not method.paired:
+        raise DataError("mining adds pairs: it needs a paired method, not " + method.name)
     result.dataset_sha256 = spec.dataset_sha256 or snapshot_sha256(spec.data) or rows_sha256(rows)
     world, device = init_world(pick_device(spec.device), spec.engine)
     if world.size > hp.batch_size:  # a rank without rows would skip the step's collectives
@@ -202,20 +315,7 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
 
     quantize = spec.lora.quantize
-    model, tokenizer = load_base_for(world, spec.base_model, device, dtype, quantize)
-    if quantize is not None:  # norms in fp32, input grads for the frozen 4-bit base
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-            model, use_gradient_checkpointing=False
-        )
-    for module in model.modules():  # dropout in the base would make policy != reference at step 0
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    model = attach_lora(model, spec.lora, spec.init_adapter)
-    enable_activation_checkpointing(model, hp.activation_checkpointing)
-    if world.sharded:
-        shard_model(model, world, device)
+    model, tokenizer = load_model(spec, world, device, dtype)
     held, total = held_parameters(model)
     result.parallel = {
         "engine": world.engine if world.size > 1 else "single",
@@ -223,146 +323,46 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         "parameters_held": held,
         "parameters": total,
     }
-    encoded = encode_rows(method, rows, tokenizer, hp)
-
-    # --- reference pass: one forward per row the cache has not seen -------------------------
-    # The reference never changes during a run (nor across runs on the same base), so the
-    # loop never runs it: on a refresh this is mostly cache hits, on a first run it costs about
-    # one eval-mode forward per sequence.
-    t_reference = time.perf_counter()
-    pad_id, eval_bs = tokenizer.pad_token_id, spec.eval.batch_size
-    identity = model_identity(
-        resolve_base_model(spec.base_model),
-        device.type,
-        quantize or str(dtype).removeprefix("torch."),
+    t = Trainee(
+        spec=spec,
+        method=method,
+        model=model,
+        tokenizer=tokenizer,
+        world=world,
+        device=device,
+        autocast=autocast,
+        scaler=scaler,
+        generator=generator,
+        identity=model_identity(
+            resolve_base_model(spec.base_model),
+            device.type,
+            quantize or str(dtype).removeprefix("torch."),
+        ),
+        check_log2=method.log2_at_init and spec.init_adapter is None,
+        half_precision=dtype != torch.float32 or quantize is not None,
     )
-    cache = ReferenceCache(
-        spec.reference_cache, identity, found_everywhere=world.all_true if world.sharded else None
-    )
-    try:
-        reference = {
-            name: cache.logps(model, examples, reference_logps, pad_id, eval_bs)
-            for name, examples in encoded.reference_inputs(method).items()
-        }
-    finally:
-        cache.close()
-    result.reference_logps = cache.stats.as_dict()
-    result.timings["reference_s"] = time.perf_counter() - t_reference
-    anchor = make_anchor(spec, model, tokenizer, identity, result) if spec.anchor.weight else None
-    objective = make_objective(method, hp, encoded, reference, pad_id, world.sum_)
-    n_examples = result.num_train_examples = objective.num_examples
+    if spec.mining.samples and spec.mining.when == "before":  # the starting model's mistakes
+        rows = rows + mine(t, rows, result)
+    objective = prepare(t, rows, result)
+    if spec.anchor.weight:
+        t.anchor = make_anchor(spec, model, tokenizer, t.identity, result)
     result.timings["setup_s"] = time.perf_counter() - t_setup
 
-    per_step = hp.batch_size * hp.grad_accum
-    total_steps = result.num_steps = hp.max_steps or max(
-        1, math.ceil(hp.epochs * n_examples / per_step)
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp, total_steps))
-    check_log2 = method.log2_at_init and spec.init_adapter is None
-    half_precision = dtype != torch.float32 or quantize is not None
-    margins: list[float] = []
-    chosen_per_token: list[float] = []
-    queue: list[int] = []
-    model.train()
+    # --- train (and, with mining after, mine the candidate's mistakes and train on) --------
     t_loop = time.perf_counter()
-    bar = tqdm(
-        total=total_steps,
-        desc=f"{method.name} training",
-        unit="step",
-        file=sys.stderr,
-        disable=not world.is_main,
-    )
-
-    # --- loop ----------------------------------------------------------------------------
-    for step in range(total_steps):
-        if _stop_requested:
-            result.status = "interrupted"
-            raise TrainingAborted(f"stopped by signal before step {step}")
-        t_step = time.perf_counter()
-        parts: dict[str, list[torch.Tensor]] = {}
-        tokens = 0
-        for _ in range(hp.grad_accum):
-            while len(queue) < hp.batch_size:  # epochs: reshuffle whenever the queue runs low
-                order = torch.randperm(n_examples, generator=generator) if hp.shuffle else None
-                queue.extend(range(n_examples) if order is None else order.tolist())
-            batch, queue = queue[: hp.batch_size], queue[hp.batch_size :]
-            idx = world.shard(batch)  # this rank's part of the global micro-batch
-            with autocast:
-                losses, stats, n_tokens = objective.micro_batch(model, idx, device)
-            # Sum over this rank's rows / global rows: gradients summed over ranks = global mean.
-            loss: torch.Tensor = losses.sum() * world.backward_scale / (len(batch) * hp.grad_accum)
-            if anchor is not None:  # every rank runs the same retain batch: its share is 1/size
-                with autocast:
-                    anchor_kl = anchor.kl(model, device)
-                stats = stats | {"anchor_kl": anchor_kl.detach()}
-                loss = loss + spec.anchor.weight * anchor_kl.mean() * world.backward_scale / (
-                    world.size * hp.grad_accum
-                )
-            torch.autograd.backward(scaler.scale(loss))
-            tokens += n_tokens
-            for key, value in (stats | {"loss": losses.detach()}).items():
-                parts.setdefault(key, []).append(value)
-
-        world.sum_gradients(trainable)  # ddp: all-reduce; fsdp reduce-scattered them already
-        scaler.unscale_(optimizer)  # fp16 only (otherwise a no-op): clip the true gradients
-        # clip_grad_norm_ returns a tensor; reading the metrics below is the step's CPU-GPU sync.
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        metrics = step_metrics(step, parts, world)
-        tokens = int(world.sum_(torch.tensor(tokens)).item())
-        elapsed = time.perf_counter() - t_step
-        metrics |= {
-            "grad_norm": float(full_value(grad_norm)),
-            "learning_rate": scheduler.get_last_lr()[0],
-            "tokens": tokens,
-            "step_s": elapsed,
-            "tokens_per_s": tokens / elapsed,
-        }
-        result.steps.append(metrics)
-        bar.update(1)
-        accuracy = metrics.get("rewards/accuracies") or 0.0
-        bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}", acc=f"{accuracy:.2f}", tok_s=f"{tokens / elapsed:.0f}"
+    optimise(t, objective, hp.max_steps or _steps(hp, objective.num_examples, hp.epochs), result)
+    if spec.mining.samples and spec.mining.when == "after":
+        mined = mine(t, rows, result)
+        objective = prepare(t, rows + mined, result)
+        optimise(
+            t,
+            objective,
+            _steps(hp, objective.num_examples, spec.mining.second_pass_epochs),
+            result,
         )
-
-        # --- detectors ------------------------------------------------------------------
-        finding = detectors.non_finite_loss(metrics["loss"], step)
-        result.detectors["non_finite_loss"] = finding.as_dict()
-        if finding.fired:
-            raise TrainingAborted(finding.detail)
-        if step == 0 and check_log2:
-            finding = (
-                detectors.reference_mismatch_per_token(
-                    metrics["kl_proxy"], det.half_precision_tolerance
-                )
-                if half_precision
-                else detectors.reference_mismatch(metrics["preference_loss"], det.log2_tolerance)
-            )
-            result.detectors["reference_mismatch"] = finding.as_dict()
-            if finding.fired:
-                raise TrainingAborted(finding.detail)
-        if metrics.get("logratio_margin") is not None:
-            margins.append(metrics["logratio_margin"])
-            chosen_per_token.append(metrics["logps/chosen_per_token"])
-            if len(margins) == det.sign_check_steps + 1:
-                finding = detectors.sign_bug(margins, det.sign_check_steps)
-                result.detectors["sign_bug"] = finding.as_dict()
-                if finding.fired:
-                    tqdm.write(f"WARNING: possible sign bug: {finding.detail}", file=sys.stderr)
-    bar.close()
-    result.timings["train_s"] = time.perf_counter() - t_loop
-    finding = detectors.likelihood_collapse(
-        chosen_per_token, margins, min_steps=det.collapse_min_steps, min_drop=det.collapse_min_drop
-    )
-    result.detectors["likelihood_collapse"] = finding.as_dict()
-    if finding.fired:
-        tqdm.write(f"WARNING: {finding.detail}", file=sys.stderr)
+    result.num_train_examples = objective.num_examples
+    result.num_steps = t.steps_done
+    result.timings["train_s"] = time.perf_counter() - t_loop - result.timings.get("mining_s", 0.0)
 
     # --- save, then evaluate on held-out data ----------------------------------------------
     # ddp: rank 0 alone holds the whole model and does both. fsdp: every rank gathers the LoRA
@@ -380,9 +380,124 @@ def train(spec: RunSpec, result: RunResult) -> None:  # noqa: C901
         save_adapter(model, adapter_dir, lora_state)
         result.adapter_dir = str(adapter_dir)
     t_eval = time.perf_counter()
-    result.eval = evaluate_run(spec, model, tokenizer, identity)
+    result.eval = evaluate_run(spec, model, tokenizer, t.identity)
     result.timings["eval_s"] = time.perf_counter() - t_eval
     result.status = "succeeded"
+
+
+def _steps(hp: Hyperparameters, n_examples: int, epochs: float) -> int:
+    return max(1, math.ceil(epochs * n_examples / (hp.batch_size * hp.grad_accum)))
+
+
+# The loop reads top to bottom in one function (~130 lines); the complexity counted is the
+# detectors, each a line or two, and splitting them out would hide the control flow.
+def optimise(t: Trainee, objective: Objective, total_steps: int, result: RunResult) -> None:  # noqa: C901
+    """One pass of AdamW with its own warm-up and decay over ``total_steps`` steps."""
+    hp, det, world, model = t.spec.hyper, t.spec.detectors, t.world, t.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp, total_steps))
+    n_examples = objective.num_examples
+    first_pass = t.steps_done == 0
+    margins: list[float] = []
+    chosen_per_token: list[float] = []
+    queue: list[int] = []
+    model.train()
+    bar = tqdm(
+        total=total_steps,
+        desc=f"{t.method.name} training" + ("" if first_pass else " (with mined pairs)"),
+        unit="step",
+        file=sys.stderr,
+        disable=not world.is_main,
+    )
+    for pass_step in range(total_steps):
+        step = t.steps_done
+        if _stop_requested:
+            result.status = "interrupted"
+            raise TrainingAborted(f"stopped by signal before step {step}")
+        t_step = time.perf_counter()
+        parts: dict[str, list[torch.Tensor]] = {}
+        tokens = 0
+        for _ in range(hp.grad_accum):
+            while len(queue) < hp.batch_size:  # epochs: reshuffle whenever the queue runs low
+                order = torch.randperm(n_examples, generator=t.generator) if hp.shuffle else None
+                queue.extend(range(n_examples) if order is None else order.tolist())
+            batch, queue = queue[: hp.batch_size], queue[hp.batch_size :]
+            idx = world.shard(batch)  # this rank's part of the global micro-batch
+            with t.autocast:
+                losses, stats, n_tokens = objective.micro_batch(model, idx, t.device)
+            # Sum over this rank's rows / global rows: gradients summed over ranks = global mean.
+            loss: torch.Tensor = losses.sum() * world.backward_scale / (len(batch) * hp.grad_accum)
+            if t.anchor is not None:  # every rank runs the same retain batch: its share is 1/size
+                with t.autocast:
+                    anchor_kl = t.anchor.kl(model, t.device)
+                stats = stats | {"anchor_kl": anchor_kl.detach()}
+                loss = loss + t.spec.anchor.weight * anchor_kl.mean() * world.backward_scale / (
+                    world.size * hp.grad_accum
+                )
+            torch.autograd.backward(t.scaler.scale(loss))
+            tokens += n_tokens
+            for key, value in (stats | {"loss": losses.detach()}).items():
+                parts.setdefault(key, []).append(value)
+
+        world.sum_gradients(trainable)  # ddp: all-reduce; fsdp reduce-scattered them already
+        t.scaler.unscale_(optimizer)  # fp16 only (otherwise a no-op): clip the true gradients
+        # clip_grad_norm_ returns a tensor; reading the metrics below is the step's CPU-GPU sync.
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
+        t.scaler.step(optimizer)
+        t.scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        metrics = step_metrics(step, parts, world)
+        tokens = int(world.sum_(torch.tensor(tokens)).item())
+        elapsed = time.perf_counter() - t_step
+        metrics |= {
+            "grad_norm": float(full_value(grad_norm)),
+            "learning_rate": scheduler.get_last_lr()[0],
+            "tokens": tokens,
+            "step_s": elapsed,
+            "tokens_per_s": tokens / elapsed,
+        }
+        result.steps.append(metrics)
+        t.steps_done += 1
+        bar.update(1)
+        accuracy = metrics.get("rewards/accuracies") or 0.0
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}", acc=f"{accuracy:.2f}", tok_s=f"{tokens / elapsed:.0f}"
+        )
+
+        # --- detectors ------------------------------------------------------------------
+        finding = detectors.non_finite_loss(metrics["loss"], step)
+        result.detectors["non_finite_loss"] = finding.as_dict()
+        if finding.fired:
+            raise TrainingAborted(finding.detail)
+        if pass_step == 0 and first_pass and t.check_log2:
+            finding = (
+                detectors.reference_mismatch_per_token(
+                    metrics["kl_proxy"], det.half_precision_tolerance
+                )
+                if t.half_precision
+                else detectors.reference_mismatch(metrics["preference_loss"], det.log2_tolerance)
+            )
+            result.detectors["reference_mismatch"] = finding.as_dict()
+            if finding.fired:
+                raise TrainingAborted(finding.detail)
+        if metrics.get("logratio_margin") is not None:
+            margins.append(metrics["logratio_margin"])
+            chosen_per_token.append(metrics["logps/chosen_per_token"])
+            if len(margins) == det.sign_check_steps + 1 and first_pass:
+                finding = detectors.sign_bug(margins, det.sign_check_steps)
+                result.detectors["sign_bug"] = finding.as_dict()
+                if finding.fired:
+                    tqdm.write(f"WARNING: possible sign bug: {finding.detail}", file=sys.stderr)
+    bar.close()
+    finding = detectors.likelihood_collapse(
+        chosen_per_token, margins, min_steps=det.collapse_min_steps, min_drop=det.collapse_min_drop
+    )
+    result.detectors["likelihood_collapse"] = finding.as_dict()
+    if finding.fired:
+        tqdm.write(f"WARNING: {finding.detail}", file=sys.stderr)
 
 
 def _versions() -> dict[str, str]:

@@ -38,7 +38,7 @@ def test_the_probe_runs_in_a_child_and_publishes_the_kl(
         service.registry.promote(version, actor="test", reason="setup")
         kl = service.drift_probe()  # needs no production traffic: the retain set is shipped
         assert kl is not None and kl > 0
-        assert list((tmp_path / "data" / "cache").glob("retain-*.json"))
+        assert list((tmp_path / "data" / "cache").glob("reference-replies-*.json"))
         assert service.metrics.drift_kl._value.get() == kl
         [entry] = [json.loads(line) for line in (tmp_path / "data" / "drift.jsonl").open()]
         assert entry["version"] == version and entry["kl"] == kl

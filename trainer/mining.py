@@ -1,0 +1,124 @@
+"""Verifier-mined on-policy pairs: the model's own flagged replies as the rejected side.
+
+The feedback's pairs are off-policy: the rejected side is the SFT draft, which apologises and
+states almost nothing, so no pair shows a wrong amount next to the right one. Here the model
+answers the *training* prompts itself (``samples`` replies each, sampled), the gate's own
+detectors judge every reply — specifics the conversation does not hold
+(``trainer.claims``), the policy rules that apply to the row's tags, empty/short/repetitive
+text — and each flagged reply becomes a pair *the agent's reply ≻ the flagged reply*
+(FactTune, arXiv 2311.08401; Trust-Align, arXiv 2409.11242: the model's own erroneous outputs
+as negatives). The detectors are the verifier, so no reward model is involved.
+
+Guards: only training rows are mined (the held-out split is never read, so evaluation stays
+untouched); a row whose chosen reply is itself flagged is skipped (it would teach the fault);
+at most ``max_per_prompt`` mined pairs per prompt; a sample equal to the chosen reply is never
+a negative. Mined rows carry ``origin: "mined"`` and the flags that made them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.claims import unsupported_claims
+from trainer.data import row_tags
+from trainer.generation import _WORD, is_repetitive
+from trainer.logprobs import Prompt, as_messages
+from trainer.spec import GroundingSpec, PolicyRule
+
+SHORT_WORDS = 5  # as the gate's degenerate check (trainer.generation.generation_stats)
+
+
+def flags(
+    reply: str,
+    prompt: Prompt,
+    tags: dict[str, str],
+    grounding: GroundingSpec,
+    rules: Sequence[PolicyRule],
+) -> list[str]:
+    """What the gate's detectors find wrong with ``reply`` to ``prompt``; empty when nothing."""
+    context = [m["content"] for m in as_messages(prompt)]
+    found = [
+        f"unsupported: {c.text}"
+        for c in unsupported_claims(reply, context, grounding.entities, grounding.ignore)
+    ]
+    found += [
+        f"policy: {rule.name}: {v}"
+        for rule in rules
+        if rule.applies(tags)
+        for v in rule.violations(reply)
+    ]
+    if len(_WORD.findall(reply)) < SHORT_WORDS or is_repetitive(reply):
+        found.append("degenerate")
+    return found
+
+
+@dataclass
+class MiningReport:
+    """What mining did, for ``result.json`` and the version manifest."""
+
+    sampled: int = 0
+    flagged: int = 0
+    pairs: int = 0
+    skipped_flagged_chosen: int = 0
+    capped: int = 0
+    by_flag: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sampled": self.sampled,
+            "flagged": self.flagged,
+            "pairs": self.pairs,
+            "skipped_flagged_chosen": self.skipped_flagged_chosen,
+            "capped": self.capped,
+            "by_flag": dict(self.by_flag),
+        }
+
+
+def mine_pairs(
+    rows: Sequence[dict[str, Any]],
+    samples: Sequence[Sequence[str]],
+    *,
+    max_per_prompt: int,
+    grounding: GroundingSpec,
+    rules: Sequence[PolicyRule],
+) -> tuple[list[dict[str, Any]], MiningReport]:
+    """New pair rows from ``samples[i]``, the model's replies to ``rows[i]``'s prompt (training
+    pair rows: ``prompt``, ``chosen``, ``tags``). Pure: the same inputs give the same rows."""
+    report = MiningReport()
+    mined: list[dict[str, Any]] = []
+    per_prompt: Counter[str] = Counter()
+    for row, replies in zip(rows, samples, strict=True):
+        tags = row_tags(row)
+        report.sampled += len(replies)
+        if flags(row["chosen"], row["prompt"], tags, grounding, rules):
+            report.skipped_flagged_chosen += 1
+            continue
+        key = json.dumps(row["prompt"], sort_keys=True)
+        seen: set[str] = set()
+        for reply in replies:
+            found = flags(reply, row["prompt"], tags, grounding, rules)
+            if not found or reply.strip() == row["chosen"].strip() or reply in seen:
+                continue
+            report.flagged += 1
+            seen.add(reply)
+            if per_prompt[key] >= max_per_prompt:
+                report.capped += 1
+                continue
+            per_prompt[key] += 1
+            report.by_flag.update({f.split(":")[0] for f in found})
+            mined.append(
+                {
+                    "prompt": row["prompt"],
+                    "chosen": row["chosen"],
+                    "rejected": reply,
+                    "tags": row.get("tags") or [],
+                    "origin": "mined",
+                    "flags": found,
+                }
+            )
+    report.pairs = len(mined)
+    return mined, report
