@@ -8,7 +8,11 @@ specifics a reply states and the ones that appear nowhere in the conversation. I
 same value appears in the conversation, compared by value, not by spelling:
 
 - money and numbers by their value: ``$16.45`` = ``16.45`` = ``16.45 USD``; ``1,000`` = ``1000``;
-  ``$16`` = ``16.00``; a list marker (``1.`` at the start of a line) is not a claim;
+  ``$16`` = ``16.00``; a list marker (``1.`` at the start of a line) is not a claim. An amount
+  (``$`` or a currency code) is supported only by an amount, or a number written with decimals
+  or thousands separators, of the same value, never by a plain integer the conversation uses
+  otherwise: "charged $55242" is unsupported
+  when 55242 is the order number (a SmolLM2 candidate said exactly that, issue #29);
 - dates by month and day: ``2026-11-14`` = ``November 14`` = ``14 Nov`` = ``Nov 14th``; the
   year, month and day of a date in the conversation also support those bare numbers;
 - weekdays by name (a weekday is supported only when the conversation names it: it is not
@@ -71,13 +75,17 @@ _NUMBER = re.compile(
     r"(?<![\w.])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\w)|(?<![\w.])\d+(?:\.\d+)?(?![\w])"
 )
 _LIST_MARKER = re.compile(r"(?m)^\s*\d{1,2}[.)]\s")
+_AMOUNT = r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)"
+_MONEY = re.compile(
+    rf"(?:[$€£]\s?{_AMOUNT}(?:\s?(?:USD|EUR|GBP)\b)?|(?<![\w.]){_AMOUNT}\s?(?:USD|EUR|GBP)\b)"
+)
 
 
 @dataclass(frozen=True)
 class Claim:
     """One specific a text states: its kind, the text as written, and the key it is compared by."""
 
-    kind: str  # number | date | year | weekday | time | email | url | id | entity
+    kind: str  # money | number | date | year | weekday | time | email | url | id | entity
     text: str
     key: str
 
@@ -154,6 +162,12 @@ def _id(m: re.Match[str]) -> list[Claim]:
     return [Claim("id", m[0], "id:" + m[0].replace("-", "").upper())]
 
 
+def _money(m: re.Match[str]) -> list[Claim]:
+    text = m[1] or m[2]
+    key = _number_key(text)
+    return [Claim("money", text, "money:" + key.removeprefix("number:"))] if key else []
+
+
 def _number(m: re.Match[str]) -> list[Claim]:
     key = _number_key(m[0])
     return [Claim("number", m[0], key)] if key else []
@@ -182,7 +196,12 @@ def extract_claims(text: str, entities: Sequence[str] = ()) -> list[Claim]:
     for name in entities:
         for match in source.take(re.compile(rf"(?<!\w){re.escape(name)}(?!\w)", re.I)):
             claims.append((match.start(), Claim("entity", match[0], "entity:" + name.lower())))
-    for pattern, make in ((_ID, _id), (_LIST_MARKER, _nothing), (_NUMBER, _number)):
+    for pattern, make in (
+        (_MONEY, _money),
+        (_ID, _id),
+        (_LIST_MARKER, _nothing),
+        (_NUMBER, _number),
+    ):
         claims += [(m.start(), c) for m in source.take(pattern) for c in make(m)]
     return [claim for _, claim in sorted(claims, key=lambda item: item[0])]
 
@@ -192,6 +211,11 @@ def _supported_keys(context: Iterable[str], entities: Sequence[str]) -> set[str]
     for text in context:
         for claim in extract_claims(text, entities):
             keys.add(claim.key)
+            if claim.kind == "money":  # an amount in the record also supports the bare number
+                keys.add("number:" + claim.key.removeprefix("money:"))
+            if claim.kind == "number" and ("." in claim.text or "," in claim.text):
+                # "16.00" or "1,000" read as amounts; a bare integer may be an order number
+                keys.add("money:" + claim.key.removeprefix("number:"))
             if claim.kind == "date":  # a date's month and day support those bare numbers
                 month, day = claim.key.removeprefix("date:").split("-")
                 keys |= {f"number:{month}", f"number:{day}"}

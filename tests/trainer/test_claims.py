@@ -59,6 +59,9 @@ def test_supported_replies(reply: str) -> None:
         ("The link works for 24 hours, until 18:00.", ["24", "18:00"]),
         ("Refunds take 3-5 business days.", ["3", "5"]),
         ("Order 53498 was refunded.", ["53498"]),
+        # an amount equal to the order number (a SmolLM2 candidate, issue #29)
+        ("Order 53497 was charged $53497.", ["53497"]),
+        ("Order 53497 was charged 53497 USD.", ["53497"]),
         ("Your limit is 10,000.", ["10,000"]),
     ],
 )
