@@ -25,6 +25,7 @@ from daemon.child import run_child
 from daemon.gate import GateConfig, decide_promotion
 from demo.run import DEMO_RUN_SPEC, LEGACY_RUN_SPEC
 from feedback.manifest import SnapshotManifest
+from trainer.generation import generation_stats
 from trainer.spec import RunResult, RunSpec, deep_merge
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -72,6 +73,26 @@ def _spec(name: str, snapshot: Path, out: Path, cache: Path | None) -> RunSpec:
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.0%}"
+
+
+def rescored(result: RunResult, spec: RunSpec) -> RunResult:
+    """The run's greedy replies scored by today's detectors (``trainer.claims`` may be stricter
+    than when the run was trained), so every row reads the same gate."""
+    parts = {}
+    for name in ("candidate", "reference"):
+        evaluation = getattr(result.eval, name)
+        g = evaluation.generation
+        if g is None or not g.replies:
+            continue
+        fresh = generation_stats(
+            g.replies,
+            g.prompts,
+            tags=g.tags,
+            grounding=spec.eval.grounding,
+            policy_rules=spec.eval.policy_rules,
+        )
+        parts[name] = evaluation.model_copy(update={"generation": fresh})
+    return result.model_copy(update={"eval": result.eval.model_copy(update=parts)})
 
 
 def row(name: str, result: RunResult, gate: GateConfig, manifest: SnapshotManifest) -> list[str]:
@@ -122,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.status != "succeeded":
             print(f"{name}: {result.status}: {result.error}", file=sys.stderr)
             continue
-        rows.append(row(name, result, gate, manifest))
+        rows.append(row(name, rescored(result, spec), gate, manifest))
         if result.mining:
             print(f"{name}: mined {json.dumps(result.mining)}", file=sys.stderr)
     table = [COLUMNS, *rows]

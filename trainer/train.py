@@ -151,7 +151,7 @@ def make_anchor(
 ) -> AnchorBatches:
     """The retain anchor's data: the reference's replies to the training retain set (generated
     once per base, cached beside the reference log-probs) and its top-k distributions on them
-    (one forward, every run: a few seconds, ~8·(k+1) bytes per reply token)."""
+    (one forward, every run: a few seconds, 12·k + 4 bytes per reply token)."""
     t0 = time.perf_counter()
     a = spec.anchor
     prompts = load_prompts(a.prompts, shipped="train")

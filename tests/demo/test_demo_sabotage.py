@@ -114,6 +114,7 @@ GROUNDED_GATE = {
     "policy_tolerance": 0.0,
     "min_policy_compliance": 0.95,
     "min_preference_accuracy": 0.75,
+    "drift_budget": None,  # these runs are about grounding and policy; drift is measured apart
 }
 SMOLLM2_RECIPE = {
     "method": "rpo",
@@ -125,6 +126,7 @@ SMOLLM2_RECIPE = {
         "batch_size": 16,
         "grounding": {"entities": CARRIERS},
         "policy_rules": POLICY_RULES,
+        "retain_set": None,  # ~40 s of reference replies per run that no check here reads
     },
 }
 

@@ -158,3 +158,34 @@ def test_a_run_reports_drift_and_the_anchor_keeps_it_down(
     assert all(s["anchor_kl"] >= 0 for s in anchored.steps)
     assert anchored.anchor["replies"] == 63 and anchored.anchor["reference_bytes"] > 0
     assert _drift(anchored) < 0.5 * _drift(free), (_drift(anchored), _drift(free))
+
+
+def test_the_reference_is_evaluated_once_per_base_across_runs(
+    chatty_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh's reference evaluation (its greedy replies, retain replies and factuality)
+    is the same every round: the second run on the same cache generates nothing for it."""
+    calls: list[int] = []
+    real = retain.generate
+    monkeypatch.setattr(retain, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for n in (1, 2):
+        spec = make_spec(
+            tmp_path / str(n),
+            chatty_model_dir,
+            pairs_file,
+            eval_data=str(pairs_file),
+            hyper={"max_steps": 2},
+            reference_cache=str(tmp_path / "cache" / "reference.sqlite"),
+        )
+        results.append(run(spec))
+        assert results[-1].status == "succeeded", results[-1].error
+        if n == 1:
+            assert len(calls) == 2  # held-out replies and retain replies
+    assert len(calls) == 2  # nothing more in the second run
+    first, second = (r.eval.reference for r in results)
+    assert first.factuality == second.factuality
+    assert first.generation is not None and second.generation is not None
+    assert first.generation.replies == second.generation.replies
+    kinds = {p.name.split("-")[1] for p in (tmp_path / "cache").glob("reference-*.json")}
+    assert kinds == {"factuality", "replies"}
