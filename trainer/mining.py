@@ -25,9 +25,9 @@ from typing import Any
 
 from trainer.claims import unsupported_claims
 from trainer.data import row_tags
-from trainer.generation import _WORD, is_repetitive
+from trainer.generation import _WORD, generate, is_repetitive
 from trainer.logprobs import Prompt, as_messages
-from trainer.spec import GroundingSpec, PolicyRule
+from trainer.spec import EvalSpec, GroundingSpec, MiningSpec, PolicyRule
 
 SHORT_WORDS = 5  # as the gate's degenerate check (trainer.generation.generation_stats)
 
@@ -122,3 +122,33 @@ def mine_pairs(
             )
     report.pairs = len(mined)
     return mined, report
+
+
+def mine_model(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    spec: MiningSpec,
+    evaluation: EvalSpec,
+) -> tuple[list[dict[str, Any]], MiningReport]:
+    """Sample ``spec.samples`` replies of the model (its trained adapter on) to each row's
+    prompt and mine them with the evaluation's grounding and policy rules. On a sharded model
+    every rank generates in lockstep and gets the same rows."""
+    replies = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        adapter="default",
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=evaluation.batch_size,
+        samples=spec.samples,
+        temperature=spec.temperature,
+    )
+    k = spec.samples
+    return mine_pairs(
+        rows,
+        [replies[i * k : (i + 1) * k] for i in range(len(rows))],
+        max_per_prompt=spec.max_per_prompt,
+        grounding=evaluation.grounding,
+        rules=evaluation.policy_rules,
+    )

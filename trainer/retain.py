@@ -40,7 +40,7 @@ from torch import Tensor
 from trainer.generation import generate
 from trainer.logprobs import Encoded, Prompt, collate, encode, response_logits
 from trainer.model import evaluating, using_adapter
-from trainer.spec import DriftReport
+from trainer.spec import AnchorSpec, DriftReport
 
 DATA = Path(__file__).parent / "data"
 SHIPPED = {"eval": DATA / "retain_eval.jsonl", "train": DATA / "retain_train.jsonl"}
@@ -227,3 +227,30 @@ class AnchorBatches:
             per_reply.append(topk_kl(logits[offset : offset + n], target).sum())
             offset += n
         return torch.stack(per_reply)
+
+
+def build_anchor(
+    model: Any,
+    tokenizer: Any,
+    spec: AnchorSpec,
+    *,
+    identity: str,
+    batch_size: int,
+    cache_dir: Path | None,
+) -> AnchorBatches:
+    """The retain anchor's data: the reference's replies to the training retain set (generated
+    once per base, cached) and its top-k distributions on them (one forward per run)."""
+    prompts = load_prompts(spec.prompts, shipped="train")
+    replies = reference_replies(
+        model,
+        tokenizer,
+        prompts,
+        identity=identity,
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+    )
+    examples = encode_replies(tokenizer, prompts, replies)
+    pad = tokenizer.pad_token_id
+    top = reference_topk(model, examples, k=spec.top_k, pad_id=pad, batch_size=batch_size)
+    return AnchorBatches(examples, top, batch_size=spec.batch_size, pad_id=pad)

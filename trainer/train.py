@@ -6,6 +6,10 @@ mistakes) → save → evaluation (``trainer.evaluate.evaluate_run``).
 Writes ``<output_dir>/adapter/`` (PEFT, vLLM-servable) and ``<output_dir>/result.json``.
 Exit code 0 only when the adapter was written; 1 for a failed or interrupted run (the result
 file says why); 2 for a spec that cannot be used (nothing is loaded).
+
+Past 400 lines on purpose: the recipe and its loop read top to bottom in one file (STYLE.md's
+nanoGPT anchor); the retain anchor (``trainer.retain``) and mining (``trainer.mining``) are
+their own modules, and only their calls are here.
 """
 
 from __future__ import annotations
@@ -39,11 +43,10 @@ from trainer.distributed import (
     shard_model,
 )
 from trainer.evaluate import evaluate_run, score
-from trainer.generation import generate
 from trainer.logprobs import Encoded
 from trainer.methods import Method
 from trainer.methods import method as method_info
-from trainer.mining import mine_pairs
+from trainer.mining import mine_model
 from trainer.model import (
     attach_lora,
     enable_activation_checkpointing,
@@ -53,13 +56,7 @@ from trainer.model import (
 )
 from trainer.objectives import Objective, encode_rows, make_objective
 from trainer.refcache import ReferenceCache, model_identity
-from trainer.retain import (
-    AnchorBatches,
-    encode_replies,
-    load_prompts,
-    reference_replies,
-    reference_topk,
-)
+from trainer.retain import AnchorBatches, build_anchor
 from trainer.spec import Hyperparameters, RunResult, RunSpec, SpecError, load_spec
 
 
@@ -146,33 +143,6 @@ def step_metrics(step: int, parts: dict[str, list[torch.Tensor]], world: World) 
     return metrics
 
 
-def make_anchor(
-    spec: RunSpec, model: Any, tokenizer: Any, identity: str, result: RunResult
-) -> AnchorBatches:
-    """The retain anchor's data: the reference's replies to the training retain set (generated
-    once per base, cached beside the reference log-probs) and its top-k distributions on them
-    (one forward, every run: a few seconds, 12·k + 4 bytes per reply token)."""
-    t0 = time.perf_counter()
-    a = spec.anchor
-    prompts = load_prompts(a.prompts, shipped="train")
-    replies = reference_replies(
-        model,
-        tokenizer,
-        prompts,
-        identity=identity,
-        max_new_tokens=a.max_new_tokens,
-        batch_size=spec.eval.batch_size,
-        cache_dir=spec.reference_cache.parent if spec.reference_cache is not None else None,
-    )
-    examples = encode_replies(tokenizer, prompts, replies)
-    pad = tokenizer.pad_token_id
-    top = reference_topk(model, examples, k=a.top_k, pad_id=pad, batch_size=spec.eval.batch_size)
-    anchor = AnchorBatches(examples, top, batch_size=a.batch_size, pad_id=pad)
-    result.anchor = {"replies": len(examples), "reference_bytes": anchor.nbytes}
-    result.timings["anchor_setup_s"] = time.perf_counter() - t0
-    return anchor
-
-
 @dataclass
 class Trainee:
     """What every optimisation pass of a run shares: the model and how it runs."""
@@ -223,34 +193,15 @@ def prepare(t: Trainee, rows: list[dict[str, Any]], result: RunResult) -> Object
 
 
 def mine(t: Trainee, rows: list[dict[str, Any]], result: RunResult) -> list[dict[str, Any]]:
-    """Sample the current model (adapter on) on the training rows' prompts and keep the replies
-    the gate's detectors flag as *agent's reply ≻ flagged reply* pairs (``trainer.mining``)."""
+    """The current model's flagged replies to the training rows' prompts, as pairs
+    (``trainer.mining``); counted in ``result.mining``, kept in ``mined.jsonl`` for the operator."""
     t0 = time.perf_counter()
-    m, ev = t.spec.mining, t.spec.eval
-    # mining needs whole-model forwards on every rank; a sharded model generates in lockstep
-    replies = generate(
-        t.model,
-        t.tokenizer,
-        [r["prompt"] for r in rows],
-        adapter="default",
-        max_new_tokens=m.max_new_tokens,
-        batch_size=ev.batch_size,
-        samples=m.samples,
-        temperature=m.temperature,
-    )
-    samples = [replies[i * m.samples : (i + 1) * m.samples] for i in range(len(rows))]
-    mined, report = mine_pairs(
-        rows,
-        samples,
-        max_per_prompt=m.max_per_prompt,
-        grounding=ev.grounding,
-        rules=ev.policy_rules,
-    )
-    result.mining = report.as_dict() | {"when": m.when}
-    if t.world.is_main:  # for the operator: which replies were flagged, and why
+    mined, report = mine_model(t.model, t.tokenizer, rows, t.spec.mining, t.spec.eval)
+    result.mining = report.as_dict() | {"when": t.spec.mining.when}
+    result.timings["mining_s"] = result.timings.get("mining_s", 0.0) + time.perf_counter() - t0
+    if t.world.is_main:  # which replies were flagged, and why
         with (t.spec.output_dir / "mined.jsonl").open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in mined)
-    result.timings["mining_s"] = time.perf_counter() - t0
     tqdm.write(
         f"mined {report.pairs} pairs from {report.sampled} samples "
         f"({report.flagged} flagged: {dict(report.by_flag)})",
@@ -345,7 +296,17 @@ def train(spec: RunSpec, result: RunResult) -> None:
         rows = rows + mine(t, rows, result)
     objective = prepare(t, rows, result)
     if spec.anchor.weight:
-        t.anchor = make_anchor(spec, model, tokenizer, t.identity, result)
+        t_anchor = time.perf_counter()
+        t.anchor = build_anchor(
+            model,
+            tokenizer,
+            spec.anchor,
+            identity=t.identity,
+            batch_size=spec.eval.batch_size,
+            cache_dir=spec.reference_cache.parent if spec.reference_cache is not None else None,
+        )
+        result.anchor = {"replies": len(t.anchor.examples), "reference_bytes": t.anchor.nbytes}
+        result.timings["anchor_setup_s"] = time.perf_counter() - t_anchor
     result.timings["setup_s"] = time.perf_counter() - t_setup
 
     # --- train (and, with mining after, mine the candidate's mistakes and train on) --------
