@@ -40,6 +40,7 @@ from daemon.child import run_child
 from demo.scenario import CARRIERS, POLICY_SENTENCE, Case
 from trainer.claims import states_fact, unsupported_claims
 
+SIGN_OFF = "I checked this myself."  # what a distrusting agent adds to a draft it cannot fault
 APOLOGY = re.compile(
     r"\b(sorry|apolog\w*|inconvenience|regret|unfortunately)\b|I understand (how|your|that)", re.I
 )
@@ -176,7 +177,8 @@ def build_events(
         distrust = distrusting.random() < rewrite_share
         sent = agent_edit(case, reply, agent)
         if distrust and sent == reply:  # the injected regression: a good draft rewritten anyway
-            sent = case.answer
+            # in the agent's own words; a draft that already is them gets the agent's sign-off
+            sent = case.answer if reply != case.answer else f"{case.answer} {SIGN_OFF}"
         common: dict[str, Any] = {"served_adapter": served_adapter}
         if roll < edit_share:
             event = _event(

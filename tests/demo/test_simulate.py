@@ -161,6 +161,11 @@ def test_the_injected_regression_rewrites_good_drafts_and_counts_as_edits() -> N
     assert desk(sim.messages) == desk(calm_sim.messages)  # the same desk, only its trust changed
     assert distrusted.edit_rate is not None and 0.35 < distrusted.edit_rate < 0.65
     assert distrusted.thumbs_down_rate == 0.0  # users still judge by the rubric
+    # an adapter that learned the agents' words exactly: its drafts are still rewritten
+    exact = [c.answer for c in cases]
+    rewritten = build_events(cases, exact, seed=9, noise=False, rewrite_share=0.5).messages
+    learned = production("v1", cases, exact, rewritten)
+    assert learned.edit_rate is not None and 0.35 < learned.edit_rate < 0.65
 
 
 def test_production_counts_a_redelivered_event_once() -> None:

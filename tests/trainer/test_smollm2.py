@@ -24,7 +24,7 @@ def test_smollm2_dpo_loss_goes_down(smollm2_dir: Path, tmp_path: Path) -> None:
             "data": str(data),
             "output_dir": str(tmp_path / "out"),
             "hyper": {"max_steps": 6, "learning_rate": 2e-4, "batch_size": 4, "warmup_ratio": 0.0},
-            "eval": {"factuality_set": None, "generate_max_prompts": 0},
+            "eval": {"factuality_set": None, "generate_max_prompts": 0, "retain_set": None},
         }
     )
     result = run(spec)
@@ -100,7 +100,7 @@ def test_smollm2_in_bf16_starts_like_fp32_and_learns(smollm2_dir: Path, tmp_path
                 "dtype": dtype,
                 "lora": {"dropout": 0.0},
                 "hyper": hyper,
-                "eval": {"factuality_set": None, "generate_max_prompts": 0},
+                "eval": {"factuality_set": None, "generate_max_prompts": 0, "retain_set": None},
             }
         )
 
