@@ -7,8 +7,8 @@ Writes ``<output_dir>/adapter/`` (PEFT, vLLM-servable) and ``<output_dir>/result
 Exit code 0 only when the adapter was written; 1 for a failed or interrupted run (the result
 file says why); 2 for a spec that cannot be used (nothing is loaded).
 
-Past 400 lines on purpose: the recipe and its loop read top to bottom in one file (STYLE.md's
-nanoGPT anchor); the retain anchor (``trainer.retain``) and mining (``trainer.mining``) are
+Past 400 lines on purpose: the recipe and its loop read top to bottom in one file (as
+nanoGPT's train.py does); the retain anchor (``trainer.retain``) and mining (``trainer.mining``) are
 their own modules, and only their calls are here.
 """
 
