@@ -319,7 +319,7 @@ def retain_drift(
     }
 
 
-def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str = "") -> EvalReport:
+def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str) -> EvalReport:
     """Candidate (``default``), incumbent (if given) and reference on the held-out split.
 
     Cost: one reference pass over the held-out pairs, then per adapter a scoring pass, an
