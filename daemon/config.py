@@ -30,7 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from daemon.gate import GateConfig
 from daemon.watch import WatchConfig
-from feedback.base import FrozenModel
+from feedback.base import FrozenModel, refuse_retired
 from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig
 from trainer.methods import PAIRED_METHODS, check_paired_method
 from trainer.spec import Detectors, EvalSpec, Hyperparameters, LoraSpec, RunSpec
@@ -77,12 +77,13 @@ class ScheduleConfig(FrozenModel):
     @model_validator(mode="before")
     @classmethod
     def _retired_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "drift_probe_prompts" in data:
-            raise ValueError(
-                "drift_probe_prompts is gone: the probe measures the retain set "
+        return refuse_retired(
+            data,
+            {
+                "drift_probe_prompts": "is gone: the probe measures the retain set "
                 "(run_spec.eval.retain_set), not recent production replies"
-            )
-        return data
+            },
+        )
 
     @field_validator("cron", "drift_probe_cron", "retention_cron")
     @classmethod

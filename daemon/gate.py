@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from feedback.base import FrozenModel
+from feedback.base import FrozenModel, refuse_retired
 from feedback.manifest import ActorShares
 from trainer.spec import AdapterEval, DetectorFinding, EvalReport
 
@@ -102,12 +102,14 @@ class GateConfig(FrozenModel):
     @model_validator(mode="before")
     @classmethod
     def _retired_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "kl_budget" in data:
-            raise ValueError(
-                "kl_budget was replaced by drift_budget (nats per reply on the retain set, not "
-                "nats per token on the chosen replies): see docs/operations.md#the-drift-budget"
-            )
-        return data
+        return refuse_retired(
+            data,
+            {
+                "kl_budget": "was replaced by drift_budget (nats per reply on the retain set, "
+                "not nats per token on the chosen replies): see "
+                "docs/operations.md#the-drift-budget"
+            },
+        )
 
     @field_validator("curated_heldout")
     @classmethod

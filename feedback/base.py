@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -56,3 +57,13 @@ def until_settled(
 
 class FrozenModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def refuse_retired(data: Any, retired: dict[str, str]) -> Any:
+    """The body of a ``mode="before"`` validator: a config that still names a retired key fails
+    saying what replaced it (``retired``: key → the rest of the sentence), not just "extra"."""
+    if isinstance(data, dict):
+        for key, why in retired.items():
+            if key in data:
+                raise ValueError(f"{key} {why}")
+    return data

@@ -46,6 +46,8 @@ def test_env_overrides_yaml_overrides_defaults(
         ("- a list\n", {}, "top level must be a mapping"),
         ("training:\n  run_spec:\n    hyper:\n      betta: 0.2\n", {}, "hyper.betta"),
         ("training:\n  run_spec:\n    epochz: 2\n", {}, "epochz: not a run-spec field"),
+        ("gate:\n  kl_budget: 0.5\n", {}, "gate: .*kl_budget was replaced by drift_budget"),
+        ("schedule:\n  drift_probe_prompts: 32\n", {}, "drift_probe_prompts is gone"),
         (
             "training:\n  run_spec:\n    eval:\n      policy_rules:\n"
             "        - {name: x, when: {category: billing}, required: ['(unclosed']}\n",
