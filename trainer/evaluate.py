@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -48,6 +47,7 @@ from trainer.retain import (
     kl_per_reply,
     load_prompts,
     reference_replies,
+    write_json,
 )
 from trainer.spec import AdapterEval, EvalReport, PreferenceReport, RunSpec
 
@@ -285,10 +285,7 @@ def _reference_factuality(
         return float(json.loads(path.read_text()))
     value = factuality(model, tokenizer, questions, adapter=None, batch_size=2 * batch_size)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, path)
+        write_json(path, value)
     return value
 
 

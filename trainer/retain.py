@@ -84,11 +84,17 @@ def reference_replies(
         )
         known |= {keys[i]: reply for i, reply in zip(missing, fresh, strict=True)}
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, path)  # two ranks may write it: either copy is the same
+            write_json(path, known)
     return [known[k] for k in keys]
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Atomically, under a per-process temporary name: two ranks may write the same cache file,
+    and either copy is the same."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def encode_replies(
