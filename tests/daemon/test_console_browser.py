@@ -114,7 +114,14 @@ def sign_in(page: Any, url: str, token: str, actor: str = "alice") -> None:
     page.goto(f"{url}/ui")
     page.fill("input[name=token]", token)
     page.fill("input[name=actor]", actor)
-    page.click("button:has-text('Sign in')")
+    submit(page, "Sign in")
+
+
+def submit(page: Any, button: str) -> None:
+    """Click a form's button and wait until the answer has loaded: a click returns once the
+    navigation starts, and the page's content is empty until the new document is parsed."""
+    with page.expect_navigation(wait_until="load"):
+        page.click(f"button:has-text('{button}')")
 
 
 def test_console_in_a_browser(daemon: tuple[Daemon, Registry], chromium: str) -> None:
@@ -138,7 +145,7 @@ def test_console_in_a_browser(daemon: tuple[Daemon, Registry], chromium: str) ->
         page.goto(f"{url}/ui/versions/v0002")
         assert "Gate checks" in page.content()
         assert page.locator("button:has-text('Promote')").count() == 0
-        page.click("button:has-text('Sign out')")
+        submit(page, "Sign out")
         assert "Sign in" in page.content()
 
         # the admin: the version page, candidate against the active adapter
@@ -158,7 +165,7 @@ def test_console_in_a_browser(daemon: tuple[Daemon, Registry], chromium: str) ->
 
         # promote v0002: the registry and audit change exactly as through the API
         page.fill("form[action='/ui/actions/promote'] input[name=reason]", "reviewed the replies")
-        page.click("button:has-text('Promote v0002')")
+        submit(page, "Promote v0002")
         assert "Audit entry written" in page.content()
         assert registry.active() == "v0002"
         entry = list(registry.audit())[-1]
@@ -176,7 +183,7 @@ def test_console_in_a_browser(daemon: tuple[Daemon, Registry], chromium: str) ->
         before = len(list(registry.audit()))
         page.fill("form[action='/ui/actions/promote'] input[name=reason]", "accept the KL")
         page.check("input[name=force]")
-        page.click("button:has-text('Promote v0003')")
+        submit(page, "Promote v0003")
         assert "changed since you looked" in page.content()
         assert registry.active() == "v0001" and len(list(registry.audit())) == before
 
@@ -184,14 +191,14 @@ def test_console_in_a_browser(daemon: tuple[Daemon, Registry], chromium: str) ->
         page.goto(f"{url}/ui/versions/v0003")
         page.fill("form[action='/ui/actions/promote'] input[name=reason]", "accept the KL")
         page.check("input[name=force]")
-        page.click("button:has-text('Promote v0003')")
+        submit(page, "Promote v0003")
         assert registry.active() == "v0003"
         assert list(registry.audit())[-1]["reason"] == "accept the KL"
 
         # roll back from the overview; compare with a rollback done through the CLI
         page.goto(f"{url}/ui")
         page.fill("form[action='/ui/actions/rollback'] input[name=reason]", "too chatty")
-        page.click("button:has-text('Roll back')")
+        submit(page, "Roll back")
         assert "Audit entry written" in page.content() and registry.active() == "v0001"
         console_entry = list(registry.audit())[-1]
         page.goto(f"{url}/ui/audit")
