@@ -15,13 +15,13 @@ import time
 
 import torch
 
+from trainer.evalcache import greedy_replies
 from trainer.logprobs import collate, response_logits
 from trainer.model import load_base
 from trainer.retain import (
     encode_replies,
     kl_per_reply,
     load_prompts,
-    reference_replies,
     reference_topk,
     topk_kl,
 )
@@ -40,8 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     for i, path in enumerate(args.adapters[1:], 1):
         model.load_adapter(path, adapter_name=f"a{i}")
     prompts = load_prompts("default", shipped="train")[: args.prompts]
-    replies = reference_replies(
-        model, tokenizer, prompts, identity="bench", max_new_tokens=48, batch_size=8, cache_dir=None
+    replies = greedy_replies(
+        model,
+        tokenizer,
+        prompts,
+        adapter=None,
+        identity="bench",
+        max_new_tokens=48,
+        batch_size=8,
+        cache_dir=None,
     )
     examples = encode_replies(tokenizer, prompts, replies)
     pad, vocab = tokenizer.pad_token_id, len(tokenizer)

@@ -23,12 +23,12 @@ reads):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.data import PairRow, is_snapshot, read_rows, row_tags, to_pairs
-from trainer.generation import generate, generation_stats
+from trainer.evalcache import adapter_identity, greedy_replies, remembered
+from trainer.generation import generation_stats
 from trainer.logprobs import Encoded, collate, encode, response_logits
 from trainer.model import evaluating, using_adapter
 from trainer.packing import sequence_logps_shared_prefix
-from trainer.retain import (
-    drift_report,
-    encode_replies,
-    kl_per_reply,
-    load_prompts,
-    reference_replies,
-    write_json,
-)
-from trainer.spec import AdapterEval, EvalReport, PreferenceReport, RunSpec
+from trainer.retain import drift_report, encode_replies, kl_per_reply, load_prompts
+from trainer.spec import AdapterEval, DriftReport, EvalReport, PreferenceReport, RunSpec
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -270,60 +264,66 @@ def _stage(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def _reference_factuality(
+def retain_drift(
+    spec: RunSpec,
     model: Any,
     tokenizer: Any,
-    questions: list[dict[str, Any]],
-    batch_size: int,
-    identity: str,
-    cache_dir: Path | None,
-) -> float:
-    """The reference's factuality, once per (base, question set): it is the same every run."""
-    digest = hashlib.sha256(json.dumps([identity, questions], sort_keys=True).encode())
-    path = cache_dir / f"reference-factuality-{digest.hexdigest()[:24]}.json" if cache_dir else None
-    if path is not None and path.is_file():
-        return float(json.loads(path.read_text()))
-    value = factuality(model, tokenizer, questions, adapter=None, batch_size=2 * batch_size)
-    if path is not None:
-        write_json(path, value)
-    return value
-
-
-def retain_drift(
-    spec: RunSpec, model: Any, tokenizer: Any, adapters: dict[str, str | None], identity: str
-) -> dict[str, Any]:
+    adapters: dict[str, str | None],
+    identities: dict[str, str | None],
+) -> dict[str, DriftReport]:
     """Each adapter's drift on the retain set (not the reference's: the same forward twice is 0
-    by construction)."""
+    by construction); ``identities`` name the models, as in :func:`evaluate_run`."""
     if spec.eval.retain_set is None:
         return {}
     prompts = load_prompts(spec.eval.retain_set, shipped="eval")
     _stage(f"eval: drift on {len(prompts)} retain prompts")
-    replies = reference_replies(
+    cache_dir = spec.reference_cache.parent if spec.reference_cache is not None else None
+    cap, pad, bs = spec.eval.retain_max_new_tokens, tokenizer.pad_token_id, spec.eval.batch_size
+    replies = greedy_replies(
         model,
         tokenizer,
         prompts,
-        identity=identity,
-        max_new_tokens=spec.eval.retain_max_new_tokens,
-        batch_size=spec.eval.batch_size,
-        cache_dir=spec.reference_cache.parent if spec.reference_cache is not None else None,
+        adapter=None,
+        identity=str(identities["reference"]),
+        max_new_tokens=cap,
+        batch_size=bs,
+        cache_dir=cache_dir,
     )
     examples = encode_replies(tokenizer, prompts, replies)
-    pad, bs = tokenizer.pad_token_id, spec.eval.batch_size
+
+    def drift(adapter: str) -> DriftReport:
+        return drift_report(
+            *kl_per_reply(model, examples, adapter=adapter, pad_id=pad, batch_size=bs)
+        )
+
     return {
-        name: drift_report(*kl_per_reply(model, examples, adapter=a, pad_id=pad, batch_size=bs))
+        name: remembered(
+            cache_dir if identities[name] else None,
+            "drift",
+            [identities[name], prompts, cap],
+            partial(drift, a),
+            dump=lambda report: report.model_dump(mode="json"),
+            load=DriftReport.model_validate,
+        )
         for name, a in adapters.items()
         if a is not None
     }
 
 
-def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str) -> EvalReport:
+def evaluate_run(
+    spec: RunSpec, model: Any, tokenizer: Any, identity: str, candidate_dir: Path | None
+) -> EvalReport:
     """Candidate (``default``), incumbent (if given) and reference on the held-out split.
 
     Cost: one reference pass over the held-out pairs, then per adapter a scoring pass, an
     exact-KL pass (two forwards), greedy generation of up to ``eval.generate_max_prompts``
     replies, two forwards over the reference's replies for the task and retain KLs, and the
     factuality set (two scoring passes per choice) — greedy generation and factuality dominate
-    on CPU. The reference's retain replies are generated once per base (``identity``).
+    on CPU. ``identity`` names the base; greedy replies, factuality and drift are kept per
+    model (:mod:`trainer.evalcache`): the reference's once per base, an adapter's once per set
+    of weights, so the incumbent's are usually read from the run that trained it.
+    ``candidate_dir`` is the saved candidate (None: its results are not kept, e.g. where a rank
+    may read the file before rank 0 has written it).
     """
     source = spec.eval_data or spec.data
     heldout_split = "train" if spec.eval_data else "heldout"
@@ -338,6 +338,13 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str) -> Ev
             str(spec.incumbent_adapter), adapter_name="incumbent", is_trainable=False
         )
         adapters["incumbent"] = "incumbent"
+    identities = {
+        "reference": identity,
+        "candidate": adapter_identity(identity, candidate_dir) if candidate_dir else None,
+        "incumbent": adapter_identity(identity, spec.incumbent_adapter)
+        if spec.incumbent_adapter
+        else None,
+    }
     report: dict[str, dict[str, Any]] = {name: {} for name in adapters}
     cache_dir = spec.reference_cache.parent if spec.reference_cache is not None else None
     pad, bs, hp = tokenizer.pad_token_id, spec.eval.batch_size, spec.hyper
@@ -367,25 +374,15 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str) -> Ev
                 else kl_to_reference(model, kl_examples, adapter=adapter, pad_id=pad, batch_size=bs)
             )
             if prompts:
-                replies = (
-                    reference_replies(  # the same every round for the prompts it has seen
-                        model,
-                        tokenizer,
-                        prompts,
-                        identity=identity,
-                        max_new_tokens=spec.eval.max_new_tokens,
-                        batch_size=bs,
-                        cache_dir=cache_dir,
-                    )
-                    if adapter is None
-                    else generate(
-                        model,
-                        tokenizer,
-                        prompts,
-                        adapter=adapter,
-                        max_new_tokens=spec.eval.max_new_tokens,
-                        batch_size=bs,
-                    )
+                replies = greedy_replies(  # the same every time for the prompts it has seen
+                    model,
+                    tokenizer,
+                    prompts,
+                    adapter=adapter,
+                    identity=str(identities[name]),
+                    max_new_tokens=spec.eval.max_new_tokens,
+                    batch_size=bs,
+                    cache_dir=cache_dir if identities[name] else None,
                 )
                 report[name]["generation"] = generation_stats(
                     replies,
@@ -414,15 +411,18 @@ def evaluate_run(spec: RunSpec, model: Any, tokenizer: Any, identity: str) -> Ev
             report[name]["curated"] = preference_metrics(
                 model, curated, adapter=adapter, beta=hp.beta, pad_id=pad, batch_size=bs
             )
-    for name, drift in retain_drift(spec, model, tokenizer, adapters, identity).items():
+    for name, drift in retain_drift(spec, model, tokenizer, adapters, identities).items():
         report[name]["retain_kl"] = drift
     questions = load_factuality_set(spec.eval.factuality_set)[: spec.eval.factuality_limit]
     if questions:
         for name, adapter in adapters.items():
             _stage(f"eval {name}: factuality on {len(questions)} questions")
-            report[name]["factuality"] = (
-                _reference_factuality(model, tokenizer, questions, bs, identity, cache_dir)
-                if adapter is None
-                else factuality(model, tokenizer, questions, adapter=adapter, batch_size=2 * bs)
+            report[name]["factuality"] = remembered(
+                cache_dir if identities[name] else None,
+                "factuality",
+                [identities[name], questions],
+                partial(
+                    factuality, model, tokenizer, questions, adapter=adapter, batch_size=2 * bs
+                ),
             )
     return EvalReport(**{name: AdapterEval(**parts) for name, parts in report.items()})

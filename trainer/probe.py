@@ -29,6 +29,7 @@ from trainer.distributed import (
     load_base_for,
     shard_model,
 )
+from trainer.evalcache import greedy_replies
 from trainer.model import resolve_base_model, weight_dtype
 from trainer.refcache import model_identity
 from trainer.retain import (
@@ -36,7 +37,6 @@ from trainer.retain import (
     encode_replies,
     kl_per_reply,
     load_prompts,
-    reference_replies,
 )
 
 
@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             device.type,
             quantize or str(dtype).removeprefix("torch."),
         )
-        replies = reference_replies(
+        replies = greedy_replies(
             model,
             tokenizer,
             prompts,
+            adapter=None,
             identity=identity,
             max_new_tokens=int(spec.get("max_new_tokens", 48)),
             batch_size=8,

@@ -24,10 +24,8 @@ definitions, short poems, advice), so they are alike without being the same.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.generation import generate
+from trainer.evalcache import greedy_replies
 from trainer.logprobs import Encoded, Prompt, collate, encode, response_logits
 from trainer.model import evaluating, using_adapter
 from trainer.spec import AnchorSpec, DriftReport
@@ -52,49 +50,6 @@ def load_prompts(name: str, *, shipped: str) -> list[Prompt]:
     path = SHIPPED[shipped] if name == "default" else Path(name)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [row["prompt"] for row in rows]
-
-
-def reference_replies(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Prompt],
-    *,
-    identity: str,
-    max_new_tokens: int,
-    batch_size: int,
-    cache_dir: Path | None,
-) -> list[str]:
-    """The reference's greedy replies to ``prompts``. Each is generated once per (base model
-    identity, length cap, prompt) and kept in ``cache_dir`` (None: generated every time): the
-    reference never changes, so neither does its greedy reply — across refreshes, the gate's
-    held-out prompts of earlier rounds, the drift probe and the anchor."""
-    key = hashlib.sha256(json.dumps([identity, max_new_tokens]).encode()).hexdigest()[:24]
-    path = cache_dir / f"reference-replies-{key}.json" if cache_dir is not None else None
-    known: dict[str, str] = json.loads(path.read_text()) if path and path.is_file() else {}
-    keys = [hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest() for p in prompts]
-    missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
-    if missing:
-        fresh = generate(
-            model,
-            tokenizer,
-            [prompts[i] for i in missing],
-            adapter=None,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-        )
-        known |= {keys[i]: reply for i, reply in zip(missing, fresh, strict=True)}
-        if path is not None:
-            write_json(path, known)
-    return [known[k] for k in keys]
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Atomically, under a per-process temporary name: two ranks may write the same cache file,
-    and either copy is the same."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
 
 
 def encode_replies(
@@ -247,10 +202,11 @@ def build_anchor(
     """The retain anchor's data: the reference's replies to the training retain set (generated
     once per base, cached) and its top-k distributions on them (one forward per run)."""
     prompts = load_prompts(spec.prompts, shipped="train")
-    replies = reference_replies(
+    replies = greedy_replies(
         model,
         tokenizer,
         prompts,
+        adapter=None,
         identity=identity,
         max_new_tokens=spec.max_new_tokens,
         batch_size=batch_size,

@@ -341,7 +341,9 @@ def train(spec: RunSpec, result: RunResult) -> None:
         save_adapter(model, adapter_dir, lora_state)
         result.adapter_dir = str(adapter_dir)
     t_eval = time.perf_counter()
-    result.eval = evaluate_run(spec, model, tokenizer, t.identity)
+    # sharded, other ranks may hash the saved file before rank 0 has finished writing it
+    candidate_dir = None if world.sharded else adapter_dir
+    result.eval = evaluate_run(spec, model, tokenizer, t.identity, candidate_dir)
     result.timings["eval_s"] = time.perf_counter() - t_eval
     result.status = "succeeded"
 

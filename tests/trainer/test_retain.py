@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ from peft import LoraConfig, get_peft_model
 from test_train import make_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import trainer.retain as retain
+import trainer.evalcache as evalcache
+import trainer.evaluate as evaluate
+from trainer.evalcache import adapter_identity, greedy_replies, remembered
 from trainer.logprobs import collate, response_logits
 from trainer.retain import (
     AnchorBatches,
@@ -26,7 +30,6 @@ from trainer.retain import (
     encode_replies,
     kl_per_reply,
     load_prompts,
-    reference_replies,
     reference_topk,
     topk_kl,
 )
@@ -45,8 +48,15 @@ def moved(chatty_model_dir: Path) -> tuple[Any, Any, list[Any]]:
     base = AutoModelForCausalLM.from_pretrained(chatty_model_dir)
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(base, config, adapter_name="moved")
-    replies = reference_replies(
-        model, tokenizer, PROMPTS, identity="t", max_new_tokens=12, batch_size=4, cache_dir=None
+    replies = greedy_replies(
+        model,
+        tokenizer,
+        PROMPTS,
+        adapter=None,
+        identity="t",
+        max_new_tokens=12,
+        batch_size=4,
+        cache_dir=None,
     )
     assert all(replies)
     return model, tokenizer, encode_replies(tokenizer, PROMPTS, replies)
@@ -92,23 +102,55 @@ def test_topk_with_a_tail_bucket_is_exact_at_full_width_and_a_lower_bound_below(
             assert (approx <= exact + 1e-5).all() and (approx > 0).all()
 
 
-def test_reference_replies_are_generated_once_per_base_length_and_prompt(
+def test_greedy_replies_are_generated_once_per_model_length_and_prompt(
     moved, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, tokenizer, _ = moved
     calls = []
-    real = retain.generate
-    monkeypatch.setattr(retain, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = evalcache.generate
+    monkeypatch.setattr(evalcache, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     kwargs = {"max_new_tokens": 6, "batch_size": 4, "cache_dir": tmp_path}
-    first = reference_replies(model, tokenizer, PROMPTS, identity="base-a", **kwargs)
-    again = reference_replies(model, tokenizer, PROMPTS, identity="base-a", **kwargs)
+    first = greedy_replies(model, tokenizer, PROMPTS, adapter=None, identity="base-a", **kwargs)
+    again = greedy_replies(model, tokenizer, PROMPTS, adapter=None, identity="base-a", **kwargs)
     assert first == again and len(calls) == 1
-    reference_replies(model, tokenizer, PROMPTS, identity="base-b", **kwargs)
+    greedy_replies(model, tokenizer, PROMPTS, adapter=None, identity="base-b", **kwargs)
     assert len(calls) == 2  # another base: new replies, never a stale hit
-    more = reference_replies(
-        model, tokenizer, [*PROMPTS[:3], "A new prompt?"], identity="base-a", **kwargs
+    more = greedy_replies(
+        model, tokenizer, [*PROMPTS[:3], "A new prompt?"], adapter=None, identity="base-a", **kwargs
     )
     assert len(calls) == 3 and more[:3] == first[:3]  # only the new prompt is generated
+    # an adapter: keyed by its weights, so a byte copy (a registered version) is the same model
+    saved, copy, other = tmp_path / "saved", tmp_path / "copy", tmp_path / "other"
+    model.save_pretrained(str(saved), selected_adapters=["moved"])
+    shutil.copytree(saved / "moved", copy)
+    identity = adapter_identity("base-a", saved / "moved")
+    assert adapter_identity("base-a", copy) == identity != "base-a"
+    tuned = greedy_replies(model, tokenizer, PROMPTS, adapter="moved", identity=identity, **kwargs)
+    assert len(calls) == 4 and tuned != first
+    again = greedy_replies(
+        model, tokenizer, PROMPTS, adapter="moved", identity=adapter_identity("base-a", copy),
+        **kwargs,
+    )  # fmt: skip
+    assert again == tuned and len(calls) == 4
+    with torch.no_grad():  # other weights: another identity, never the cached replies
+        next(p for n, p in model.named_parameters() if "lora_B.moved" in n).add_(1.0)
+    model.save_pretrained(str(other), selected_adapters=["moved"])
+    assert adapter_identity("base-a", other / "moved") != identity
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B.moved" in n).sub_(1.0)
+
+
+def test_remembered_values_are_keyed_by_everything_they_depend_on(tmp_path: Path) -> None:
+    computed = []
+
+    def value(x: float) -> Callable[[], float]:
+        return lambda: computed.append(x) or x
+
+    assert remembered(tmp_path, "factuality", ["model-a", "q1"], value(0.5)) == 0.5
+    assert remembered(tmp_path, "factuality", ["model-a", "q1"], value(0.9)) == 0.5
+    assert remembered(tmp_path, "factuality", ["model-b", "q1"], value(0.7)) == 0.7
+    assert remembered(None, "factuality", ["model-a", "q1"], value(0.1)) == 0.1  # no cache
+    assert computed == [0.5, 0.7, 0.1]
 
 
 def test_the_anchor_cycles_through_the_retain_replies(moved) -> None:
@@ -160,14 +202,26 @@ def test_a_run_reports_drift_and_the_anchor_keeps_it_down(
     assert _drift(anchored) < 0.5 * _drift(free), (_drift(anchored), _drift(free))
 
 
-def test_the_reference_is_evaluated_once_per_base_across_runs(
+def test_the_reference_once_per_base_and_an_adapter_once_per_weights(
     chatty_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A refresh's reference evaluation (its greedy replies, retain replies and factuality)
-    is the same every round: the second run on the same cache generates nothing for it."""
-    calls: list[int] = []
-    real = retain.generate
-    monkeypatch.setattr(retain, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    """A refresh's reference evaluation (greedy replies, retain replies, factuality) is the same
+    every round, and the incumbent of the second run is the first run's candidate: the second
+    run generates and scores factuality for its own candidate only, and reads the rest."""
+    generated: list[str | None] = []
+    scored: list[str | None] = []
+    real_generate, real_factuality = evalcache.generate, evaluate.factuality
+
+    def counting_generate(*a: Any, **k: Any) -> Any:
+        generated.append(k["adapter"])
+        return real_generate(*a, **k)
+
+    def counting_factuality(*a: Any, **k: Any) -> Any:
+        scored.append(k["adapter"])
+        return real_factuality(*a, **k)
+
+    monkeypatch.setattr(evalcache, "generate", counting_generate)
+    monkeypatch.setattr(evaluate, "factuality", counting_factuality)
     results = []
     for n in (1, 2):
         spec = make_spec(
@@ -177,15 +231,22 @@ def test_the_reference_is_evaluated_once_per_base_across_runs(
             eval_data=str(pairs_file),
             hyper={"max_steps": 2},
             reference_cache=str(tmp_path / "cache" / "reference.sqlite"),
+            incumbent_adapter=str(tmp_path / "1" / "out" / "adapter") if n == 2 else None,
+            seed=n,  # another candidate (the same seed would train the same weights: a hit)
         )
         results.append(run(spec))
         assert results[-1].status == "succeeded", results[-1].error
-        if n == 1:
-            assert len(calls) == 2  # held-out replies and retain replies
-    assert len(calls) == 2  # nothing more in the second run
-    first, second = (r.eval.reference for r in results)
-    assert first.factuality == second.factuality
-    assert first.generation is not None and second.generation is not None
-    assert first.generation.replies == second.generation.replies
-    kinds = {p.name.split("-")[1] for p in (tmp_path / "cache").glob("reference-*.json")}
-    assert kinds == {"factuality", "replies"}
+        if n == 1:  # the reference's held-out and retain replies, the candidate's replies
+            assert generated == [None, "default", None] and scored == ["default", None]
+    assert generated[3:] == ["default"] and scored[2:] == ["default"]
+    first, second = results
+    assert first.eval.reference.factuality == second.eval.reference.factuality
+    assert first.eval.reference.generation is not None
+    assert second.eval.reference.generation is not None
+    assert first.eval.reference.generation.replies == second.eval.reference.generation.replies
+    incumbent = second.eval.incumbent
+    assert incumbent is not None and incumbent.generation is not None
+    assert first.eval.candidate.generation is not None
+    assert incumbent.generation.replies == first.eval.candidate.generation.replies
+    assert incumbent.factuality == first.eval.candidate.factuality
+    assert incumbent.retain_kl == first.eval.candidate.retain_kl
