@@ -426,7 +426,8 @@ def html_report(
     if rounds:
         parts.append(rounds_html(rounds))
     parts.append(
-        "<h2>Before / after on held-out prompts (the last refresh)</h2><table><tr><th></th><th>reference (SFT)</th>"
+        f"<h2>Before / after on held-out prompts ({_esc(str(status.get('version') or 'the candidate'))}, "
+        f"{_esc(str(status.get('outcome')))})</h2><table><tr><th></th><th>reference (SFT)</th>"
         "<th>candidate adapter</th></tr>"
     )
     parts += [

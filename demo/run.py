@@ -8,7 +8,8 @@ greedy replies, ``served_adapter`` set) → the simulated desk's feedback → in
 incumbent. After the last round the demo injects a regression in production (an operator
 force-promotes the last candidate if the gate rejected it, and agents rewrite half of its
 drafts they would have sent) and waits for the regression watch. It prints the before/after
-table of the last refresh and a table per round, and writes ``<workdir>/report.html``.
+table of the refresh whose adapter serves at the end (the last refresh if none was
+promoted) and a table per round, and writes ``<workdir>/report.html``.
 Nothing is downloaded; replies are cached in ``<workdir>/cache``.
 """
 
@@ -233,22 +234,29 @@ def _train(daemon: Daemon, workdir: Path, progress: Progress) -> tuple[str, Path
     return run_id, run_dir
 
 
-def _report(
-    run: dict[str, Any],
-    result: RunResult,
-    workdir: Path,
-    progress: Progress,
-    rounds: list[Round],
-) -> None:
-    """The last refresh's before/after table, gate, targets and examples; the table per round;
-    ``report.html``."""
-    rows = report.before_after(result)
-    print(f"\nthe last refresh ({run['run_id']}, candidate {run.get('version')}):")
-    print("\n" + report.text_table(rows))
+def _gate_lines(run: dict[str, Any]) -> None:
     outcome = run["outcome"]
     print(f"\ngate: {'PROMOTED' if outcome == 'promoted' else outcome.upper()} — {run['reason']}")
     for check in (run.get("gate") or {}).get("checks", []):
         print(f"  {'✔' if check['passed'] else '✘'} {check['name']:<20} {check['detail']}")
+
+
+def _report(
+    run: dict[str, Any],
+    result: RunResult,
+    last: dict[str, Any],
+    workdir: Path,
+    progress: Progress,
+    rounds: list[Round],
+) -> None:
+    """The before/after table, gate, targets and examples of the refresh whose adapter serves
+    now (the last promoted; the last refresh if none was), the last refresh's gate if it is
+    another; the table per round; ``report.html``."""
+    rows = report.before_after(result)
+    what = "the adapter serving now" if run["outcome"] == "promoted" else "the last refresh"
+    print(f"\n{what} ({run['run_id']}, candidate {run.get('version')}):")
+    print("\n" + report.text_table(rows))
+    _gate_lines(run)
     print("\ntargets:")
     for name, ok, detail in report.targets(rows):
         print(f"  {'✔' if ok else '✘'} {name}: {detail}")
@@ -262,6 +270,9 @@ def _report(
         ):
             flag = f"  ⚠ unsupported: {', '.join(claims)}" if claims else ""
             print(f"    {label + ':':<7} {reply[:220]}{flag}")
+    if last["run_id"] != run["run_id"]:
+        print(f"\nthe last refresh ({last['run_id']}, candidate {last.get('version')}):", end="")
+        _gate_lines(last)
     print("\nround by round (production numbers on each round's fresh requests):")
     print(text_table(rounds))
     wall = time.monotonic() - progress.start
@@ -418,6 +429,7 @@ def run_demo(
         stored = 0
         run: dict[str, Any] = {}
         result: RunResult | None = None
+        serving: tuple[dict[str, Any], RunResult] | None = None  # the last promoted refresh
         for number in range(1, rounds + 1):
             progress.round = number
             n = prompts if number == 1 else round_prompts
@@ -450,6 +462,8 @@ def run_demo(
             result_path = run_dir / "train" / "result.json"
             result = RunResult.load(result_path) if result_path.exists() else None
             current.refresh = refresh(run, result)
+            if run["outcome"] == "promoted" and result is not None:
+                serving = run, result
             current.active_after = daemon.status().get("active_adapter")
             history.append(current)
             mode = (run.get("training_data") or {}).get("mode")
@@ -476,9 +490,10 @@ def run_demo(
                 **serve,
             )
             history.append(injected)
-        progress.begin("report", "before/after of the last refresh, the rounds, report.html")
+        progress.begin("report", "before/after of the serving adapter, the rounds, report.html")
         assert result is not None
-        _report(run, result, workdir, progress, history)
+        shown_run, shown_result = serving or (run, result)
+        _report(shown_run, shown_result, run, workdir, progress, history)
         decided = {"promoted", "held", "rejected"}
         return 0 if all(r.refresh.outcome in decided for r in history if r.refresh) else 1
     finally:

@@ -16,6 +16,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from demo.run import run_demo
 
 TINY_RECIPE = {
@@ -54,7 +56,10 @@ OVERRIDES = {
 
 
 def test_two_rounds_and_an_injected_regression(
-    child_processes: None, chatty_model_dir: Path, tmp_path: Path
+    child_processes: None,
+    chatty_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     code = run_demo(
         tmp_path,
@@ -89,3 +94,8 @@ def test_two_rounds_and_an_injected_regression(
     assert served["v0001"] == second["production"]["handled"] + second["production"]["rated"]
     page = (tmp_path / "report.html").read_text()
     assert "Round by round" in page and "v0002" in page
+    # the before/after is the adapter that serves (v0001), the rejected last refresh its gate
+    assert "Before / after on held-out prompts (v0001, promoted)" in page
+    out = capsys.readouterr().out
+    assert "the adapter serving now (" in out and "candidate v0001):" in out
+    assert "candidate v0002):\ngate: REJECTED" in out
