@@ -323,7 +323,8 @@ def train(spec: RunSpec, result: RunResult) -> None:
         )
     result.num_train_examples = objective.num_examples
     result.num_steps = t.steps_done
-    result.timings["train_s"] = time.perf_counter() - t_loop - result.timings.get("mining_s", 0.0)
+    mined_in_loop = result.timings.get("mining_s", 0.0) if spec.mining.when == "after" else 0.0
+    result.timings["train_s"] = time.perf_counter() - t_loop - mined_in_loop  # before: in setup
 
     # --- save, then evaluate on held-out data ----------------------------------------------
     # ddp: rank 0 alone holds the whole model and does both. fsdp: every rank gathers the LoRA
