@@ -138,10 +138,16 @@ class TrainingConfig(FrozenModel):
         "plus a replay sample of older ones (held-out: all)",
     )
     replay_ratio: float = Field(
-        1.0, ge=0, description="incremental refresh: older rows replayed per new training row"
+        3.0, ge=0, description="incremental refresh: older rows replayed per new training row"
     )
     replay_rows: int = Field(
         1000, ge=0, description="incremental refresh: at most this many older rows per kind"
+    )
+    incremental_epochs: float | None = Field(
+        1.0,
+        gt=0,
+        description="incremental refresh: epochs over the new and replayed rows (null: the run "
+        "spec's hyper.epochs)",
     )
     min_pairs: int = Field(8, gt=0, description="fewer training pairs: no paired run")
     min_kto_rows: int = Field(16, gt=0, description="fewer thumbs: no KTO run")

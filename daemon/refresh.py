@@ -228,7 +228,8 @@ class Refresher:
             snapshot, manifest, active, choice.method, run_dir, full=outcome.full
         )
         log.info("refresh %s trains on %s", outcome.run_id, outcome.training_data["reason"])
-        spec = self._run_spec(data, run_dir / "train", choice, sha, active_dir)
+        incremental = outcome.training_data.get("mode") == "incremental"
+        spec = self._run_spec(data, run_dir / "train", choice, sha, active_dir, incremental)
         spec_path = run_dir / "run.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
         refused = job_plan_refusal(spec, self.config.training)
@@ -340,7 +341,13 @@ class Refresher:
         }
 
     def _run_spec(
-        self, snapshot: Path, out: Path, choice: MethodChoice, sha: str, active_dir: Path | None
+        self,
+        snapshot: Path,
+        out: Path,
+        choice: MethodChoice,
+        sha: str,
+        active_dir: Path | None,
+        incremental: bool,
     ) -> RunSpec:
         training = self.config.training
         raw = deep_merge(
@@ -361,6 +368,8 @@ class Refresher:
         )
         if choice.overrides:
             raw = deep_merge(raw, {"hyper": choice.overrides})
+        if incremental and training.incremental_epochs is not None:
+            raw = deep_merge(raw, {"hyper": {"epochs": training.incremental_epochs}})
         return RunSpec.model_validate(raw)
 
     def _record_training(self, training: dict[str, Any]) -> None:

@@ -148,8 +148,26 @@ def test_training_dtype_reaches_the_run_spec(service: Service, tmp_path: Path) -
         refresher.config = refresher.config.model_copy(
             update={"training": training.model_copy(update=update)}
         )
-        return refresher._run_spec(tmp_path, tmp_path / "out", choice, "0" * 64, None).dtype
+        return refresher._run_spec(tmp_path, tmp_path / "out", choice, "0" * 64, None, False).dtype
 
     assert spec_dtype() == "auto"
     assert spec_dtype(dtype="bf16") == "bf16"
     assert spec_dtype(dtype="bf16", run_spec={"dtype": "fp32"}) == "fp32"
+
+
+def test_an_incremental_refresh_trains_its_own_epochs(service: Service, tmp_path: Path) -> None:
+    """``training.incremental_epochs`` applies to incremental refreshes only; a full retrain
+    keeps the run spec's epochs."""
+    from daemon.scheduler import MethodChoice
+
+    refresher, choice = service.refresher, MethodChoice("dpo", "pairs", "test", {})
+    training = refresher.config.training.model_copy(
+        update={"incremental_epochs": 1.0, "run_spec": {"hyper": {"epochs": 2.0}}}
+    )
+    refresher.config = refresher.config.model_copy(update={"training": training})
+
+    def epochs(incremental: bool) -> float:
+        spec = refresher._run_spec(tmp_path, tmp_path / "o", choice, "0" * 64, None, incremental)
+        return spec.hyper.epochs
+
+    assert epochs(incremental=True) == 1.0 and epochs(incremental=False) == 2.0
