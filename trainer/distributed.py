@@ -164,6 +164,14 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return full() if full is not None else tensor
 
 
-def close_world() -> None:
+def close_world(wait_for_peers: bool = False) -> None:
+    """Leave the process group. ``wait_for_peers``: every rank did the same work and reached the
+    end, so wait for the others first — a rank that tears down its gloo connections while a peer
+    still talks to it aborts ("terminate called without an active exception", seen at the drift
+    probe's exit). Not after a failure (the peer may never arrive; torchrun stops it), and not
+    in training, where DDP's other ranks leave while rank 0 evaluates for minutes (longer than a
+    collective's timeout on a large base)."""
     if dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

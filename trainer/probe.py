@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     world, device = init_world(
         torch.device("cuda" if torch.cuda.is_available() else "cpu"), spec.get("engine", "ddp")
     )
+    finished = False
     try:
         dtype = weight_dtype(spec.get("dtype", "auto"), device)
         quantize = spec.get("quantize")
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 "parameters": total,
             }
             Path(args[1]).write_text(json.dumps(out))
+        finished = True
     finally:
-        close_world()
+        close_world(wait_for_peers=finished)
     return 0
 
 
