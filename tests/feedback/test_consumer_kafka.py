@@ -102,7 +102,7 @@ def test_sigkill_mid_stream_then_restart_stores_every_event_exactly_once(
     db = tmp_path / "f.db"
     env = os.environ | {
         "ALIGND_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap, "ALIGND_KAFKA__GROUP_ID": "alignd-test",
-        "ALIGND_KAFKA__MAX_POLL_RECORDS": "50", "ALIGND_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "ALIGND_KAFKA__MAX_POLL_RECORDS": "10", "ALIGND_KAFKA__SESSION_TIMEOUT_MS": "6000",
         "ALIGND_KAFKA__HEARTBEAT_INTERVAL_MS": "1000", "ALIGND_STORE__URL": f"sqlite:///{db}",
     }  # fmt: skip
     cmd = [sys.executable, "-m", "daemon.cli", "ingest", "--until-idle", "3"]
@@ -113,7 +113,10 @@ def test_sigkill_mid_stream_then_restart_stores_every_event_exactly_once(
         with log.open("wb") as err:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
         before = store.count()
-        assert wait_until(lambda before=before: store.count() > before + 100, 60), (
+        # some progress, then a kill at once (small polls, a tight watch: on an idle machine a
+        # run stores thousands of events a second); unless an earlier run stored every event
+        progressed = lambda before=before: store.count() >= min(before + 20, n)  # noqa: E731
+        assert wait_until(progressed, 60, interval_s=0.02), (
             f"ingestion did not progress after crash {crash} (stored {store.count()}): "
             + log.read_text()[-3000:]
         )
