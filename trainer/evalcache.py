@@ -10,7 +10,7 @@ is evaluated:
 - an adapter is evaluated twice in a continuous loop — as the candidate of the refresh that
   trained it, then as the incumbent of the next one — so the incumbent's replies, factuality
   and drift are read from the candidate's evaluation instead of being recomputed (on the demo's
-  CPU this is about two minutes of every incremental refresh).
+  CPU about a minute of every incremental refresh: 286–302 s of evaluation became 227–231 s).
 
 Entries live as JSON files in ``cache_dir`` (beside the reference log-prob cache; None: nothing
 is kept). Replies are keyed per prompt, so a round whose held-out split grew generates only the
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from trainer.generation import generate
 from trainer.logprobs import Prompt
+from trainer.refcache import file_sha256
 
 T = TypeVar("T")
 
@@ -40,12 +41,8 @@ def adapter_identity(base: str, adapter_dir: Path | None) -> str:
     """
     if adapter_dir is None:
         return base
-    digest = hashlib.sha256()
-    for path in sorted(Path(adapter_dir).glob("*.safetensors")):
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-    return f"{base}+adapter:{digest.hexdigest()}"
+    weights = [file_sha256(path) for path in sorted(Path(adapter_dir).glob("*.safetensors"))]
+    return f"{base}+adapter:{'+'.join(weights)}"
 
 
 def _key(*parts: Any) -> str:

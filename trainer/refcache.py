@@ -44,6 +44,15 @@ CREATE TABLE IF NOT EXISTS reference_logps (
 """
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content, read in 4 MiB chunks (weight files run to GBs)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def model_identity(model_dir: Path, device_type: str, dtype: str = "float32") -> str:
     """A name for the base weights' content and how they run.
 
@@ -61,11 +70,7 @@ def model_identity(model_dir: Path, device_type: str, dtype: str = "float32") ->
             if len(recorded) == 2 and recorded[0] == stamp:
                 digest = recorded[1]
         if digest is None:
-            h = hashlib.sha256()
-            with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            digest = h.hexdigest()
+            digest = file_sha256(path)
             with contextlib.suppress(OSError):  # read-only model directory: hash next time
                 memo.write_text(f"{stamp} {digest}\n")
         parts.append((path.name, digest))
