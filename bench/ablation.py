@@ -39,6 +39,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "lr1e-3": ("5x the learning rate, nothing else", FAST),
     "lr1e-3+anchor": ("5x lr, retain anchor α 1", deep_merge(FAST, ANCHOR)),
     "lr1e-3+anchor4": ("5x lr, retain anchor α 4", deep_merge(FAST, {"anchor": {"weight": 4.0}})),
+    "lr1e-3+anchor0.25": (
+        "5x lr, retain anchor α 0.25",
+        deep_merge(FAST, {"anchor": {"weight": 0.25}}),
+    ),
     "lr1e-3+anchor+mined": (
         "5x lr, anchor α 1, mined pairs after a first pass (4 samples at T 0.8, ≤ 2 per prompt)",
         deep_merge(deep_merge(FAST, ANCHOR), MINED),
