@@ -58,6 +58,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
             {"lora": {"target_modules": [*ATTENTION, "gate_proj", "up_proj", "down_proj"]}},
         ),
     ),
+    "lr1e-3+anchor+sft": (
+        "5x lr, anchor α 1, one supervised epoch on the agents' replies first (OPA-DPO's order)",
+        deep_merge(deep_merge(FAST, ANCHOR), {"hyper": {"sft_epochs": 1.0}}),
+    ),
     "demo": ("the demo's recipe now (demo.run.DEMO_RUN_SPEC)", {}),
 }
 

@@ -118,6 +118,9 @@ class PairedObjective:
     ) -> None:
         self.method, self.hp, self.pad_id, self.rows = method, hp, pad_id, rows
         self.num_examples = n = len(rows.chosen)
+        # a supervised pass (``hyper.sft_epochs``): the loss is the chosen reply's NLL alone;
+        # the preference statistics are still logged, so every detector reads the same metrics
+        self.supervised_only = False
         # Reference-free methods never look at these; zeros keep the statistics defined.
         self.reference_chosen = reference.get("chosen", torch.zeros(n))
         self.reference_rejected = reference.get("rejected", torch.zeros(n))
@@ -137,6 +140,8 @@ class PairedObjective:
         lc, lr = pack.chosen_lengths.float(), pack.rejected_lengths.float()
         rc, rr = self.reference_chosen[idx].to(device), self.reference_rejected[idx].to(device)
         out, total = preference_loss(self.method, self.hp, PairLogps(pc, pr, rc, rr, lc, lr))
+        if self.supervised_only:
+            total = L.nll_loss(pc, lc)
         stats = {
             "rewards/chosen": out.chosen_rewards,
             "rewards/rejected": out.rejected_rewards,

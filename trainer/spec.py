@@ -59,6 +59,12 @@ class Hyperparameters(FrozenModel):
     beta: float = Field(0.1, gt=0.0, description="strength of the pull towards the reference")
     learning_rate: float = Field(5e-5, gt=0.0, description="AdamW peak learning rate")
     epochs: float = Field(1.0, gt=0.0, description="passes over the training rows")
+    sft_epochs: float = Field(
+        0.0,
+        ge=0.0,
+        description="a supervised pass on the chosen replies (NLL only) before the preference "
+        "loss, in passes over the rows; paired methods only; 0 = none",
+    )
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
     batch_size: int = Field(4, gt=0, description="pairs (or KTO rows) per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")

@@ -54,7 +54,7 @@ from trainer.model import (
     save_adapter,
     weight_dtype,
 )
-from trainer.objectives import Objective, encode_rows, make_objective
+from trainer.objectives import Objective, PairedObjective, encode_rows, make_objective
 from trainer.refcache import ReferenceCache, model_identity
 from trainer.retain import AnchorBatches, build_anchor
 from trainer.spec import Hyperparameters, RunResult, RunSpec, SpecError, load_spec
@@ -247,6 +247,8 @@ def train(spec: RunSpec, result: RunResult) -> None:
         raise DataError(f"{spec.data}: no training rows for method {method.name!r}")
     if spec.mining.samples and not method.paired:
         raise DataError("mining adds pairs: it needs a paired method, not " + method.name)
+    if hp.sft_epochs and not method.paired:
+        raise DataError("hyper.sft_epochs trains on chosen replies: it needs a paired method")
     result.dataset_sha256 = spec.dataset_sha256 or snapshot_sha256(spec.data) or rows_sha256(rows)
     world, device = init_world(pick_device(spec.device), spec.engine)
     if world.size > hp.batch_size:  # a rank without rows would skip the step's collectives
@@ -311,6 +313,10 @@ def train(spec: RunSpec, result: RunResult) -> None:
 
     # --- train (and, with mining after, mine the candidate's mistakes and train on) --------
     t_loop = time.perf_counter()
+    if hp.sft_epochs and isinstance(objective, PairedObjective):  # OPA-DPO's order
+        objective.supervised_only = True
+        optimise(t, objective, _steps(hp, objective.num_examples, hp.sft_epochs), result)
+        objective.supervised_only = False
     optimise(t, objective, hp.max_steps or _steps(hp, objective.num_examples, hp.epochs), result)
     if spec.mining.samples and spec.mining.when == "after":
         mined = mine(t, rows, result)
@@ -369,7 +375,9 @@ def optimise(t: Trainee, objective: Objective, total_steps: int, result: RunResu
     model.train()
     bar = tqdm(
         total=total_steps,
-        desc=f"{t.method.name} training" + ("" if first_pass else " (with mined pairs)"),
+        desc="supervised pass"
+        if isinstance(objective, PairedObjective) and objective.supervised_only
+        else f"{t.method.name} training" + ("" if first_pass else " (with mined pairs)"),
         unit="step",
         file=sys.stderr,
         disable=not world.is_main,

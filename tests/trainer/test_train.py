@@ -301,6 +301,27 @@ def test_likelihood_collapse_detected_for_dpo_not_dpop(
     ]
 
 
+def test_a_supervised_pass_trains_on_chosen_nll_before_the_preference_loss(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(
+        tmp_path,
+        tiny_model_dir,
+        pairs_file,
+        method="dpo",
+        hyper={"max_steps": 2, "sft_epochs": 1.0},
+        eval={"factuality_set": None},
+    )
+    result = run(spec)
+    assert result.status == "succeeded"
+    assert len(result.steps) > 2  # a pass over the training rows, then the 2 preference steps
+    first, last = result.steps[0], result.steps[-1]
+    # the supervised steps' loss is the chosen reply's NLL, the preference steps' is DPO's
+    assert first["loss"] == pytest.approx(-first["logps/chosen_per_token"], rel=1e-4)
+    assert last["loss"] == pytest.approx(last["preference_loss"], rel=1e-4)
+    assert first["loss"] != pytest.approx(first["preference_loss"], rel=1e-2)
+
+
 def test_warm_start_keeps_the_sft_model_as_reference(
     tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
