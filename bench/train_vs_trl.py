@@ -151,8 +151,8 @@ def run_alignd(
     if result.status != "succeeded":
         raise SystemExit(f"alignd run failed: {result.error}")
     return {
-        "losses": [s["loss"] for s in result.steps],
-        "step_s": [s["step_s"] for s in result.steps],
+        "losses": [s.loss for s in result.steps],
+        "step_s": [s.step_s for s in result.steps],
         "reference_s": result.timings.get("reference_s", 0.0),
         "reference": result.reference_logps,
         "peak_rss_mb": peak_rss_mb(),

@@ -69,11 +69,12 @@ def _summarise(result: RunResult) -> str:
     steps = result.steps
     if steps:
         first, last = steps[0], steps[-1]
-        for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "kl_proxy"):
-            if first.get(key) is not None and last.get(key) is not None:
-                lines.append(f"  {key:<20} {first[key]:>10.4f} -> {last[key]:>10.4f}")
-        rate = sum(s["tokens_per_s"] for s in steps) / len(steps)
-        step_s = sum(s["step_s"] for s in steps) / len(steps)
+        for key in ("loss", "reward_accuracy", "reward_margin", "logp_chosen", "kl_proxy"):
+            before, after = getattr(first, key), getattr(last, key)
+            if before is not None and after is not None:
+                lines.append(f"  {key:<20} {before:>10.4f} -> {after:>10.4f}")
+        rate = sum(s.tokens_per_s or 0.0 for s in steps) / len(steps)
+        step_s = sum(s.step_s or 0.0 for s in steps) / len(steps)
         lines.append(f"  {len(steps)} steps, {step_s:.2f} s/step, {rate:.0f} tokens/s")
     fired = [name for name, finding in result.detectors.items() if finding["fired"]]
     lines.append(f"  detectors fired: {', '.join(fired) if fired else 'none'}")

@@ -514,11 +514,8 @@ def _curves(result: RunResult | None) -> str:
         return '<p class="note">The run directory no longer holds this run (retention).</p>'
 
     def series(key: str) -> list[tuple[float, float]]:
-        return [
-            (float(s.get("step", i + 1)), float(s[key]))
-            for i, s in enumerate(result.steps)
-            if isinstance(s.get(key), int | float)
-        ]
+        values = [(s.step, getattr(s, key)) for s in result.steps]
+        return [(float(step), float(value)) for step, value in values if value is not None]
 
     return svg_lines({"loss": series("loss")}, x_label="step", y_label="loss") + svg_lines(
         {"reward accuracy": series("reward_accuracy"), "reward margin": series("reward_margin")},

@@ -515,13 +515,13 @@ def _read_result(path: Path) -> tuple[RunResult | None, str]:
 
 
 def _training_summary(result: RunResult) -> dict[str, Any]:
-    last = result.steps[-1] if result.steps else {}
+    last = result.steps[-1] if result.steps else None
     return {
         "status": result.status,
         "steps": len(result.steps),
-        "final_loss": last.get("loss"),
-        "final_reward_accuracy": last.get("rewards/accuracies"),
-        "final_reward_margin": last.get("rewards/margins"),
+        "final_loss": last.loss if last else None,
+        "final_reward_accuracy": last.reward_accuracy if last else None,
+        "final_reward_margin": last.reward_margin if last else None,
         "detectors": {k: v["fired"] for k, v in result.detectors.items()},
         "timings": result.timings,
         "peak_memory_bytes": result.peak_memory_bytes,

@@ -19,6 +19,7 @@ from demo.rounds import COLUMNS, Round, table_rows
 from demo.simulate import apologizes
 from feedback.manifest import SnapshotManifest
 from trainer.spec import AdapterEval, GenerationReport, PreferenceReport, RunResult
+from trainer.steps import StepMetrics
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,7 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def training_curves_png(steps: list[dict[str, Any]]) -> str:
+def training_curves_png(steps: list[StepMetrics]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,17 +270,17 @@ def training_curves_png(steps: list[dict[str, Any]]) -> str:
 
     panels = [
         ("loss", ["loss"]),
-        ("rewards", ["rewards/chosen", "rewards/rejected"]),
-        ("reward margin", ["rewards/margins"]),
-        ("reward accuracy", ["rewards/accuracies"]),
-        ("chosen log-prob (summed)", ["logps/chosen"]),
+        ("rewards", ["reward_chosen", "reward_rejected"]),
+        ("reward margin", ["reward_margin"]),
+        ("reward accuracy", ["reward_accuracy"]),
+        ("chosen log-prob (summed)", ["logp_chosen"]),
         ("KL proxy (|log-ratio| per token)", ["kl_proxy"]),
     ]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    x = [s["step"] for s in steps]
+    x = [s.step for s in steps]
     for ax, (title, keys) in zip(axes.flat, panels, strict=True):
         for key in keys:
-            ax.plot(x, [s.get(key) for s in steps], label=key.split("/")[-1])
+            ax.plot(x, [getattr(s, key) for s in steps], label=key.removeprefix("reward_"))
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(keys) > 1:

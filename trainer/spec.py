@@ -28,6 +28,7 @@ from typing_extensions import TypedDict
 
 from feedback.base import FrozenModel
 from trainer.methods import METHODS, check_method
+from trainer.steps import StepMetrics
 
 # A method name from the one table (``trainer.methods``); the JSON schema lists the names.
 MethodName = Annotated[
@@ -512,7 +513,7 @@ class RunResult(BaseModel):
     method: str
     num_train_examples: int = 0
     num_steps: int = 0
-    steps: list[dict[str, Any]] = Field([], description="per optimiser step: loss, rewards, ...")
+    steps: list[StepMetrics] = Field([], description="per optimiser step: loss, rewards, ...")
     detectors: dict[str, DetectorFinding] = {}
     eval: EvalReport = EvalReport()
     adapter_dir: str | None = None

@@ -58,6 +58,7 @@ from trainer.objectives import Objective, PairedObjective, encode_rows, make_obj
 from trainer.refcache import ReferenceCache, model_identity
 from trainer.retain import AnchorBatches, build_anchor
 from trainer.spec import Hyperparameters, RunResult, RunSpec, SpecError, load_spec
+from trainer.steps import StepMetrics
 
 
 class TrainingAborted(RuntimeError):
@@ -431,7 +432,7 @@ def optimise(t: Trainee, objective: Objective, total_steps: int, result: RunResu
             "step_s": elapsed,
             "tokens_per_s": tokens / elapsed,
         }
-        result.steps.append(metrics)
+        result.steps.append(StepMetrics.model_validate(metrics))
         t.steps_done += 1
         bar.update(1)
         accuracy = metrics.get("rewards/accuracies") or 0.0

@@ -99,3 +99,28 @@ def test_text_is_escaped(service: Service) -> None:
     page = client.get("/ui/versions/v0003").text
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "content-security-policy" in client.get("/ui").headers
+
+
+def test_training_charts_draw_a_real_runs_step_metrics(
+    service: Service, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    """The charts read what the trainer writes (they once read names it never wrote)."""
+    from trainer.spec import RunSpec
+    from trainer.train import run
+
+    run_dir = service.refresher.runs_dir / "r-real"
+    spec = RunSpec.model_validate({
+        "data": str(pairs_file), "output_dir": str(run_dir / "train"),
+        "base_model": str(tiny_model_dir), "method": "dpo",
+        "hyper": {"max_steps": 3, "learning_rate": 1e-2, "batch_size": 4},
+        "eval": {"factuality_set": None, "retain_set": None, "generate_max_prompts": 0},
+    })  # fmt: skip
+    assert run(spec).status == "succeeded"  # run() writes result.json as the child does
+    (run_dir / "status.json").write_text(json.dumps({"run_id": "r-real", "outcome": "held"}))
+    service.registry.register(make_adapter(tmp_path / "real", seed=9), {"run_id": "r-real"})
+    page = signed_in(service, TOKEN).get("/ui/versions/v0004").text
+    rewards = re.search(r'aria-label="rewards">(.*?)</svg>', page, re.S)
+    assert rewards is not None, "no rewards chart on the version page"
+    drawn = re.findall(r'<polyline [^>]*points="([^"]*)"', rewards.group(1))
+    assert len(drawn) == 2 and all(points.count(",") == 3 for points in drawn), drawn
+    assert "reward accuracy" in rewards.group(1) and "reward margin" in rewards.group(1)

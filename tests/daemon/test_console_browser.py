@@ -53,8 +53,8 @@ def run_result(run_dir: Path) -> None:
     }
     result = {
         "status": "succeeded", "spec": {}, "method": "dpo", "num_steps": 20,
-        "steps": [{"step": s, "loss": 0.69 - 0.02 * s, "reward_accuracy": min(1.0, 0.5 + 0.03 * s),
-                   "reward_margin": 0.1 * s} for s in range(1, 21)],
+        "steps": [{"step": s, "loss": 0.69 - 0.02 * s, "rewards/accuracies": min(1.0, 0.5 + 0.03 * s),
+                   "rewards/margins": 0.1 * s} for s in range(1, 21)],
         "eval": {
             "candidate": {"generation": {"prompts": prompts, "replies": generation["candidate"],
                                          "unsupported": [[], ["November 13"]]}},

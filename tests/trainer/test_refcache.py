@@ -107,7 +107,7 @@ def test_second_refresh_with_ten_percent_new_rows_scores_only_those(
     assert second.status == "succeeded", second.error
     assert second.reference_logps == {"hits": 36, "computed": 4}
     # the cached reference is the real one: policy == reference at step 0, DPO loss = log 2
-    assert second.steps[0]["preference_loss"] == pytest.approx(0.693147, abs=1e-4)
+    assert second.steps[0].preference_loss == pytest.approx(0.693147, abs=1e-4)
 
 
 def test_kto_kl_reference_terms_are_cached_too(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -196,8 +196,8 @@ def test_a_run_reports_drift_and_the_anchor_keeps_it_down(
     drift = free.eval.candidate.retain_kl
     assert drift is not None and drift.num_replies == len(PROMPTS) and drift.nats_per_reply > 0
     assert free.eval.candidate.task_kl is not None and free.eval.candidate.task_kl.num_replies > 0
-    assert "anchor_kl" not in free.steps[0] and free.anchor == {}
-    assert all(s["anchor_kl"] >= 0 for s in anchored.steps)
+    assert free.steps[0].anchor_kl is None and free.anchor == {}
+    assert all(s.anchor_kl is not None and s.anchor_kl >= 0 for s in anchored.steps)
     assert anchored.anchor["replies"] == 63 and anchored.anchor["reference_bytes"] > 0
     assert _drift(anchored) < 0.5 * _drift(free), (_drift(anchored), _drift(free))
 

@@ -29,10 +29,10 @@ def test_smollm2_dpo_loss_goes_down(smollm2_dir: Path, tmp_path: Path) -> None:
     )
     result = run(spec)
     assert result.status == "succeeded", result.error
-    losses = [s["loss"] for s in result.steps]
+    losses = [s.loss for s in result.steps]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)
     assert sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
-    assert result.steps[-1]["rewards/margins"] > 0
+    assert result.steps[-1].reward_margin > 0
 
     # The saved adapter reloads with plain peft onto a fresh base and carries the preference:
     # chosen replies gain log-prob relative to rejected ones, against the base alone.
@@ -106,11 +106,11 @@ def test_smollm2_in_bf16_starts_like_fp32_and_learns(smollm2_dir: Path, tmp_path
 
     fp32, bf16 = run(spec("fp32", "fp32")), run(spec("bf16", "bf16"))
     assert fp32.status == bf16.status == "succeeded", (fp32.error, bf16.error)
-    assert fp32.steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert fp32.steps[0].loss == pytest.approx(0.6931, abs=1e-3)
     assert bf16.detectors["reference_mismatch"]["fired"] is False
-    assert bf16.steps[0]["loss"] == pytest.approx(fp32.steps[0]["loss"], abs=0.02)
-    assert bf16.steps[0]["grad_norm"] == pytest.approx(fp32.steps[0]["grad_norm"], rel=0.1)
+    assert bf16.steps[0].loss == pytest.approx(fp32.steps[0].loss, abs=0.02)
+    assert bf16.steps[0].grad_norm == pytest.approx(fp32.steps[0].grad_norm, rel=0.1)
     for step in bf16.steps:
-        assert torch.isfinite(torch.tensor([step["loss"], step["grad_norm"]])).all()
-    assert bf16.steps[1]["loss"] < bf16.steps[0]["loss"] - 0.02  # it learns
-    assert bf16.steps[1]["kl_proxy"] > bf16.steps[0]["kl_proxy"]
+        assert torch.isfinite(torch.tensor([step.loss, step.grad_norm])).all()
+    assert bf16.steps[1].loss < bf16.steps[0].loss - 0.02  # it learns
+    assert bf16.steps[1].kl_proxy > bf16.steps[0].kl_proxy

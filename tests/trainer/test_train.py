@@ -125,7 +125,7 @@ def test_every_paired_method_trains(
         )
     )
     assert result.status == "succeeded", result.error
-    assert all(math.isfinite(s["loss"]) for s in result.steps)
+    assert all(s.loss is not None and math.isfinite(s.loss) for s in result.steps)
 
 
 @pytest.mark.parametrize("method", ["kto", "apo_zero"])
@@ -154,9 +154,9 @@ def test_unpaired_methods_train_even_with_one_class(
         )
     )
     assert result.status == "succeeded", result.error
-    assert all(math.isfinite(s["loss"]) for s in result.steps)
+    assert all(s.loss is not None and math.isfinite(s.loss) for s in result.steps)
     if method == "kto":
-        assert all(s["kl_estimate"] >= 0 for s in result.steps)
+        assert all((s.kl_estimate or 0.0) >= 0 for s in result.steps)
 
 
 def test_kto_learns_from_pairs_split_into_rows(
@@ -174,7 +174,9 @@ def test_kto_learns_from_pairs_split_into_rows(
     )
     assert result.status == "succeeded", result.error
     assert result.num_train_examples == 2 * 16
-    assert result.steps[-1]["rewards/chosen"] > result.steps[-1]["rewards/rejected"]
+    last = result.steps[-1]
+    assert last.reward_chosen is not None and last.reward_rejected is not None
+    assert last.reward_chosen > last.reward_rejected
 
 
 def test_non_finite_loss_aborts_and_writes_no_adapter(
@@ -317,9 +319,10 @@ def test_a_supervised_pass_trains_on_chosen_nll_before_the_preference_loss(
     assert len(result.steps) > 2  # a pass over the training rows, then the 2 preference steps
     first, last = result.steps[0], result.steps[-1]
     # the supervised steps' loss is the chosen reply's NLL, the preference steps' is DPO's
-    assert first["loss"] == pytest.approx(-first["logps/chosen_per_token"], rel=1e-4)
-    assert last["loss"] == pytest.approx(last["preference_loss"], rel=1e-4)
-    assert first["loss"] != pytest.approx(first["preference_loss"], rel=1e-2)
+    assert first.logp_chosen_per_token is not None
+    assert first.loss == pytest.approx(-first.logp_chosen_per_token, rel=1e-4)
+    assert last.loss == pytest.approx(last.preference_loss, rel=1e-4)
+    assert first.loss != pytest.approx(first.preference_loss, rel=1e-2)
 
 
 def test_warm_start_keeps_the_sft_model_as_reference(
@@ -341,7 +344,7 @@ def test_warm_start_keeps_the_sft_model_as_reference(
     )
     assert second.status == "succeeded"
     # Were the warm-start adapter the reference, step-0 rewards would be exactly 0.
-    assert second.steps[0]["rewards/margins"] > 0.01
+    assert second.steps[0].reward_margin > 0.01
     assert "reference_mismatch" not in second.detectors  # not checkable with a warm start
 
 
@@ -430,8 +433,8 @@ def test_activation_checkpointing_changes_memory_not_the_math(
     )
     assert plain.status == recomputed.status == "succeeded"
     for a, b in zip(plain.steps, recomputed.steps, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b.loss == pytest.approx(a.loss, abs=1e-5)
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
 
 
 def test_activation_checkpointing_is_switched_on_through_the_peft_wrapper(
@@ -477,11 +480,12 @@ def test_bf16_weights_train_like_fp32_with_fp32_adapter_and_losses(
     assert fp32.status == bf16.status == "succeeded"
     assert seen == {"base": {torch.bfloat16}, "lora": {torch.float32}}
     assert bf16.reference_logps["computed"] > 0  # not served from the fp32 run's cache rows
-    assert bf16.steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference
+    assert bf16.steps[0].loss == pytest.approx(math.log(2), abs=1e-3)  # policy == reference
     for a, b in zip(fp32.steps, bf16.steps, strict=True):
-        assert math.isfinite(b["loss"]) and math.isfinite(b["grad_norm"])
-        assert b["loss"] == pytest.approx(a["loss"], abs=0.02)
-    assert bf16.steps[-1]["loss"] < bf16.steps[0]["loss"]  # it learns
+        assert b.loss is not None and b.grad_norm is not None
+        assert math.isfinite(b.loss) and math.isfinite(b.grad_norm)
+        assert b.loss == pytest.approx(a.loss, abs=0.02)
+    assert bf16.steps[-1].loss < bf16.steps[0].loss  # it learns
     assert bf16.eval.candidate.kl_to_reference is not None
     assert bf16.eval.candidate.kl_to_reference == pytest.approx(
         fp32.eval.candidate.kl_to_reference, abs=0.01
