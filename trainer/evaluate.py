@@ -286,7 +286,7 @@ def retain_drift(
         adapter=None,
         identity=str(identities["reference"]),
         max_new_tokens=cap,
-        batch_size=bs,
+        batch_size=spec.eval.generate_batch_size,
         cache_dir=cache_dir,
     )
     examples = encode_replies(tokenizer, prompts, replies)
@@ -381,7 +381,7 @@ def evaluate_run(
                     adapter=adapter,
                     identity=str(identities[name]),
                     max_new_tokens=spec.eval.max_new_tokens,
-                    batch_size=bs,
+                    batch_size=spec.eval.generate_batch_size,
                     cache_dir=cache_dir if identities[name] else None,
                 )
                 report[name]["generation"] = generation_stats(
@@ -392,7 +392,9 @@ def evaluate_run(
                     policy_rules=spec.eval.policy_rules,
                 )
                 if adapter is None:  # its own KL on its own replies is 0: nothing to measure
-                    task_examples = encode_replies(tokenizer, prompts, replies)
+                    task_examples = encode_replies(tokenizer, prompts, replies)[
+                        : spec.eval.kl_max_examples
+                    ]
                     continue
                 report[name]["task_kl"] = drift_report(
                     *kl_per_reply(model, task_examples, adapter=adapter, pad_id=pad, batch_size=bs)

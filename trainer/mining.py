@@ -140,7 +140,7 @@ def mine_model(
         [r["prompt"] for r in rows],
         adapter="default",
         max_new_tokens=spec.max_new_tokens,
-        batch_size=evaluation.batch_size,
+        batch_size=evaluation.generate_batch_size,
         samples=spec.samples,
         temperature=spec.temperature,
     )

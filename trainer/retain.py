@@ -197,6 +197,7 @@ def build_anchor(
     *,
     identity: str,
     batch_size: int,
+    generate_batch_size: int,
     cache_dir: Path | None,
 ) -> AnchorBatches:
     """The retain anchor's data: the reference's replies to the training retain set (generated
@@ -209,7 +210,7 @@ def build_anchor(
         adapter=None,
         identity=identity,
         max_new_tokens=spec.max_new_tokens,
-        batch_size=batch_size,
+        batch_size=generate_batch_size,
         cache_dir=cache_dir,
     )
     examples = encode_replies(tokenizer, prompts, replies)

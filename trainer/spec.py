@@ -166,7 +166,10 @@ class EvalSpec(FrozenModel):
     factuality_set: str | None = Field("default", description="'default', a JSONL path, or null")
     factuality_limit: int | None = Field(None, gt=0, description="score only the first N questions")
     kl_max_examples: int = Field(
-        64, ge=0, description="held-out chosen replies for the requested-change KL"
+        64,
+        ge=0,
+        description="held-out examples each requested-change KL reads (chosen replies; the "
+        "reference's greedy replies): reported, not gated",
     )
     retain_set: str | None = Field(
         "default",
@@ -180,7 +183,13 @@ class EvalSpec(FrozenModel):
         48, ge=0, description="greedy replies for the generation and grounding checks"
     )
     max_new_tokens: int = Field(128, gt=0, description="reply length cap in generation checks")
-    batch_size: int = Field(8, gt=0, description="eval batch")
+    batch_size: int = Field(8, gt=0, description="eval batch of the scoring and KL forwards")
+    generate_batch_size: int = Field(
+        48,
+        gt=0,
+        description="prompts per batch in generation (greedy replies, the anchor's and the "
+        "retain set's reference replies, mining's samples): decoding gains from wider batches",
+    )
     grounding: GroundingSpec = GroundingSpec()
     policy_rules: tuple[PolicyRule, ...] = Field(
         (), description="per-tag required / forbidden patterns, checked on held-out replies"

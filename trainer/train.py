@@ -306,6 +306,7 @@ def train(spec: RunSpec, result: RunResult) -> None:
             spec.anchor,
             identity=t.identity,
             batch_size=spec.eval.batch_size,
+            generate_batch_size=spec.eval.generate_batch_size,
             cache_dir=spec.reference_cache.parent if spec.reference_cache is not None else None,
         )
         result.anchor = {"replies": len(t.anchor.examples), "reference_bytes": t.anchor.nbytes}

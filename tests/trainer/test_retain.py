@@ -188,14 +188,17 @@ def test_a_run_reports_drift_and_the_anchor_keeps_it_down(
             eval_data=str(pairs_file),
             hyper={"max_steps": 8, "learning_rate": 3e-2},
             anchor={"weight": weight, "max_new_tokens": 12, "batch_size": 8},
-            eval={"retain_set": str(measured), "retain_max_new_tokens": 12},
+            eval={"retain_set": str(measured), "retain_max_new_tokens": 12}
+            | {"generate_max_prompts": 3, "kl_max_examples": 2},
         )
         results[weight] = run(spec)
         assert results[weight].status == "succeeded", results[weight].error
     free, anchored = results[0.0], results[10.0]
     drift = free.eval.candidate.retain_kl
     assert drift is not None and drift.num_replies == len(PROMPTS) and drift.nats_per_reply > 0
-    assert free.eval.candidate.task_kl is not None and free.eval.candidate.task_kl.num_replies > 0
+    generation, task_kl = free.eval.candidate.generation, free.eval.candidate.task_kl
+    assert generation is not None and len(generation.replies) == 3
+    assert task_kl is not None and task_kl.num_replies == 2  # eval.kl_max_examples
     assert free.steps[0].anchor_kl is None and free.anchor == {}
     assert all(s.anchor_kl is not None and s.anchor_kl >= 0 for s in anchored.steps)
     assert anchored.anchor["replies"] == 63 and anchored.anchor["reference_bytes"] > 0
