@@ -62,7 +62,7 @@ LEGACY_RUN_SPEC: dict[str, Any] = {
     "eval": {
         "generate_max_prompts": 50,
         "max_new_tokens": 80,
-        "kl_max_examples": 48,
+        "kl_max_examples": 24,  # the requested-change KLs: reported, not gated
         "batch_size": 16,
         "grounding": {"entities": CARRIERS, "ignore": ["2FA"]},
         "policy_rules": POLICY_RULES,
@@ -70,9 +70,11 @@ LEGACY_RUN_SPEC: dict[str, Any] = {
 }
 # The recipe (issue #29; bench/ablation.py's table in the README says why): five times the
 # learning rate, which learns the required sentence and the record's facts in one round, and
-# the retain anchor, which keeps everything else where the reference had it.
+# the retain anchor, which keeps everything else where the reference had it. At α 1 the anchor
+# held drift to 0.2 nats per reply (budget 5) but also held back grounding (79%); α 0.25 keeps
+# drift at 0.3 and grounds 96% of replies.
 DEMO_RUN_SPEC: dict[str, Any] = deep_merge(
-    LEGACY_RUN_SPEC, {"hyper": {"learning_rate": 1e-3}, "anchor": {"weight": 1.0}}
+    LEGACY_RUN_SPEC, {"hyper": {"learning_rate": 1e-3}, "anchor": {"weight": 0.25}}
 )
 
 
