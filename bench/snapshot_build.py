@@ -33,6 +33,8 @@ from feedback.store import FeedbackStore, Incoming
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from services import postgres_server  # the tests' throw-away PostgreSQL
 
+TESTS_FEEDBACK = Path(__file__).resolve().parents[1] / "tests" / "feedback"  # the in-memory oracle
+
 NOW = datetime(2026, 11, 24, tzinfo=UTC)
 REPLY = (
     "I'm sorry for any inconvenience this may have caused. Your order {n} left our warehouse on "
@@ -94,10 +96,11 @@ config = DatasetConfig(heldout_fraction=0.1)
 now = datetime(2026, 11, 24, tzinfo=UTC)
 start = time.perf_counter()
 if mode == "in-memory":
-    from feedback.dataset import build_examples
+    sys.path.insert(0, sys.argv[4])
+    from dataset_support import build_examples, write_snapshot
     from feedback.manifest import EventRange
     stored = list(store.iter_events())
-    manifest = snapshot.write_snapshot(
+    manifest = write_snapshot(
         build_examples([s.event for s in stored], config, now), Path(out), config=config,
         event_range=EventRange(count=len(stored), first_seq=None, last_seq=None,
                                first_occurred_at=None, last_occurred_at=None), built_at=now)
@@ -113,7 +116,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "rows": rows,
 def build(url: str, out: Path, mode: str) -> tuple[float, float, int, str]:
     """(seconds, peak RSS MB, rows, sha256) of one build in a fresh child process."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, url, str(out), mode],
+        [sys.executable, "-c", CHILD, url, str(out), mode, str(TESTS_FEEDBACK)],
         stdout=subprocess.PIPE,
         env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )

@@ -1,4 +1,5 @@
-"""Events → DPO pairs and KTO examples. Pure functions, no I/O.
+"""Events → DPO pairs and KTO examples: the rules, and the pure functions that apply them to
+one event or one group of votes. :mod:`feedback.grouping` runs them over a whole store.
 
 Rules (each filter is counted, so the manifest says what was dropped and why):
 
@@ -39,14 +40,11 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from itertools import product
 from typing import TypeVar
 
-from feedback.config import DatasetConfig
 from feedback.events import ComparisonEvent, EditEvent, Event, RatingEvent
 
 Messages = list[dict[str, str]]
@@ -94,13 +92,6 @@ class KTOExample:
     actor: str = ""
 
 
-@dataclass
-class Examples:
-    pairs: list[PairExample] = field(default_factory=list)
-    kto: list[KTOExample] = field(default_factory=list)
-    filtered: Counter[str] = field(default_factory=Counter)
-
-
 # Characters that render as nothing: zero-width space/joiners, marks, soft hyphen, BOM,
 # variation selectors, bidi controls. NFKC keeps them, so they are removed explicitly.
 _INVISIBLE = re.compile(
@@ -128,19 +119,19 @@ def actor_of(event: Event) -> str:
     return f"{event.actor.kind}:{event.actor.id}" if event.actor else ""
 
 
-def _voter(event: Event) -> str:
+def voter(event: Event) -> str:
     return actor_of(event) or f"event:{event.event_id}"
 
 
-def _words(text: str) -> int:
+def words(text: str) -> int:
     return len(text.split())
 
 
-def _messages(event: Event) -> Messages:
+def messages(event: Event) -> Messages:
     return [{"role": m.role, "content": m.content} for m in event.prompt]
 
 
-def _texts(event: Event) -> list[str]:
+def texts(event: Event) -> list[str]:
     texts = [m.content for m in event.prompt]
     if isinstance(event, RatingEvent):
         texts.append(event.completion)
@@ -157,7 +148,7 @@ def unchanged_send(event: EditEvent) -> bool:
     return normalize(event.edited_completion) == normalize(event.completion)
 
 
-def _as_thumbs_up(event: EditEvent) -> RatingEvent:
+def as_thumbs_up(event: EditEvent) -> RatingEvent:
     """An unchanged send, as the rating it amounts to: the agent approved the reply."""
     fields = {
         name: getattr(event, name)
@@ -167,14 +158,14 @@ def _as_thumbs_up(event: EditEvent) -> RatingEvent:
     return RatingEvent.model_construct(**(fields | {"type": "rating", "rating": "up"}))
 
 
-def _pair_from(event: EditEvent | ComparisonEvent) -> PairExample:
+def pair_from(event: EditEvent | ComparisonEvent) -> PairExample:
     chosen, rejected = (
         (event.edited_completion, event.completion)
         if isinstance(event, EditEvent)
         else (event.chosen, event.rejected)
     )
     return PairExample(
-        _messages(event),
+        messages(event),
         chosen,
         rejected,
         event.type,
@@ -185,57 +176,10 @@ def _pair_from(event: EditEvent | ComparisonEvent) -> PairExample:
     )
 
 
-def _ratings_to_examples(
-    ratings: list[RatingEvent], config: DatasetConfig, filtered: Counter[str]
-) -> tuple[list[KTOExample], list[PairExample]]:
-    by_reply: dict[tuple[str, str], list[RatingEvent]] = defaultdict(list)
-    for r in ratings:
-        by_reply[(prompt_id(r), normalize(r.completion))].append(r)
-    kto: list[KTOExample] = []
-    for group in by_reply.values():
-        winners = _majority(group, _voter, lambda r: r.rating, filtered, "label", "example")
-        if not winners:
-            continue
-        first = winners[0]
-        kto.append(
-            KTOExample(
-                _messages(first),
-                first.completion,
-                first.rating == "up",
-                first.event_id,
-                prompt_id(first),
-                dict(first.tags),
-                actor_of(first),
-            )
-        )
-    mined: list[PairExample] = []
-    if config.mine_rating_pairs:
-        by_prompt: dict[str, list[KTOExample]] = defaultdict(list)
-        for example in kto:
-            by_prompt[example.prompt_sha256].append(example)
-        for examples in by_prompt.values():
-            ups = [e for e in examples if e.label]
-            downs = [e for e in examples if not e.label]
-            for up, down in list(product(ups, downs))[: config.max_mined_pairs_per_prompt]:
-                mined.append(
-                    PairExample(
-                        up.prompt,
-                        up.completion,
-                        down.completion,
-                        "mined",
-                        (up.event_id, down.event_id),
-                        up.prompt_sha256,
-                        up.tags,
-                        up.actor,
-                    )
-                )
-    return kto, mined
-
-
 Vote = TypeVar("Vote")
 
 
-def _majority(
+def majority(
     votes: list[Vote],
     voter: Callable[[Vote], str],
     side: Callable[[Vote], str],
@@ -265,56 +209,6 @@ def _majority(
     return kept
 
 
-Row = TypeVar("Row", PairExample, KTOExample)
-
-
-def _cap(
-    rows: list[Row],
-    key: Callable[[Row], str],
-    limit: int | None,
-    filtered: Counter[str],
-    name: str,
-) -> list[Row]:
-    """At most ``limit`` rows per key, the most recent kept (rows arrive oldest first)."""
-    if limit is None:
-        return rows
-    seen: Counter[str] = Counter()
-    keep = [False] * len(rows)
-    for i in range(len(rows) - 1, -1, -1):
-        k = key(rows[i])
-        if not k or seen[k] < limit:  # "" (no actor) is not an identity to cap on
-            seen[k] += 1
-            keep[i] = True
-        else:
-            filtered[name] += 1
-    return [row for row, kept in zip(rows, keep, strict=True) if kept]
-
-
-def build_examples(events: Sequence[Event], config: DatasetConfig, now: datetime) -> Examples:
-    """All training rows the events support under ``config``, with per-filter counts."""
-    out = Examples()
-    oldest = now - timedelta(days=config.recency_days) if config.recency_days else None
-    candidates: list[PairExample] = []
-    ratings: list[RatingEvent] = []
-    for ev in sorted(events, key=lambda e: (e.occurred_at, e.event_id)):
-        if oldest is not None and ev.occurred_at < oldest:
-            out.filtered["outside_window"] += 1
-        elif any(len(t) > config.max_chars for t in _texts(ev)):
-            out.filtered["too_long"] += 1
-        elif isinstance(ev, RatingEvent):
-            ratings.append(ev)
-        elif isinstance(ev, EditEvent) and unchanged_send(ev):
-            out.filtered["trivial_edit"] += 1
-            ratings.append(_as_thumbs_up(ev))
-        else:
-            candidates.append(_pair_from(ev))
-    out.kto, mined = _ratings_to_examples(ratings, config, out.filtered)
-
-    out.pairs = _resolve_pairs(candidates + mined, config, out.filtered)
-    _apply_caps(out, config)
-    return out
-
-
 def is_heldout(prompt_sha256: str, fraction: float, salt: str) -> bool:
     """Stable split by prompt: the same prompt always lands on the same side."""
     digest = hashlib.sha256(f"{salt}:{prompt_sha256}".encode()).digest()
@@ -335,41 +229,3 @@ def kto_balance(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
     if ratio > 4.0 / 3.0:
         return 1.0, ratio / (4.0 / 3.0)
     return 1.0, 1.0
-
-
-def _resolve_pairs(
-    pairs: list[PairExample], config: DatasetConfig, filtered: Counter[str]
-) -> list[PairExample]:
-    """Drop trivial and too-long pairs; settle A>B against B>A on one prompt by majority."""
-    # A>B and B>A on one prompt are votes on one question: group them by the unordered pair.
-    questions: dict[tuple[str, str, str], list[tuple[str, PairExample]]] = defaultdict(list)
-    for pair in pairs:
-        chosen, rejected = normalize(pair.chosen), normalize(pair.rejected)
-        if chosen == rejected:
-            filtered["trivial_edit"] += 1
-        elif _words(pair.chosen) > config.max_length_ratio * max(1, _words(pair.rejected)):
-            filtered["length_ratio"] += 1
-        else:
-            low, high = sorted((chosen, rejected))
-            questions[(pair.prompt_sha256, low, high)].append((chosen, pair))
-    kept = []
-    for votes in questions.values():
-        winners = _majority(votes, lambda v: v[1].voter, lambda v: v[0], filtered, "pair", "pair")
-        if winners:
-            kept.append(winners[0][1])
-    return kept
-
-
-def _apply_caps(out: Examples, config: DatasetConfig) -> None:
-    def actor(row: PairExample | KTOExample) -> str:
-        return row.actor
-
-    def prompt(row: PairExample | KTOExample) -> str:
-        return row.prompt_sha256
-
-    for name, key, limit in (
-        ("actor_cap", actor, config.max_rows_per_actor),
-        ("prompt_cap", prompt, config.max_rows_per_prompt),
-    ):
-        out.pairs = _cap(out.pairs, key, limit, out.filtered, name)
-        out.kto = _cap(out.kto, key, limit, out.filtered, name)

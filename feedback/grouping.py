@@ -1,14 +1,13 @@
-"""The dataset rules of :mod:`feedback.dataset` over a store too large for memory.
+"""The dataset rules of :mod:`feedback.dataset`, applied to a store of any size: the builder.
 
-:func:`feedback.dataset.build_examples` sorts, groups and caps a list of events held in memory;
-a year of a large deployment's feedback does not fit. This module applies the same rules with
-memory that does not grow with the store: events stream in (any order), each becomes a vote in
-a temporary SQLite database on disk, and the sorting, the grouping by reply or question, the
+A year of a large deployment's feedback does not fit in memory, so the rules run with memory
+that does not grow with the store: events stream in (any order), each becomes a vote in a
+temporary SQLite database on disk, and the sorting, the grouping by reply or question, the
 caps and the splits run there. Python holds one group of votes at a time (the votes on one
 reply or one pair), and rows leave as iterators in the snapshot's order.
 
-The result is the same rows in the same order as the in-memory builder (a test compares them on
-random streams), so the snapshot's sha256 does not depend on which builder made it.
+The tests keep a plain in-memory reading of the same rules as an oracle
+(``tests/feedback/dataset_oracle.py``) and compare the two on random streams, row for row.
 
 Order keys: an event's place in the rules' order is ``(occurred_at, event_id)``, kept as one
 string (UTC time with microseconds, NUL, the id). Pairs mined from ratings arrive after every
@@ -33,17 +32,17 @@ from feedback.dataset import (
     UNATTRIBUTED,
     KTOExample,
     PairExample,
-    _as_thumbs_up,
-    _majority,
-    _messages,
-    _pair_from,
-    _texts,
-    _voter,
-    _words,
     actor_of,
+    as_thumbs_up,
+    majority,
+    messages,
     normalize,
+    pair_from,
     prompt_id,
+    texts,
     unchanged_send,
+    voter,
+    words,
 )
 from feedback.events import EditEvent, Event, RatingEvent
 
@@ -201,7 +200,7 @@ def _pair_vote(
     if chosen == rejected:
         filtered["trivial_edit"] += 1
         return None
-    if _words(pair.chosen) > config.max_length_ratio * max(1, _words(pair.rejected)):
+    if words(pair.chosen) > config.max_length_ratio * max(1, words(pair.rejected)):
         filtered["length_ratio"] += 1
         return None
     low, high = sorted((chosen, rejected))
@@ -221,21 +220,21 @@ def _spill_votes(
         if oldest is not None and ev.occurred_at < oldest:
             out.filtered["outside_window"] += 1
             continue
-        if any(len(t) > config.max_chars for t in _texts(ev)):
+        if any(len(t) > config.max_chars for t in texts(ev)):
             out.filtered["too_long"] += 1
             continue
         if isinstance(ev, EditEvent) and unchanged_send(ev):
             out.filtered["trivial_edit"] += 1
-            ev = _as_thumbs_up(ev)
+            ev = as_thumbs_up(ev)
         if isinstance(ev, RatingEvent):
             pid, actor = prompt_id(ev), actor_of(ev)
-            kto = KTOExample(_messages(ev), ev.completion, ev.rating == "up", ev.event_id, pid,
+            kto = KTOExample(messages(ev), ev.completion, ev.rating == "up", ev.event_id, pid,
                              dict(ev.tags), actor)  # fmt: skip
             meta = {"prompt_sha256": pid, "actor": actor, "row": kto_row(kto)}
-            batch.append(("r", _key(pid, normalize(ev.completion)), ord_, _voter(ev), ev.rating,
+            batch.append(("r", _key(pid, normalize(ev.completion)), ord_, voter(ev), ev.rating,
                           json.dumps(meta, ensure_ascii=False)))  # fmt: skip
         else:
-            vote = _pair_vote(_pair_from(ev), ord_, config, out.filtered)
+            vote = _pair_vote(pair_from(ev), ord_, config, out.filtered)
             if vote is not None:
                 batch.append(vote)
         if len(batch) >= _CHUNK:
@@ -263,11 +262,11 @@ def _groups(db: sqlite3.Connection, kind: str) -> Iterator[list[tuple[str, str, 
 def _settle(
     kind: str, row_kind: str, conflict: str, row: str, out: DiskRows, split_of: Any
 ) -> None:
-    """Majority per group (:func:`feedback.dataset._majority`); the first winner becomes a row
+    """Majority per group (:func:`feedback.dataset.majority`); the first winner becomes a row
     placed at its group's first vote."""
     batch = []
     for votes in _groups(out.db, kind):
-        winners = _majority(votes, lambda v: v[1], lambda v: v[2], out.filtered, conflict, row)
+        winners = majority(votes, lambda v: v[1], lambda v: v[2], out.filtered, conflict, row)
         if not winners:
             continue
         meta = json.loads(winners[0][3])

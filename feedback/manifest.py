@@ -1,7 +1,7 @@
 """The snapshot manifest (``<snapshot>/manifest.json``): the contract between the dataset
 builder and whoever trains on or reports about a snapshot (the daemon, the trainer, the demo).
 
-Written by :func:`feedback.snapshot.write_snapshot`; read with :meth:`SnapshotManifest.load`.
+Written by :func:`feedback.snapshot.build_snapshot`; read with :meth:`SnapshotManifest.load`.
 A missing or malformed file fails with a :class:`pydantic.ValidationError` naming the field.
 """
 

@@ -33,13 +33,10 @@ from feedback.config import DatasetConfig
 from feedback.dataset import (
     FILTERS,
     UNATTRIBUTED,
-    Examples,
-    KTOExample,
-    PairExample,
     is_heldout,
     kto_balance,
 )
-from feedback.grouping import build_rows_on_disk, kto_row, pair_row
+from feedback.grouping import build_rows_on_disk
 from feedback.manifest import (
     MANIFEST_FORMAT,
     ActorShare,
@@ -90,24 +87,6 @@ def split_of(prompt_sha256: str, config: DatasetConfig) -> str:
     return "heldout" if held else "train"
 
 
-def actor_shares(examples: Examples, config: DatasetConfig, top: int = 5) -> ActorShares:
-    """Who supplied the rows (pairs and KTO together), overall and in the held-out split.
-
-    Actors are named by a hash of ``kind:id`` (the manifest is no place for account ids);
-    events with no actor form one ``(unattributed)`` bucket.
-    """
-    rows: Counter[str] = Counter()
-    heldout: Counter[str] = Counter()
-    everything: list[PairExample | KTOExample] = [*examples.pairs, *examples.kto]
-    for row in everything:
-        who = row.actor or UNATTRIBUTED
-        rows[who] += 1
-        if split_of(row.prompt_sha256, config) == "heldout":
-            heldout[who] += 1
-    ranked = sorted(rows.items(), key=lambda kv: (-kv[1], kv[0]))
-    return shares_of((who, n, heldout[who]) for who, n in ranked)
-
-
 def shares_of(ranked: Iterable[tuple[str, int, int]], top: int = 5) -> ActorShares:
     """:class:`ActorShares` from ``(actor, rows, held-out rows)``, most rows first (ties by
     name), read once: memory does not grow with the number of actors."""
@@ -149,55 +128,8 @@ def shares_of(ranked: Iterable[tuple[str, int, int]], top: int = 5) -> ActorShar
     )
 
 
-def split_rows(
-    examples: Examples, config: DatasetConfig
-) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """``{"pairs": {"train": [...], "heldout": [...]}, "kto": {...}}``, split by prompt hash."""
-    out: dict[str, dict[str, list[dict[str, Any]]]] = {
-        "pairs": {s: [] for s in SPLITS},
-        "kto": {s: [] for s in SPLITS},
-    }
-
-    for p in examples.pairs:
-        out["pairs"][split_of(p.prompt_sha256, config)].append(pair_row(p))
-    for k in examples.kto:
-        out["kto"][split_of(k.prompt_sha256, config)].append(kto_row(k))
-    return out
-
-
 def _row_bytes(row: dict[str, Any]) -> bytes:
     return json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n"
-
-
-def content_sha256(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
-    digest = hashlib.sha256()
-    for kind in ("pairs", "kto"):
-        for split in SPLITS:
-            digest.update(f"{kind}/{split}\n".encode())
-            for row in rows[kind][split]:
-                digest.update(_row_bytes(row))
-    return digest.hexdigest()
-
-
-def write_snapshot(
-    examples: Examples,
-    out_dir: Path,
-    *,
-    config: DatasetConfig,
-    event_range: EventRange,
-    built_at: datetime | None = None,
-) -> SnapshotManifest:
-    """Write rows built in memory as a snapshot (atomically) and return its manifest."""
-    rows = split_rows(examples, config)
-    return _write(
-        out_dir,
-        lambda kind, split: rows[kind][split],
-        filtered=examples.filtered,
-        actors=actor_shares(examples, config),
-        event_range=event_range,
-        config=config,
-        built_at=built_at or datetime.now(UTC),
-    )
 
 
 def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -211,7 +143,7 @@ def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str
         yield chunk
 
 
-def _write(
+def write_rows(
     out_dir: Path,
     rows: Callable[[str, str], Iterable[dict[str, Any]]],
     *,
@@ -222,7 +154,8 @@ def _write(
     built_at: datetime,
 ) -> SnapshotManifest:
     """Stream ``rows(kind, split)`` into parquet row groups of ``ROW_GROUP`` rows while hashing
-    them (:func:`content_sha256`'s order and encoding); then the manifest; then the rename."""
+    them (per kind and split a "kind/split" line, then each row as sorted-key JSON); then the
+    manifest; then the rename."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     digest = hashlib.sha256()
@@ -306,7 +239,7 @@ def build_snapshot(
                 else None,
                 last_occurred_at=stats.last_occurred.isoformat() if stats.last_occurred else None,
             )
-            return _write(
+            return write_rows(
                 out_dir,
                 disk.rows,
                 filtered=disk.filtered,

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from daemon.config import SALT_FILE, AligndConfig, with_split_salt
-from feedback.dataset import DatasetConfig
+from feedback.config import DatasetConfig
 
 
 def config(tmp_path: Path, salt: str | None = None) -> AligndConfig:

@@ -6,10 +6,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from dataset_support import build_rows
 from events_support import comparison, edit, encode, rating
 
 from feedback.config import DatasetConfig
-from feedback.dataset import build_examples, is_heldout, kto_balance
+from feedback.dataset import is_heldout, kto_balance
 from feedback.events import Event, Rejection, parse_event
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
@@ -91,14 +92,14 @@ def test_rules(
     name: str, raw: list[dict[str, Any]], n_pairs: int, n_kto: int, filtered: dict[str, int]
 ) -> None:
     config = DatasetConfig(recency_days=365)
-    built = build_examples(events(*raw), config, NOW)
+    built = build_rows(events(*raw), config, NOW)
     assert len(built.pairs) == n_pairs
     assert len(built.kto) == n_kto
     assert {k: v for k, v in built.filtered.items() if v} == filtered
 
 
 def test_edit_orientation_is_edited_chosen_original_rejected() -> None:
-    [pair] = build_examples(
+    [pair] = build_rows(
         events(edit("e1", "Sorry!! It ships today.", "It ships today.")), DatasetConfig(), NOW
     ).pairs
     assert pair.chosen == "It ships today." and pair.rejected == "Sorry!! It ships today."
@@ -106,7 +107,7 @@ def test_edit_orientation_is_edited_chosen_original_rejected() -> None:
 
 
 def test_mined_pair_orientation() -> None:
-    built = build_examples(
+    built = build_rows(
         events(rating("r1", "No idea.", "down"), rating("r2", "Ships today.")), DatasetConfig(), NOW
     )
     [pair] = built.pairs
@@ -116,15 +117,15 @@ def test_mined_pair_orientation() -> None:
 
 def test_mining_can_be_turned_off() -> None:
     raw = events(rating("r1", "Ships today."), rating("r2", "No idea.", "down"))
-    assert build_examples(raw, DatasetConfig(mine_rating_pairs=False), NOW).pairs == []
+    assert build_rows(raw, DatasetConfig(mine_rating_pairs=False), NOW).pairs == []
 
 
 def test_same_events_any_order_same_rows() -> None:
     raw = events(
         edit("e1"), comparison("c1", prompt="Refund?"), rating("r1"), rating("r2", "No.", "down")
     )
-    a = build_examples(raw, DatasetConfig(), NOW)
-    b = build_examples(list(reversed(raw)), DatasetConfig(), NOW)
+    a = build_rows(raw, DatasetConfig(), NOW)
+    b = build_rows(list(reversed(raw)), DatasetConfig(), NOW)
     assert a.pairs == b.pairs and a.kto == b.kto
 
 

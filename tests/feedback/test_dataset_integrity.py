@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dataset_support import build_rows
 from events_support import comparison, edit, encode, rating
 from pydantic import SecretStr
 
 from feedback.config import DatasetConfig
-from feedback.dataset import build_examples, normalize, prompt_id
+from feedback.dataset import normalize, prompt_id
 from feedback.events import Event, Rejection, parse_event
 from feedback.manifest import SnapshotManifest
-from feedback.snapshot import EventRange, split_of, write_snapshot
+from feedback.snapshot import build_snapshot, split_of
+from feedback.store import FeedbackStore, Incoming
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
 OPEN = DatasetConfig(max_rows_per_actor=None, max_rows_per_prompt=None)
@@ -58,7 +60,7 @@ def test_prompt_variants_are_one_prompt_on_one_side_of_the_split() -> None:
     events = [ev(rating(f"r{i}", prompt=p)) for i, p in enumerate(variants)]
     assert len({prompt_id(e) for e in events}) == 1
     config = DatasetConfig(heldout_fraction=0.5, split_salt=SecretStr("s"))
-    examples = build_examples(events, config, NOW)
+    examples = build_rows(events, config, NOW)
     assert len({split_of(k.prompt_sha256, config) for k in examples.kto}) == 1
     assert len(examples.kto) == 1 and examples.filtered["duplicate_example"] == 3
 
@@ -69,13 +71,13 @@ def test_near_duplicate_pairs_are_one_pair() -> None:
         ev(edit("e2", completion="Sorry, it is late", edited="It ships today..", **by("b"))),
         ev(edit("e3", completion="sorry,  it is LATE.", edited="It ships\u200b today.", **by("c"))),
     ]
-    examples = build_examples(events, OPEN, NOW)
+    examples = build_rows(events, OPEN, NOW)
     assert len(examples.pairs) == 1 and examples.filtered["duplicate_pair"] == 2
 
 
 def test_an_edit_that_adds_only_invisible_characters_or_a_dot_is_no_pair() -> None:
     for edited in ("It ships today.\u200b", "It ships today..", "It ships today"):
-        examples = build_examples([ev(edit("e", completion="It ships today.", edited=edited))],
+        examples = build_rows([ev(edit("e", completion="It ships today.", edited=edited))],
                                   OPEN, NOW)  # fmt: skip
         assert examples.pairs == [] and examples.filtered["trivial_edit"] == 1, edited
         assert [k.label for k in examples.kto] == [True]  # an accepted reply
@@ -84,7 +86,7 @@ def test_an_edit_that_adds_only_invisible_characters_or_a_dot_is_no_pair() -> No
 def test_one_opposite_vote_does_not_erase_fifty() -> None:
     ups = [ev(rating(f"u{i}", **by(f"user{i}", "user"))) for i in range(50)]
     down = ev(rating("d", value="down", **by("grump", "user")))
-    examples = build_examples([*ups, down], OPEN, NOW)
+    examples = build_rows([*ups, down], OPEN, NOW)
     assert [k.label for k in examples.kto] == [True]
     assert examples.filtered["outvoted_label"] == 1
     assert examples.filtered["contradictory_label"] == 0
@@ -97,7 +99,7 @@ def test_pair_majority_by_distinct_voters_not_by_events() -> None:
         ev(comparison(f"s{i}", chosen="Sorry, no idea.", rejected="It ships today.", **by("x")))
         for i in range(40)
     ]
-    examples = build_examples([*good, *spam], OPEN, NOW)
+    examples = build_rows([*good, *spam], OPEN, NOW)
     assert [(p.chosen, p.rejected) for p in examples.pairs] == [
         ("It ships today.", "Sorry, no idea.")
     ]
@@ -110,14 +112,14 @@ def test_a_tie_drops_both_sides() -> None:
         ev(comparison("c1", **by("a"))),
         ev(comparison("c2", chosen="Sorry, no idea.", rejected="It ships today.", **by("b"))),
     ]
-    examples = build_examples(events, OPEN, NOW)
+    examples = build_rows(events, OPEN, NOW)
     assert examples.pairs == [] and examples.filtered["contradictory_pair"] == 2
 
 
 def test_a_voters_later_vote_replaces_its_earlier_one() -> None:
     first = rating("r1", value="up", **by("u", "user"))
     later = rating("r2", value="down", **by("u", "user")) | {"occurred_at": "2026-11-21T10:00:00Z"}
-    examples = build_examples([ev(later), ev(first)], OPEN, NOW)
+    examples = build_rows([ev(later), ev(first)], OPEN, NOW)
     assert [k.label for k in examples.kto] == [False]
 
 
@@ -133,7 +135,7 @@ def flood(n_flood: int, n_others: int, per_other: int) -> list[Event]:
 
 def test_actor_cap_keeps_the_most_recent_rows_and_counts_the_rest() -> None:
     events = flood(300, 10, 5)
-    examples = build_examples(events, DatasetConfig(max_rows_per_actor=50), NOW)
+    examples = build_rows(events, DatasetConfig(max_rows_per_actor=50), NOW)
     mallory = [p for p in examples.pairs if p.actor == "agent:mallory"]
     assert len(mallory) == 50 and examples.filtered["actor_cap"] == 250
     assert len(examples.pairs) == 50 + 50
@@ -141,16 +143,16 @@ def test_actor_cap_keeps_the_most_recent_rows_and_counts_the_rest() -> None:
 
 def test_prompt_cap() -> None:
     events = [ev(edit(f"e{i}", edited=f"It ships on day {i}.", **by(f"a{i}"))) for i in range(30)]
-    examples = build_examples(events, DatasetConfig(max_rows_per_prompt=20), NOW)
+    examples = build_rows(events, DatasetConfig(max_rows_per_prompt=20), NOW)
     assert len(examples.pairs) == 20 and examples.filtered["prompt_cap"] == 10
 
 
 def test_manifest_reports_actor_shares_without_account_ids(tmp_path: Path) -> None:
     config = DatasetConfig(max_rows_per_actor=None, split_salt=SecretStr("s"))
-    examples = build_examples(flood(90, 10, 1), config, NOW)
-    write_snapshot(examples, tmp_path / "snap", config=config,
-                   event_range=EventRange(count=100, first_seq=1, last_seq=100,
-                                          first_occurred_at=None, last_occurred_at=None))  # fmt: skip
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    store.write_batch([Incoming(e) for e in flood(90, 10, 1)])
+    build_snapshot(store, tmp_path / "snap", config, now=NOW)
+    store.close()
     manifest = SnapshotManifest.load(tmp_path / "snap")
     assert manifest.actors is not None
     assert manifest.actors.largest_share == pytest.approx(0.9)

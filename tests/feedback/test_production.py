@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from dataset_support import build_rows
 from events_support import comparison, edit, rating
 
 from feedback.config import DatasetConfig
-from feedback.dataset import build_examples
 from feedback.events import Event, parse_event
 from feedback.production import edit_size, summarize
 from feedback.store import FeedbackStore, Incoming
@@ -39,7 +39,7 @@ def test_unchanged_sends_count_as_handled_not_edited_and_never_as_pairs() -> Non
     assert (summary.handled, summary.edited, summary.rated, summary.down) == (3, 1, 2, 1)
     assert summary.edit_rate == pytest.approx(1 / 3)
     assert summary.thumbs_down_rate == 0.5
-    examples = build_examples(events[1:3], DatasetConfig(), NOW)
+    examples = build_rows(events[1:3], DatasetConfig(), NOW)
     assert examples.pairs == []
     assert examples.kto and all(k.label for k in examples.kto)  # approvals, never pairs
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from dataset_support import build_examples, write_snapshot
 
 from feedback.config import DatasetConfig
-from feedback.dataset import build_examples
 from feedback.events import Event, parse_event
 from feedback.manifest import EventRange
-from feedback.snapshot import build_snapshot, write_snapshot
+from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore, Incoming
 
 NOW = datetime(2026, 11, 24, tzinfo=UTC)
