@@ -10,7 +10,8 @@ at the demo's strictness (``docs/operations.md``). SNAPSHOT is a snapshot direct
 reused when ``--reference-cache`` names it. A recipe already trained in OUT is read, not rerun
 (``--retrain`` to redo), so the table can grow one recipe at a time.
 
-Recipes are the demo's recipe (``demo.run.DEMO_RUN_SPEC``) plus overrides, named below.
+Recipes are overrides of the recipe before issue #29 (``demo.run.LEGACY_RUN_SPEC``), or, for
+the names that start with ``demo``, of the demo's recipe now (``demo.run.DEMO_RUN_SPEC``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ FAST = {"hyper": {"learning_rate": 1e-3}}
 ANCHOR = {"anchor": {"weight": 1.0}}
 MINED = {"mining": {"samples": 4, "temperature": 0.8, "max_per_prompt": 2, "when": "after"}}
 
-# name -> (what it tests, overrides of the *legacy* recipe, the demo's before issue #29)
+# name -> (what it tests, overrides of the legacy recipe, or of the demo's for demo*)
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "today": ("the recipe before #29: RPO, lr 2e-4, 2 epochs", {}),
     "lr1e-3": ("5x the learning rate, nothing else", FAST),
@@ -51,23 +52,25 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
         "as above, mined from the starting model before training",
         deep_merge(deep_merge(FAST, ANCHOR), deep_merge(MINED, {"mining": {"when": "before"}})),
     ),
-    "lr1e-3+anchor+mlp": (
-        "5x lr, anchor α 1, LoRA on the MLP too",
-        deep_merge(
-            deep_merge(FAST, ANCHOR),
-            {"lora": {"target_modules": [*ATTENTION, "gate_proj", "up_proj", "down_proj"]}},
-        ),
+    "demo": ("the demo's recipe now (demo.run.DEMO_RUN_SPEC): 5x lr, anchor α 0.25", {}),
+    "demo+mined": ("the demo's recipe, mined pairs after a first pass", MINED),
+    "demo+sft": (
+        "the demo's recipe after one supervised epoch on the agents' replies (OPA-DPO's order)",
+        {"hyper": {"sft_epochs": 1.0}},
     ),
-    "lr1e-3+anchor+sft": (
-        "5x lr, anchor α 1, one supervised epoch on the agents' replies first (OPA-DPO's order)",
-        deep_merge(deep_merge(FAST, ANCHOR), {"hyper": {"sft_epochs": 1.0}}),
+    "demo+mlp": (
+        "the demo's recipe with LoRA on the MLP too",
+        {"lora": {"target_modules": [*ATTENTION, "gate_proj", "up_proj", "down_proj"]}},
     ),
-    "demo": ("the demo's recipe now (demo.run.DEMO_RUN_SPEC)", {}),
 }
 
 
 def _spec(name: str, snapshot: Path, out: Path, cache: Path | None) -> RunSpec:
-    base = DEMO_RUN_SPEC if name == "demo" else deep_merge(LEGACY_RUN_SPEC, RECIPES[name][1])
+    base = (
+        deep_merge(DEMO_RUN_SPEC, RECIPES[name][1])
+        if name.startswith("demo")
+        else deep_merge(LEGACY_RUN_SPEC, RECIPES[name][1])
+    )
     raw = deep_merge(
         base,
         {
