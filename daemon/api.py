@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemon.records import AdapterDetail, RunStatus
 from daemon.registry import RegistryError, VersionNotFound
 
 T = TypeVar("T")
@@ -41,8 +42,8 @@ class AdminBackend(Protocol):
     def metrics_exposition(self) -> bytes: ...
     def status(self) -> dict[str, Any]: ...
     def adapters(self) -> list[dict[str, Any]]: ...
-    def adapter(self, version: str) -> dict[str, Any]: ...
-    def run(self, run_id: str) -> dict[str, Any] | None: ...
+    def adapter(self, version: str) -> AdapterDetail: ...
+    def run(self, run_id: str) -> RunStatus | None: ...
     def promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]: ...
     def rollback(
         self, *, actor: str, reason: str, to: str | None, force: bool = False
@@ -198,8 +199,8 @@ def make_app(  # noqa: C901
     def adapters() -> list[dict[str, Any]]:
         return backend.adapters()
 
-    @app.get("/v1/adapters/{version}", dependencies=[Depends(reader)])
-    def adapter(version: str) -> dict[str, Any]:
+    @app.get("/v1/adapters/{version}", dependencies=[Depends(reader)], response_model=AdapterDetail)
+    def adapter(version: str) -> AdapterDetail:
         return registry_call(lambda: backend.adapter(version))
 
     @app.post("/v1/adapters/{version}/promote")
@@ -237,8 +238,8 @@ def make_app(  # noqa: C901
             raise HTTPException(409, message)
         return {"accepted": True, "message": message}
 
-    @app.get("/v1/runs/{run_id}", dependencies=[Depends(reader)])
-    def run(run_id: str) -> dict[str, Any]:
+    @app.get("/v1/runs/{run_id}", dependencies=[Depends(reader)], response_model=RunStatus)
+    def run(run_id: str) -> RunStatus:
         status = backend.run(run_id)
         if status is None:
             raise HTTPException(404, f"no such run: {run_id}")

@@ -45,6 +45,7 @@ from daemon.html import (
     table,
     word_diff,
 )
+from daemon.records import RunStatus
 from daemon.registry import Registry, RegistryError, VersionNotFound
 from feedback.production import AdapterFeedback
 from trainer.spec import RunResult, SpecError
@@ -60,8 +61,8 @@ class ConsoleBackend(Protocol):
 
     def status(self) -> dict[str, Any]: ...
     def adapters(self) -> list[dict[str, Any]]: ...
-    def run(self, run_id: str) -> dict[str, Any] | None: ...
-    def runs(self, limit: int) -> list[dict[str, Any]]: ...
+    def run(self, run_id: str) -> RunStatus | None: ...
+    def runs(self, limit: int) -> list[RunStatus]: ...
     def run_result(self, run_id: str) -> RunResult | None: ...
     def production_feedback(self, version: str | None, since: datetime) -> AdapterFeedback: ...
     def drift_history(self) -> list[dict[str, Any]]: ...
@@ -196,7 +197,7 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
             for e in backend.registry.audit()
             if e.get("action") == "register"
         }
-        datasets = {v: backend.registry.manifest(v).get("dataset_sha256") for v in
+        datasets = {v: backend.registry.manifest(v).dataset_sha256 for v in
                     (a["version"] for a in versions)}  # fmt: skip
         rows = [
             [
@@ -283,27 +284,26 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
             info = backend.registry.show(version)
         except VersionNotFound as e:
             return refused(session, "No such version", str(e), 404)
-        manifest, gate = info.manifest, info.manifest.get("gate") or {}
+        manifest = info.manifest
         audit = [e for e in backend.registry.audit() if e.get("version") == version]
         registered_by = next((e.get("actor") for e in audit if e.get("action") == "register"), "")
         lineage = facts({
             "state": state_badge(info.state),
-            "parent": esc(manifest.get("parent") or "— (the SFT model)"),
-            "dataset sha256": f"<code>{short(manifest.get('dataset_sha256'))}</code>",
-            "method": esc(manifest.get("method") or "—"),
+            "parent": esc(manifest.parent or "— (the SFT model)"),
+            "dataset sha256": f"<code>{short(manifest.dataset_sha256)}</code>",
+            "method": esc(manifest.method or "—"),
             "created (UTC)": esc(str(info.created_at)[:19].replace("T", " ")),
             "registered by": esc(registered_by or "—"),
-            "run": esc(manifest.get("run_id") or "—"),
-            "training data": esc((manifest.get("training_data") or {}).get("mode") or "—"),
+            "run": esc(manifest.run_id or "—"),
+            "training data": esc(manifest.training_data.mode if manifest.training_data else "—"),
         })  # fmt: skip
         checks = table(
             ["check", "result", "value", "threshold", "detail"],
-            [[esc(c.get("name")), PASS if c.get("passed") else FAIL, fmt(c.get("value"), 4),
-              fmt(c.get("threshold"), 4), esc(c.get("detail"))]
-             for c in gate.get("checks", [])],
+            [[esc(c.name), PASS if c.passed else FAIL, fmt(c.value, 4), fmt(c.threshold, 4),
+              esc(c.detail)] for c in (manifest.gate.checks if manifest.gate else [])],
         )  # fmt: skip
-        result = backend.run_result(str(manifest.get("run_id") or ""))
-        curves, replies = _curves(result), _replies(result, manifest.get("parent"))
+        result = backend.run_result(manifest.run_id or "")
+        curves, replies = _curves(result), _replies(result, manifest.parent)
         since = datetime.now(UTC) - timedelta(days=7)
         feedback = backend.production_feedback(version, since)
         production = table(
@@ -313,7 +313,7 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
         )  # fmt: skip
         actions = ""
         if info.state in {"candidate", "rejected", "retired"}:
-            needs_force = not gate.get("promote") or info.state == "rejected"
+            needs_force = not manifest.gate_passed or info.state == "rejected"
             force = (
                 '<label><input type="checkbox" name="force" value="1" required> override the '
                 "gate (it rejected this version)</label>"
@@ -339,9 +339,9 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
             )
         gate_line = (
             '<p class="pass">The gate passed it.</p>'
-            if gate.get("promote")
+            if manifest.gate_passed
             else '<p class="fail">The gate rejected it: '
-            + esc("; ".join(gate.get("reasons", [])))
+            + esc("; ".join(manifest.gate.reasons if manifest.gate else []))
             + "</p>"
         )
         body = (
@@ -374,11 +374,10 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
         if session is None:
             return login_page()
         rows = [
-            [esc(r.get("run_id")), esc(str(r.get("started_at") or "")[:19].replace("T", " ")),
-             esc(r.get("trigger")), esc(r.get("outcome")),
-             f'<a href="/ui/versions/{esc(r["version"])}">{esc(r["version"])}</a>'
-             if r.get("version") else "—",
-             esc((r.get("training_data") or {}).get("mode")), esc(r.get("reason"))]
+            [esc(r.run_id), esc(r.started_at[:19].replace("T", " ")), esc(r.trigger),
+             esc(r.outcome),
+             f'<a href="/ui/versions/{esc(r.version)}">{esc(r.version)}</a>' if r.version else "—",
+             esc(r.training_data.mode if r.training_data else None), esc(r.reason)]
             for r in backend.runs(200)
         ]  # fmt: skip
         body = (
@@ -453,8 +452,8 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
         before = backend.registry.revision()
         try:
             if action == "promote":
-                gate = (backend.registry.manifest(version).get("gate") or {}).get("promote")
-                if (force or not gate) and not reason:
+                passed = backend.registry.manifest(version).gate_passed
+                if (force or not passed) and not reason:
                     return refused(session, "Refused", "Overriding the gate needs a reason.", 400)
                 message = f"{version} is active"
                 failures = backend.promote(version, actor=session.actor, reason=reason or

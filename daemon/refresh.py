@@ -16,10 +16,9 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -27,6 +26,15 @@ from daemon.config import AligndConfig, TrainingConfig
 from daemon.gate import decide_promotion
 from daemon.k8s_runner import KubernetesJobRunner
 from daemon.metrics import Metrics
+from daemon.records import (
+    GateRecord,
+    ManifestError,
+    RunStatus,
+    SnapshotSummary,
+    TrainingData,
+    TrainingSummary,
+    VersionManifest,
+)
 from daemon.registry import Registry, RegistryError, atomic_write_json
 from daemon.runners import LocalRunner, RunEnd, RunExit, Runner
 from daemon.scheduler import MethodChoice, choose_method
@@ -37,7 +45,7 @@ from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore
 from trainer.methods import PAIRED_METHODS
 from trainer.plan import PlanInput, model_shape, plan, refusal
-from trainer.spec import AdapterEval, EvalReport, RunResult, RunSpec, SpecError, deep_merge
+from trainer.spec import AdapterEval, RunResult, RunSpec, SpecError, deep_merge
 
 log = logging.getLogger("alignd.refresh")
 
@@ -64,29 +72,6 @@ class DaemonState:
         atomic_write_json(path, asdict(self))
 
 
-@dataclass
-class RefreshOutcome:
-    """A run's ``status.json``: what started it, how it ended and why."""
-
-    run_id: str
-    trigger: RefreshTrigger
-    outcome: Outcome
-    reason: str
-    started_at: str
-    finished_at: str | None = None
-    snapshot_sha256: str | None = None
-    method: str | None = None
-    version: str | None = None
-    gate: dict[str, Any] | None = None
-    training: dict[str, Any] = field(default_factory=dict)
-    trigger_detail: str = ""  # e.g. "240 new pairs (threshold 200)"
-    full: bool = False  # an operator asked for a full retrain
-    training_data: dict[str, Any] = field(default_factory=dict)  # full | incremental, and why
-
-    def end(self, outcome: Outcome, reason: str) -> None:
-        self.outcome, self.reason = outcome, reason
-
-
 class Refresher:
     def __init__(
         self, config: AligndConfig, store: FeedbackStore, registry: Registry, metrics: Metrics
@@ -108,45 +93,57 @@ class Refresher:
         for leftover in self.snapshots_dir.glob(".building-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         for status_path in self.runs_dir.glob("*/status.json"):
-            status = json.loads(status_path.read_text())
-            if status.get("outcome") == Outcome.RUNNING:
-                status |= {
-                    "outcome": Outcome.INTERRUPTED,
-                    "reason": "alignd stopped during this run",
-                    "finished_at": datetime.now(UTC).isoformat(),
-                }
-                atomic_write_json(status_path, status)
-                log.warning("run %s was interrupted by a crash", status.get("run_id"))
+            try:
+                status = RunStatus.read(status_path)
+            except ManifestError as e:
+                log.warning("not recovered: %s", e)
+                continue
+            if status.outcome == Outcome.RUNNING:
+                status.end(Outcome.INTERRUPTED, "alignd stopped during this run")
+                status.finished_at = datetime.now(UTC).isoformat()
+                self._write_status(status)
+                log.warning("run %s was interrupted by a crash", status.run_id)
 
-    def run_status(self, run_id: str) -> dict[str, Any] | None:
+    def run_status(self, run_id: str) -> RunStatus | None:
+        """The run's status; None for an unknown run, or one whose status.json does not parse
+        (logged, naming the field)."""
         if not all(c.isalnum() or c in "-_" for c in run_id):
             return None
         path = self.runs_dir / run_id / "status.json"
         if not path.is_file():
             return None
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
+        try:
+            return RunStatus.read(path)
+        except ManifestError as e:
+            log.warning("run %s: %s", run_id, e)
+            return None
 
-    def _write_status(self, outcome: RefreshOutcome) -> None:
+    def _write_status(self, outcome: RunStatus) -> None:
         run_dir = self.runs_dir / outcome.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "status.json", asdict(outcome))
+        atomic_write_json(run_dir / "status.json", outcome.model_dump(mode="json"))
 
     # --- the pipeline -------------------------------------------------------------------------
     def refresh(
         self, trigger: RefreshTrigger, stop: threading.Event, detail: str = "", full: bool = False
-    ) -> RefreshOutcome:
+    ) -> RunStatus:
         now = datetime.now(UTC)
         run_id = f"r{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         started = now.isoformat()
-        outcome = RefreshOutcome(
-            run_id, trigger, Outcome.FAILED, "", started, trigger_detail=detail, full=full
+        outcome = RunStatus(
+            run_id=run_id,
+            trigger=trigger,
+            outcome=Outcome.FAILED,
+            reason="",
+            started_at=started,
+            trigger_detail=detail,
+            full=full,
         )
         self.running.set()
         self.metrics.refresh_running.set(1)
         self.state.last_started_at, self.state.last_run_id = started, run_id
         self.state.save(self.state_path)
-        self._write_status(replace(outcome, outcome=Outcome.RUNNING))
+        self._write_status(outcome.model_copy(update={"outcome": Outcome.RUNNING}))
         t0 = time.monotonic()
         try:
             self._refresh(outcome, stop)
@@ -211,7 +208,7 @@ class Refresher:
         self.state.last_snapshot_seq = seq
         return manifest, snapshot
 
-    def _refresh(self, outcome: RefreshOutcome, stop: threading.Event) -> None:
+    def _refresh(self, outcome: RunStatus, stop: threading.Event) -> None:
         run_dir = self.runs_dir / outcome.run_id
         manifest, snapshot = self._snapshot(outcome.run_id)
         sha = outcome.snapshot_sha256 = manifest.sha256
@@ -227,8 +224,8 @@ class Refresher:
         data, outcome.training_data = self._training_data(
             snapshot, manifest, active, choice.method, run_dir, full=outcome.full
         )
-        log.info("refresh %s trains on %s", outcome.run_id, outcome.training_data["reason"])
-        incremental = outcome.training_data.get("mode") == "incremental"
+        log.info("refresh %s trains on %s", outcome.run_id, outcome.training_data.reason)
+        incremental = outcome.training_data.mode == "incremental"
         spec = self._run_spec(data, run_dir / "train", choice, sha, active_dir, incremental)
         spec_path = run_dir / "run.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
@@ -249,7 +246,7 @@ class Refresher:
         decision = decide_promotion(
             result.eval, result.detectors, self.config.gate, manifest.actors
         )
-        outcome.gate = decision.as_dict()
+        outcome.gate = GateRecord.model_validate(decision.as_dict())
         self.metrics.gate_decisions.labels(
             outcome="promote" if decision.promote else "reject"
         ).inc()
@@ -258,19 +255,19 @@ class Refresher:
         self._record_eval("candidate", result.eval.candidate)
         version = self.registry.register(
             Path(result.adapter_dir),
-            {
-                "dataset_sha256": sha,
-                "snapshot": manifest.summary(),
-                "run_id": outcome.run_id,
-                "run_spec": spec.model_dump(mode="json"),
-                "training": outcome.training,
-                "training_data": outcome.training_data,
+            VersionManifest(
+                dataset_sha256=sha,
+                snapshot=SnapshotSummary.model_validate(manifest.summary()),
+                run_id=outcome.run_id,
+                run_spec=spec.model_dump(mode="json"),
+                training=outcome.training,
+                training_data=outcome.training_data,
                 # counts and hashes only: the replies stay in the run directory (retention)
-                "eval": result.eval.without_text().model_dump(mode="json"),
-                "gate": decision.as_dict(),
-                "parent": active,
-                "method": choice.method,
-            },
+                eval=result.eval.without_text(),
+                gate=outcome.gate,
+                parent=active,
+                method=choice.method,
+            ),
         )
         outcome.version = version
         if not decision.promote:
@@ -295,13 +292,13 @@ class Refresher:
         run_dir: Path,
         *,
         full: bool,
-    ) -> tuple[Path, dict[str, Any]]:
+    ) -> tuple[Path, TrainingData]:
         """The rows to train on: the whole snapshot, or (warm-starting from the active adapter)
         the rows new since its snapshot plus a replay sample (:mod:`feedback.increment`)."""
         training = self.config.training
 
-        def whole(reason: str) -> tuple[Path, dict[str, Any]]:
-            return snapshot, {"mode": "full", "reason": f"the whole snapshot: {reason}"}
+        def whole(reason: str) -> tuple[Path, TrainingData]:
+            return snapshot, TrainingData(mode="full", reason=f"the whole snapshot: {reason}")
 
         if full:
             return whole("an operator asked for a full retrain")
@@ -310,9 +307,9 @@ class Refresher:
         if active is None:
             return whole("no active adapter to build on")
         info = self.registry.manifest(active)
-        if info.get("method") != method:
-            return whole(f"the method changed ({info.get('method')} -> {method})")
-        sha = str(info.get("dataset_sha256") or "")
+        if info.method != method:
+            return whole(f"the method changed ({info.method} -> {method})")
+        sha = info.dataset_sha256 or ""
         previous = self.snapshots_dir / sha[:16]
         if not sha or not (previous / "manifest.json").is_file():
             return whole(f"{active}'s snapshot is no longer on disk")
@@ -332,13 +329,13 @@ class Refresher:
         if not any(stats.new.get(kind, 0) for kind in kinds):
             shutil.rmtree(run_dir / "data", ignore_errors=True)
             return whole(f"no training rows are new since {active}'s snapshot")
-        return run_dir / "data", {
-            "mode": "incremental",
-            "reason": f"warm start from {active}; {stats.describe()}",
-            "base_version": active,
-            "new": stats.new,
-            "replayed": stats.replayed,
-        }
+        return run_dir / "data", TrainingData(
+            mode="incremental",
+            reason=f"warm start from {active}; {stats.describe()}",
+            base_version=active,
+            new=stats.new,
+            replayed=stats.replayed,
+        )
 
     def _run_spec(
         self,
@@ -372,14 +369,14 @@ class Refresher:
             raw = deep_merge(raw, {"hyper": {"epochs": training.incremental_epochs}})
         return RunSpec.model_validate(raw)
 
-    def _record_training(self, training: dict[str, Any]) -> None:
-        for gauge, key in (
-            (self.metrics.training_loss, "final_loss"),
-            (self.metrics.training_accuracy, "final_reward_accuracy"),
-            (self.metrics.training_margin, "final_reward_margin"),
+    def _record_training(self, training: TrainingSummary) -> None:
+        for gauge, value in (
+            (self.metrics.training_loss, training.final_loss),
+            (self.metrics.training_accuracy, training.final_reward_accuracy),
+            (self.metrics.training_margin, training.final_reward_margin),
         ):
-            if isinstance(training.get(key), int | float):
-                gauge.set(training[key])
+            if value is not None:
+                gauge.set(value)
 
     def _record_eval(self, adapter: str, evaluation: AdapterEval) -> None:
         """The eval gauges of ``adapter`` (candidate | active); unmeasured values are left."""
@@ -436,15 +433,8 @@ class Refresher:
             manifest = self.registry.manifest(active)
         except RegistryError:
             return
-        self.metrics.active_info.info(
-            {"version": active, "method": str(manifest.get("method", ""))}
-        )
-        try:
-            evaluation = EvalReport.model_validate(manifest.get("eval") or {})
-        except ValidationError:
-            log.warning("active version %s: its manifest's eval report does not parse", active)
-            return
-        self._record_eval("active", evaluation.candidate)
+        self.metrics.active_info.info({"version": active, "method": manifest.method or ""})
+        self._record_eval("active", manifest.eval.candidate)
 
 
 def _path(path: Path | None) -> str | None:
@@ -514,18 +504,18 @@ def _read_result(path: Path) -> tuple[RunResult | None, str]:
         return None, str(e)
 
 
-def _training_summary(result: RunResult) -> dict[str, Any]:
+def _training_summary(result: RunResult) -> TrainingSummary:
     last = result.steps[-1] if result.steps else None
-    return {
-        "status": result.status,
-        "steps": len(result.steps),
-        "final_loss": last.loss if last else None,
-        "final_reward_accuracy": last.reward_accuracy if last else None,
-        "final_reward_margin": last.reward_margin if last else None,
-        "detectors": {k: v["fired"] for k, v in result.detectors.items()},
-        "timings": result.timings,
-        "peak_memory_bytes": result.peak_memory_bytes,
+    return TrainingSummary(
+        status=result.status,
+        steps=len(result.steps),
+        final_loss=last.loss if last else None,
+        final_reward_accuracy=last.reward_accuracy if last else None,
+        final_reward_margin=last.reward_margin if last else None,
+        detectors={k: v["fired"] for k, v in result.detectors.items()},
+        timings=result.timings,
+        peak_memory_bytes=result.peak_memory_bytes,
         # verifier-mined pairs (trainer.mining): how many of the rows trained on were mined
-        "mined_pairs": result.mining.get("pairs", 0),
-        "mining": result.mining,
-    }
+        mined_pairs=result.mining.get("pairs", 0),
+        mining=result.mining,
+    )

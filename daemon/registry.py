@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from daemon.records import ManifestError, VersionManifest
 from feedback.base import file_sha256
 
 log = logging.getLogger("alignd.registry")
@@ -63,6 +64,10 @@ class RegistryConflict(RegistryError):
 
 class RegistryChanged(RegistryConflict):
     """The registry changed since the caller looked (its ``expect_revision`` is stale)."""
+
+
+class InvalidManifest(RegistryError):
+    """A version's manifest.json does not parse (the message names the field)."""
 
 
 class InvalidAdapter(RegistryError):
@@ -142,7 +147,7 @@ class VersionInfo:
     version: str
     state: str  # active | candidate | approved-waiting | retired | rejected
     created_at: str
-    manifest: dict[str, Any]
+    manifest: VersionManifest
 
 
 ServingHook = Callable[[str, Path, str | None], None]
@@ -238,9 +243,12 @@ class Registry:
                         # a torn last line after a crash: its change did not happen
                         continue
 
-    def manifest(self, version: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.version_dir(version) / "manifest.json").read_text())
-        return data
+    def manifest(self, version: str) -> VersionManifest:
+        """The version's manifest; :class:`ManifestError` (naming the field) if it is malformed."""
+        try:
+            return VersionManifest.read(self.version_dir(version) / "manifest.json")
+        except ManifestError as e:
+            raise InvalidManifest(str(e)) from e
 
     def state(self, version: str) -> str:
         if version == self.active():
@@ -250,8 +258,7 @@ class Registry:
             return "rejected"
         if "promote" in actions or "rollback" in actions:
             return "retired"  # was active once
-        gate = self.manifest(version).get("gate") or {}
-        return "candidate" if gate.get("promote") else "rejected"
+        return "candidate" if self.manifest(version).gate_passed else "rejected"
 
     def _operator_rejected(self, version: str) -> bool:
         actions = [
@@ -267,7 +274,7 @@ class Registry:
         is checked, with a warning)."""
         path = self.version_dir(version)
         check_adapter_dir(path)
-        recorded = self.manifest(version).get("files")
+        recorded = self.manifest(version).files
         if not recorded:
             log.warning("%s: its manifest records no file hashes (registered before 0.2)", version)
             return
@@ -279,9 +286,7 @@ class Registry:
 
     def show(self, version: str) -> VersionInfo:
         manifest = self.manifest(version)
-        return VersionInfo(
-            version, self.state(version), str(manifest.get("created_at", "")), manifest
-        )
+        return VersionInfo(version, self.state(version), manifest.created_at, manifest)
 
     def list_versions(self) -> list[VersionInfo]:
         return [self.show(v) for v in self.versions()]
@@ -299,14 +304,18 @@ class Registry:
         return f"v{(max(numbers) + 1 if numbers else 1):04d}"
 
     def register(
-        self, adapter_dir: Path, manifest: dict[str, Any], *, actor: str = "alignd"
+        self,
+        adapter_dir: Path,
+        manifest: VersionManifest | dict[str, Any],
+        *,
+        actor: str = "alignd",
     ) -> str:
         """Copy a trained adapter in as a new immutable version; returns its name."""
         check_adapter_dir(adapter_dir)
         with self._locked():
-            return self._register(adapter_dir, manifest, actor)
+            return self._register(adapter_dir, VersionManifest.model_validate(manifest), actor)
 
-    def _register(self, adapter_dir: Path, manifest: dict[str, Any], actor: str) -> str:
+    def _register(self, adapter_dir: Path, manifest: VersionManifest, actor: str) -> str:
         staging = self.adapters / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
@@ -315,10 +324,10 @@ class Registry:
             check_adapter_dir(staging)  # what was copied, not only the source
             version = self._next_version()
             files = {name: file_sha256(staging / name) for name in ADAPTER_FILES}
-            full = {**manifest, "version": version, "created_at": _now(), "files": files}
-            (staging / "manifest.json").write_text(
-                json.dumps(full, indent=1, sort_keys=True, default=str)
+            full = manifest.model_copy(
+                update={"version": version, "created_at": _now(), "files": files}
             )
+            (staging / "manifest.json").write_text(full.to_json())
             for name in (*ADAPTER_FILES, "manifest.json"):
                 with (staging / name).open("rb") as f:
                     os.fsync(f.fileno())
@@ -326,13 +335,12 @@ class Registry:
             _fsync_dir(self.adapters)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        gate = manifest.get("gate") or {}
         self._append_audit(
             "register",
             actor,
-            "; ".join(gate.get("reasons", [])) or "gate passed",
+            "; ".join(manifest.gate.reasons if manifest.gate else []) or "gate passed",
             version=version,
-            gate_passed=bool(gate.get("promote")),
+            gate_passed=manifest.gate_passed,
         )
         return version
 

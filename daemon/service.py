@@ -23,7 +23,6 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
-from pydantic import ValidationError
 
 from daemon.api import make_app
 from daemon.config import AligndConfig, with_absolute_paths, with_split_salt
@@ -31,6 +30,7 @@ from daemon.console import load_result, mount_console
 from daemon.drift import DriftProbe
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.metrics import Metrics
+from daemon.records import AdapterDetail, RunStatus
 from daemon.refresh import Refresher
 from daemon.registry import (
     Registry,
@@ -47,7 +47,7 @@ from feedback.config import read_secret
 from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
 from feedback.production import AdapterFeedback, summarize
 from feedback.store import FeedbackStore, StoreUnusable
-from trainer.spec import AdapterEval, EvalReport, RunResult
+from trainer.spec import RunResult
 
 log = logging.getLogger("alignd.service")
 
@@ -403,14 +403,14 @@ class Service:
     def adapters(self) -> list[dict[str, Any]]:
         return [adapter_summary(info) for info in self.registry.list_versions()]
 
-    def adapter(self, version: str) -> dict[str, Any]:
+    def adapter(self, version: str) -> AdapterDetail:
         info = self.registry.show(version)
-        return {"version": info.version, "state": info.state, "manifest": info.manifest}
+        return AdapterDetail(version=info.version, state=info.state, manifest=info.manifest)
 
-    def run(self, run_id: str) -> dict[str, Any] | None:
+    def run(self, run_id: str) -> RunStatus | None:
         return self.refresher.run_status(run_id)
 
-    def runs(self, limit: int) -> list[dict[str, Any]]:
+    def runs(self, limit: int) -> list[RunStatus]:
         """The newest runs' statuses, newest first (run ids start with their start time)."""
         names = sorted((p.name for p in self.refresher.runs_dir.iterdir() if p.is_dir()),
                        reverse=True)[:limit]  # fmt: skip
@@ -478,6 +478,10 @@ class Service:
             "error": error,
         }
 
+    def _last_run(self, run_id: str | None) -> dict[str, Any] | None:
+        status = self.refresher.run_status(run_id) if run_id else None
+        return status.model_dump(mode="json") if status else None
+
     def status(self) -> dict[str, Any]:
         state = self.refresher.state
         return {
@@ -485,7 +489,7 @@ class Service:
             "refresh_running": self.refresher.running.is_set(),
             "last_run_id": state.last_run_id,
             "last_success_at": state.last_success_at,
-            "last_run": self.refresher.run_status(state.last_run_id) if state.last_run_id else None,
+            "last_run": self._last_run(state.last_run_id),
             "consumer": {
                 "ready": self.consumer.ready,
                 "error": self.consumer.last_error,
@@ -504,22 +508,19 @@ class Service:
 def adapter_summary(info: VersionInfo) -> dict[str, Any]:
     """One row of ``alignd adapters list``."""
     m = info.manifest
-    try:
-        candidate = EvalReport.model_validate(m.get("eval") or {}).candidate
-    except ValidationError:  # a manifest from an incompatible version: show what is certain
-        candidate = AdapterEval()
+    candidate = m.eval.candidate
     return {
         "version": info.version,
         "state": info.state,
         "created_at": info.created_at,
-        "method": m.get("method"),
-        "parent": m.get("parent"),
-        "run_id": m.get("run_id"),
+        "method": m.method,
+        "parent": m.parent,
+        "run_id": m.run_id,
         "heldout_accuracy": candidate.preference.reward_accuracy if candidate.preference else None,
         "kl_to_reference": candidate.kl_to_reference,
         "drift": candidate.retain_kl.nats_per_reply if candidate.retain_kl else None,
         "factuality": candidate.factuality,
-        "gate_passed": (m.get("gate") or {}).get("promote"),
+        "gate_passed": m.gate.promote if m.gate else None,
     }
 
 

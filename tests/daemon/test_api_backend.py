@@ -10,7 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from daemon.api import make_app
+from daemon.records import AdapterDetail, RunStatus, VersionManifest
 from daemon.registry import InvalidAdapter, RegistryConflict, VersionNotFound
+from daemon.states import Outcome, RefreshTrigger
 
 TOKEN = "in-memory-token"
 AUTH = {"authorization": f"Bearer {TOKEN}", "x-alignd-actor": "carol"}
@@ -42,12 +44,21 @@ class InMemoryBackend:
         if version not in self.versions:
             raise VersionNotFound(f"no such version: {version}")
 
-    def adapter(self, version: str) -> dict[str, Any]:
+    def adapter(self, version: str) -> AdapterDetail:
         self._known(version)
-        return {"version": version, "state": "active" if version == self.history[-1] else "x"}
+        state = "active" if version == self.history[-1] else "x"
+        return AdapterDetail(version=version, state=state, manifest=VersionManifest())
 
-    def run(self, run_id: str) -> dict[str, Any] | None:
-        return {"run_id": run_id, "outcome": "promoted"} if run_id == "r1" else None
+    def run(self, run_id: str) -> RunStatus | None:
+        if run_id != "r1":
+            return None
+        return RunStatus(
+            run_id=run_id,
+            trigger=RefreshTrigger.SCHEDULE,
+            outcome=Outcome.PROMOTED,
+            reason="v0002 passed the gate",
+            started_at="2026-12-06T08:00:00+00:00",
+        )
 
     def promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]:
         self._known(version)

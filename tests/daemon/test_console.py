@@ -105,6 +105,8 @@ def test_training_charts_draw_a_real_runs_step_metrics(
     service: Service, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
     """The charts read what the trainer writes (they once read names it never wrote)."""
+    from daemon.records import RunStatus
+    from daemon.states import Outcome, RefreshTrigger
     from trainer.spec import RunSpec
     from trainer.train import run
 
@@ -116,7 +118,9 @@ def test_training_charts_draw_a_real_runs_step_metrics(
         "eval": {"factuality_set": None, "retain_set": None, "generate_max_prompts": 0},
     })  # fmt: skip
     assert run(spec).status == "succeeded"  # run() writes result.json as the child does
-    (run_dir / "status.json").write_text(json.dumps({"run_id": "r-real", "outcome": "held"}))
+    status = RunStatus(run_id="r-real", trigger=RefreshTrigger.SCHEDULE, outcome=Outcome.HELD,
+                       reason="passed the gate", started_at="2026-12-06T08:00:00+00:00")  # fmt: skip
+    (run_dir / "status.json").write_text(status.model_dump_json())
     service.registry.register(make_adapter(tmp_path / "real", seed=9), {"run_id": "r-real"})
     page = signed_in(service, TOKEN).get("/ui/versions/v0004").text
     rewards = re.search(r'aria-label="rewards">(.*?)</svg>', page, re.S)

@@ -16,6 +16,7 @@ from daemon_support import agent_edits, in_process_service
 from registry_support import make_adapter
 from services import wait_until
 
+from daemon.records import TrainingData
 from daemon.service import Service
 from feedback.config import DatasetConfig
 from feedback.increment import incremental_view
@@ -92,33 +93,33 @@ def test_refresher_chooses_incremental_or_full(service: Service, tmp_path: Path)
     service.store.write_batch(agent_edits(200, 230, now=NOW))
     second, second_dir = refresher._snapshot("r2")
 
-    def plan(active: str | None, method: str = "dpo", full: bool = False) -> dict[str, object]:
+    def plan(active: str | None, method: str = "dpo", full: bool = False) -> TrainingData:
         return refresher._training_data(second_dir, second, active, method, run, full=full)[1]
 
-    assert "no active adapter" in str(plan(None)["reason"])
+    assert "no active adapter" in plan(None).reason
     v0 = register_on(service, tmp_path, second.sha256)  # trained on this very snapshot
-    assert "no training rows are new" in str(plan(v0)["reason"])
+    assert "no training rows are new" in plan(v0).reason
     assert not (run / "data").exists()
     v1 = register_on(service, tmp_path, first.sha256)
     chosen = plan(v1)
-    assert chosen["mode"] == "incremental" and chosen["base_version"] == v1
-    assert 0 < chosen["new"]["pairs"] <= 30  # type: ignore[index]
+    assert chosen.mode == "incremental" and chosen.base_version == v1
+    assert 0 < chosen.new["pairs"] <= 30
     assert (run / "data" / "pairs" / "train.parquet").is_file()
-    assert plan(v1, full=True)["mode"] == "full"
-    assert "method changed" in str(plan(v1, method="ipo")["reason"])
+    assert plan(v1, full=True).mode == "full"
+    assert "method changed" in plan(v1, method="ipo").reason
     training = refresher.config.training
     refresher.config = refresher.config.model_copy(
         update={"training": training.model_copy(update={"incremental": False})}
     )
-    assert plan(v1)["mode"] == "full"
+    assert plan(v1).mode == "full"
     refresher.config = refresher.config.model_copy(update={"training": training})
     v2 = register_on(service, tmp_path, "0" * 64)
-    assert "no longer on disk" in str(plan(v2)["reason"])
+    assert "no longer on disk" in plan(v2).reason
     # the rules changed: the active adapter's snapshot was built with another held-out fraction
     other = build_snapshot(service.store, tmp_path / "rules", DatasetConfig(heldout_fraction=0.5))
     (tmp_path / "rules").rename(refresher.snapshots_dir / other.sha256[:16])
     v3 = register_on(service, tmp_path, other.sha256)
-    assert "rules changed" in str(plan(v3)["reason"])
+    assert "rules changed" in plan(v3).reason
 
 
 def test_an_operators_full_request_reaches_the_refresh(

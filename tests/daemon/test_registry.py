@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from registry_support import make_adapter
 
-from daemon.registry import Registry, RegistryError, check_adapter_dir, current_pointer_hook
+from daemon.records import VersionManifest
+from daemon.registry import (
+    InvalidManifest,
+    Registry,
+    RegistryError,
+    check_adapter_dir,
+    current_pointer_hook,
+)
 
 PASSED = {"gate": {"promote": True, "reasons": []}}
 FAILED = {"gate": {"promote": False, "reasons": ["kl_budget: too high"]}}
@@ -43,7 +50,7 @@ def test_register_promote_rollback(registry: Registry, tmp_path: Path) -> None:
     ]
     assert all("at" in e and "reason" in e for e in registry.audit())
     manifest = registry.manifest(v2)
-    assert manifest["version"] == v2 and manifest["gate"]["promote"] is True
+    assert manifest.version == v2 and manifest.gate_passed
 
 
 def test_rollback_to_a_named_version(registry: Registry, tmp_path: Path) -> None:
@@ -157,7 +164,7 @@ def assert_registry_valid(root: Path) -> Registry:
     assert not list((root / "adapters").glob(".staging-*"))
     for version in registry.versions():
         check_adapter_dir(root / "adapters" / version)
-        assert registry.manifest(version)["version"] == version
+        assert registry.manifest(version).version == version
     active = registry.active()
     assert active is None or active in registry.versions()
     list(registry.audit())
@@ -219,7 +226,7 @@ def test_manifest_records_file_hashes_checked_on_activation(
     registry: Registry, tmp_path: Path
 ) -> None:
     v = registry.register(make_adapter(tmp_path / "a"), PASSED)
-    assert set(registry.manifest(v)["files"]) == {
+    assert set(registry.manifest(v).files) == {
         "adapter_config.json",
         "adapter_model.safetensors",
     }
@@ -251,3 +258,25 @@ def test_a_pending_activation_is_replayed_until_serving_agrees(tmp_path: Path) -
     assert served == [v] and registry.serving_state() == "done"
     assert registry.replay_serving() is None  # nothing pending any more
     assert any(e["action"] == "serving_replayed" for e in registry.audit())
+
+
+def test_a_manifest_written_before_the_typed_contract_still_loads() -> None:
+    """Written by main on 2026-12-06 (the demo's round 2: incremental, rejected), before the
+    manifest had a model."""
+    manifest = VersionManifest.read(
+        Path(__file__).parent / "manifests" / "v0002-written-2026-12-06.json"
+    )
+    assert manifest.version == "v0002" and manifest.parent == "v0001" and not manifest.gate_passed
+    assert manifest.training_data is not None and manifest.training_data.mode == "incremental"
+    assert manifest.training is not None and manifest.training.steps > 0
+    assert manifest.eval.candidate.retain_kl is not None and manifest.files
+
+
+def test_a_malformed_manifest_fails_naming_the_field(registry: Registry, tmp_path: Path) -> None:
+    v = registry.register(make_adapter(tmp_path / "a"), PASSED)
+    path = registry.version_dir(v) / "manifest.json"
+    data = json.loads(path.read_text())
+    data["gate"]["promote"] = "perhaps"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InvalidManifest, match=r"manifest\.json: gate\.promote: "):
+        registry.manifest(v)
