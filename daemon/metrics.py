@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from daemon.states import FINISHED, ActivationTrigger
 from feedback.consumer import BLOCKED_REASONS, BatchReport
 from feedback.events import REASONS
+from trainer.spec import AdapterEval
 
 
 class Metrics:
@@ -192,6 +193,18 @@ class Metrics:
             self.watch_p_value.labels(signal=signal).set(float("nan"))
         for decision in ("promote", "reject"):
             self.gate_decisions.labels(outcome=decision)
+
+    def record_eval(self, adapter: str, evaluation: AdapterEval) -> None:
+        """The eval gauges of ``adapter`` (candidate | active); unmeasured values are left."""
+        preference, drift = evaluation.preference, evaluation.retain_kl
+        for gauge, value in (
+            (self.heldout_accuracy, preference.reward_accuracy if preference else None),
+            (self.factuality, evaluation.factuality),
+            (self.kl, evaluation.kl_to_reference),
+            (self.retain_drift, drift.nats_per_reply if drift else None),
+        ):
+            if value is not None:
+                gauge.labels(adapter=adapter).set(value)
 
     def record_batch(self, report: BatchReport) -> None:
         self.events_consumed.inc(report.consumed)

@@ -26,6 +26,7 @@ from daemon.config import AligndConfig, TrainingConfig
 from daemon.gate import decide_promotion
 from daemon.k8s_runner import KubernetesJobRunner
 from daemon.metrics import Metrics
+from daemon.promotion import Promotions
 from daemon.records import (
     GateRecord,
     ManifestError,
@@ -35,7 +36,7 @@ from daemon.records import (
     TrainingSummary,
     VersionManifest,
 )
-from daemon.registry import Registry, RegistryError, atomic_write_json
+from daemon.registry import Registry, atomic_write_json
 from daemon.runners import LocalRunner, RunEnd, RunExit, Runner
 from daemon.scheduler import MethodChoice, choose_method
 from daemon.states import SUCCESSFUL, ActivationTrigger, Outcome, RefreshTrigger
@@ -45,7 +46,7 @@ from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore
 from trainer.methods import PAIRED_METHODS
 from trainer.plan import PlanInput, model_shape, plan, refusal
-from trainer.spec import AdapterEval, RunResult, RunSpec, SpecError, deep_merge
+from trainer.spec import RunResult, RunSpec, SpecError, deep_merge
 
 log = logging.getLogger("alignd.refresh")
 
@@ -74,9 +75,15 @@ class DaemonState:
 
 class Refresher:
     def __init__(
-        self, config: AligndConfig, store: FeedbackStore, registry: Registry, metrics: Metrics
+        self,
+        config: AligndConfig,
+        store: FeedbackStore,
+        registry: Registry,
+        metrics: Metrics,
+        promotions: Promotions,
     ) -> None:
         self.config, self.store, self.registry, self.metrics = config, store, registry, metrics
+        self.promotions = promotions
         self.data_dir = config.paths.data_dir
         self.runs_dir = self.data_dir / "runs"
         self.snapshots_dir = self.data_dir / "snapshots"
@@ -252,7 +259,7 @@ class Refresher:
         ).inc()
         for check in decision.failed:
             self.metrics.gate_failed_checks.labels(check=check.name).inc()
-        self._record_eval("candidate", result.eval.candidate)
+        self.metrics.record_eval("candidate", result.eval.candidate)
         version = self.registry.register(
             Path(result.adapter_dir),
             VersionManifest(
@@ -275,7 +282,7 @@ class Refresher:
         elif self.config.gate.policy == "manual":
             outcome.end(Outcome.HELD, f"{version} passed the gate; waiting for an operator")
         else:
-            self.activate(
+            self.promotions.activate(
                 version,
                 trigger=ActivationTrigger.GATE,
                 actor="alignd-gate",
@@ -377,64 +384,6 @@ class Refresher:
         ):
             if value is not None:
                 gauge.set(value)
-
-    def _record_eval(self, adapter: str, evaluation: AdapterEval) -> None:
-        """The eval gauges of ``adapter`` (candidate | active); unmeasured values are left."""
-        preference, drift = evaluation.preference, evaluation.retain_kl
-        for gauge, value in (
-            (self.metrics.heldout_accuracy, preference.reward_accuracy if preference else None),
-            (self.metrics.factuality, evaluation.factuality),
-            (self.metrics.kl, evaluation.kl_to_reference),
-            (self.metrics.retain_drift, drift.nats_per_reply if drift else None),
-        ):
-            if value is not None:
-                gauge.labels(adapter=adapter).set(value)
-
-    # --- operator actions -------------------------------------------------------------------------
-    def activate(
-        self,
-        version: str,
-        *,
-        trigger: ActivationTrigger,
-        actor: str,
-        reason: str,
-        force: bool = False,
-        expect_revision: str | None = None,
-    ) -> list[str]:
-        failures = self.registry.promote(
-            version, actor=actor, reason=reason, force=force, expect_revision=expect_revision
-        )
-        self.metrics.promotions.labels(trigger=trigger).inc()
-        self.publish_active()
-        return failures
-
-    def rollback(
-        self,
-        *,
-        actor: str,
-        reason: str,
-        to: str | None = None,
-        force: bool = False,
-        expect_revision: str | None = None,
-    ) -> tuple[str, list[str]]:
-        version, failures = self.registry.rollback(
-            actor=actor, reason=reason, to=to, force=force, expect_revision=expect_revision
-        )
-        self.metrics.rollbacks.labels(trigger=ActivationTrigger.OPERATOR).inc()
-        self.publish_active()
-        return version, failures
-
-    def publish_active(self) -> None:
-        active = self.registry.active()
-        if active is None:
-            self.metrics.active_info.info({"version": "none"})
-            return
-        try:
-            manifest = self.registry.manifest(active)
-        except RegistryError:
-            return
-        self.metrics.active_info.info({"version": active, "method": manifest.method or ""})
-        self._record_eval("active", manifest.eval.candidate)
 
 
 def _path(path: Path | None) -> str | None:

@@ -30,22 +30,23 @@ from daemon.console import load_result, mount_console
 from daemon.drift import DriftProbe
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.metrics import Metrics
+from daemon.promotion import Promotions
 from daemon.records import AdapterDetail, RunStatus
 from daemon.refresh import Refresher
 from daemon.registry import (
     Registry,
-    RegistryError,
     ServingHook,
     VersionInfo,
     current_pointer_hook,
 )
+from daemon.regression import RegressionWatch
 from daemon.scheduler import RefreshState, refresh_due
 from daemon.serving import vllm_hook
 from daemon.states import ActivationTrigger, RefreshTrigger
-from daemon.watch import Verdict, judge
+from daemon.watch import Verdict
 from feedback.config import read_secret
 from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
-from feedback.production import AdapterFeedback, summarize
+from feedback.production import AdapterFeedback
 from feedback.store import FeedbackStore, StoreUnusable
 from trainer.spec import RunResult
 
@@ -79,8 +80,18 @@ class Service:
             )
         self.registry = Registry(data / "registry", hooks)
         self.metrics = Metrics(CollectorRegistry())
-        self.refresher = Refresher(config, self.store, self.registry, self.metrics)
+        self.promotions = Promotions(self.registry, self.metrics)
+        self.refresher = Refresher(config, self.store, self.registry, self.metrics, self.promotions)
         self.stopping = threading.Event()  # set by a signal: stop taking work
+        self.watcher = RegressionWatch(
+            config.watch,
+            vllm_prefix=config.serving.vllm_adapter_prefix,
+            store=self.store,
+            registry=self.registry,
+            metrics=self.metrics,
+            promotions=self.promotions,
+            stopping=self.stopping,
+        )
         self.drift = DriftProbe(self.registry, self.metrics, self.stopping)
         self.consumer = FeedbackConsumer(
             config.kafka, self.store, config.limits, on_batch=self.metrics.record_batch
@@ -90,7 +101,6 @@ class Service:
         self.manual_refresh: str | None = None
         self.manual_full = False  # the operator asked for a full retrain
         self._new_counts: dict[str, int] | None = None  # as of the last tick
-        self.last_verdict: dict[str, Any] | None = None  # the watch's, for status
         self._lock = threading.Lock()
         self._refresh_thread: threading.Thread | None = None
         self._consumer_thread: threading.Thread | None = None
@@ -119,7 +129,7 @@ class Service:
     def start(self) -> None:
         log.info("starting alignd with config %s", json.dumps(self.config.redacted(), default=str))
         self.replay_serving()
-        self.refresher.publish_active()
+        self.promotions.publish_active()
         if self.refresher.state.last_success_at:
             self.metrics.last_success.set(
                 datetime.fromisoformat(self.refresher.state.last_success_at).timestamp()
@@ -283,96 +293,12 @@ class Service:
                 ", ".join(f"{n} from {where}" for where, n in removed.items()),
             )
 
-    def _served_names(self, version: str | None) -> list[str | None]:
-        """What events call a version in ``served_adapter``: its name and its vLLM LoRA name;
-        None (no adapter: the SFT model) for no version."""
-        if version is None:
-            return [None]
-        return [version, f"{self.config.serving.vllm_adapter_prefix}-{version}"]
-
     def production_feedback(self, version: str | None, since: datetime) -> AdapterFeedback:
-        limit = self.config.watch.max_events
-        return summarize(self.store.recent_served(self._served_names(version), since=since,
-                                                  limit=limit))  # fmt: skip
+        return self.watcher.production_feedback(version, since)
 
     def watch(self, now: datetime | None = None) -> Verdict | None:
-        """Judge the active adapter's production feedback against its predecessor's; on a
-        regression, roll back (and reject it) or only alert, per ``watch.action``."""
-        config = self.config.watch
-        now = now or datetime.now(UTC)
-        record = self.registry.activation()
-        active = record.get("version")
-        if not active or self.stopping.is_set():
-            return None
-        previous = record.get("previous")
-        changed_at = _parse(record.get("changed_at")) or now
-        window = timedelta(hours=config.window_hours)
-        current = self.production_feedback(active, now - window)
-        # the predecessor's last window of service, and feedback on its replies that came later
-        before = self.production_feedback(previous, changed_at - window)
-        self._publish_production({"active": (active, current), "previous": (previous, before)})
-        if record.get("action", "promote") != "promote":
-            verdict = Verdict("ok", f"{active} was restored by a rollback: nothing to compare")
-        elif now - changed_at > timedelta(hours=config.watch_hours):
-            verdict = Verdict("ok", f"{active} has been active over {config.watch_hours:g} h")
-        else:
-            verdict = judge(current, before, config)
-        self.metrics.watch_timestamp.set(now.timestamp())
-        for name in ("edit_rate", "thumbs_down_rate"):
-            tested = [t.p_value for t in verdict.tests if t.signal == name]
-            self.metrics.watch_p_value.labels(signal=name).set(
-                tested[0] if tested else float("nan")
-            )
-        self.metrics.watch_regressed.set(1 if verdict.regressed else 0)
-        self.last_verdict = {
-            "at": now.isoformat(),
-            "active": active,
-            "previous": previous,
-            "status": verdict.status,
-            "reason": verdict.reason,
-        }
-        if verdict.regressed:
-            self._on_regression(active, previous, verdict)
-        return verdict
-
-    def _on_regression(self, active: str, previous: str | None, verdict: Verdict) -> None:
-        summary = f"{active} vs {previous or 'the SFT model'}: {verdict.reason}"
-        if self.config.watch.action == "alert" or previous is None:
-            why = "watch.action is alert" if previous else "no earlier version to roll back to"
-            log.warning("regression watch: %s (%s; not rolling back)", summary, why)
-            return
-        reason = f"auto-rollback: {verdict.reason}"
-        try:
-            to, failures = self.registry.rollback(
-                actor="alignd-watch", reason=reason, expect_active=active
-            )
-            self.registry.reject(active, actor="alignd-watch", reason=reason)
-        except RegistryError as e:
-            log.error("regression watch: %s; the rollback was refused: %s", summary, e)
-            return
-        self.metrics.rollbacks.labels(trigger=ActivationTrigger.WATCH).inc()
-        self.metrics.watch_regressed.set(0)
-        self.refresher.publish_active()
-        log.warning(
-            "regression watch rolled %s back to %s: %s%s",
-            active,
-            to,
-            verdict.reason,
-            f" (serving hooks failed: {'; '.join(failures)})" if failures else "",
-        )
-
-    def _publish_production(self, windows: dict[str, tuple[str | None, AdapterFeedback]]) -> None:
-        """The two windows as gauges; label values of versions no longer watched are removed."""
-        self.metrics.production_rate.clear()
-        self.metrics.production_events.clear()
-        for role, (version, feedback) in windows.items():
-            adapter = version or "sft"
-            for name in ("edit_rate", "thumbs_down_rate", "edit_size"):
-                value = getattr(feedback, name)
-                if value is not None:
-                    self.metrics.production_rate.labels(adapter, role, name).set(value)
-            self.metrics.production_events.labels(adapter, role, "handled").set(feedback.handled)
-            self.metrics.production_events.labels(adapter, role, "rated").set(feedback.rated)
+        """One judgement of the regression watch (``daemon.regression``)."""
+        return self.watcher.check(now)
 
     def drift_probe(self) -> float | None:
         """KL(active ‖ reference) on recent production replies (``daemon.drift``)."""
@@ -437,7 +363,7 @@ class Service:
         force: bool,
         expect_revision: str | None = None,
     ) -> list[str]:
-        return self.refresher.activate(
+        return self.promotions.activate(
             version,
             trigger=ActivationTrigger.OPERATOR,
             actor=actor,
@@ -455,8 +381,13 @@ class Service:
         force: bool = False,
         expect_revision: str | None = None,
     ) -> tuple[str, list[str]]:
-        return self.refresher.rollback(
-            actor=actor, reason=reason, to=to, force=force, expect_revision=expect_revision
+        return self.promotions.rollback(
+            trigger=ActivationTrigger.OPERATOR,
+            actor=actor,
+            reason=reason,
+            to=to,
+            force=force,
+            expect_revision=expect_revision,
         )
 
     def reject(
@@ -499,7 +430,7 @@ class Service:
                 "dead_lettered": sum(self.consumer.totals.dead_lettered.values()),
             },
             "store": self._store_status(),
-            "watch": self.last_verdict,
+            "watch": self.watcher.last,
             "uptime_s": time.time() - self.started_at,
             "pid": os.getpid(),
         }

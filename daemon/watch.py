@@ -16,7 +16,7 @@ to each window, so an all-zero or all-one window still has a variance)
 and p = 1 − Φ(z). A signal is tested only when both windows hold ``min_events`` of its events;
 with two signals tested, each is held to ``alpha / 2`` (Bonferroni), so the chance of a false
 alarm per judgement stays within ``alpha``. The adapter has regressed when any tested signal
-rejects H0. The daemon (:meth:`daemon.service.Service.watch`) gathers the windows, exports
+rejects H0. The daemon (:class:`daemon.regression.RegressionWatch`) gathers the windows, exports
 them, and acts on a regression per ``watch.action``.
 """
 

@@ -137,9 +137,7 @@ def test_a_worse_adapter_is_rolled_back_and_rejected(service: Service) -> None:
 
 
 def test_alert_mode_keeps_the_adapter_and_raises_the_gauge(service: Service) -> None:
-    service.config = service.config.model_copy(
-        update={"watch": service.config.watch.model_copy(update={"action": "alert"})}
-    )
+    service.watcher.config = service.config.watch.model_copy(update={"action": "alert"})
     service.store.write_batch(served_events("v0001", 300, 60, prefix="a"))
     service.store.write_batch(served_events("v0002", 300, 150, prefix="b"))
     verdict = service.watch(NOW)

@@ -18,6 +18,7 @@ from services import wait_until
 
 from daemon.config import AligndConfig
 from daemon.metrics import Metrics
+from daemon.promotion import Promotions
 from daemon.refresh import Refresher
 from daemon.registry import Registry, check_adapter_dir
 from daemon.runners import RunEnd, RunExit
@@ -82,9 +83,8 @@ def make_refresher(tmp_path: Path, model: Path, **training: Any) -> Refresher:
     store = FeedbackStore(config.store.url)
     if store.count() == 0:
         fill(store)
-    return Refresher(
-        config, store, Registry(tmp_path / "data" / "registry"), Metrics(CollectorRegistry())
-    )
+    registry, metrics = Registry(tmp_path / "data" / "registry"), Metrics(CollectorRegistry())
+    return Refresher(config, store, registry, metrics, Promotions(registry, metrics))
 
 
 def test_retention_removes_snapshots_built_before_the_cutoff(
