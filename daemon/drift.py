@@ -20,37 +20,26 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
-from daemon.child import ChildEnd, start_child, supervise_child
+from pydantic import ValidationError
+
 from daemon.config import AligndConfig
-from daemon.k8s_runner import KubernetesJobRunner
 from daemon.metrics import Metrics
 from daemon.registry import Registry
 from daemon.runners import RunExit, Runner
+from trainer.probespec import ProbeResult, ProbeSpec
 
 log = logging.getLogger("alignd.drift")
 
 # how a probe that did not finish is counted (alignd_drift_probe_failures_total{reason})
-_REASONS = {
-    ChildEnd.STOPPED: "stopped",
-    ChildEnd.TIMED_OUT: "timed_out",
-    RunExit.INTERRUPTED: "stopped",
-    RunExit.TIMED_OUT: "timed_out",
-}
+_REASONS = {RunExit.INTERRUPTED: "stopped", RunExit.TIMED_OUT: "timed_out"}
 
 
 class DriftProbe:
-    # the probe's command line before its two file arguments (a test swaps in a slow one)
-    command: tuple[str, ...] = ("-m", "trainer.probe")
-
     def __init__(
         self,
         registry: Registry,
@@ -60,8 +49,8 @@ class DriftProbe:
         self.registry, self.metrics, self.stopping = registry, metrics, stopping
 
     def run(self, config: AligndConfig, runner: Runner) -> float | None:
-        """Probe the active adapter now; None when there is none, no retain set is configured,
-        or the probe did not finish. ``runner``: the refresh's (a Job runner means a probe Job)."""
+        """Probe the active adapter now, where training runs (``runner``: a child process or a
+        Job); None when there is none, no retain set is configured, or it did not finish."""
         active = self.registry.active()
         if active is None:
             return None
@@ -69,22 +58,20 @@ class DriftProbe:
         evaluation = training.run_spec.get("eval") or {}
         if evaluation.get("retain_set", "default") is None:
             return None  # no retain set configured: nothing to measure drift on
-        spec = {
-            "base_model": training.base_model,
-            "adapter": str(self.registry.version_dir(active)),
-            "dtype": training.run_spec.get("dtype", training.dtype),
-            "quantize": (training.run_spec.get("lora") or {}).get("quantize"),
-            "engine": training.run_spec.get("engine", "ddp"),
-            "retain_set": evaluation.get("retain_set", "default"),
-            "max_new_tokens": evaluation.get("retain_max_new_tokens", 48),
-            "cache_dir": str(config.paths.data_dir / "cache"),
-        }
-        if isinstance(runner, KubernetesJobRunner):
-            kl = self._job(config, runner, spec)
-        else:
-            kl = self._child(config, spec)
-        if kl is None:
+        spec = ProbeSpec(
+            base_model=training.base_model,
+            adapter=self.registry.version_dir(active),
+            dtype=training.run_spec.get("dtype", training.dtype),
+            quantize=(training.run_spec.get("lora") or {}).get("quantize"),
+            engine=training.run_spec.get("engine", "ddp"),
+            retain_set=evaluation.get("retain_set", "default"),
+            max_new_tokens=evaluation.get("retain_max_new_tokens", 48),
+            cache_dir=config.paths.data_dir / "cache",
+        )
+        result = self._probe(config, runner, spec)
+        if result is None:
             return None
+        kl = result.nats_per_reply
         self.metrics.drift_kl.set(kl)
         self.metrics.drift_probe_timestamp.set(time.time())
         with (config.paths.data_dir / "drift.jsonl").open("a") as f:  # the console's plot
@@ -93,57 +80,33 @@ class DriftProbe:
         log.info("drift probe: active %s, %.3f nats per retain reply", active, kl)
         return kl
 
-    def _failed(self, end: ChildEnd | RunExit, why: str) -> None:
-        log.warning("drift probe did not finish: %s", why)
-        self.metrics.drift_probe_failures.labels(reason=_REASONS.get(end, "failed")).inc()
-
-    def _child(self, config: AligndConfig, spec: dict[str, Any]) -> float | None:
-        schedule = config.schedule
-        with tempfile.TemporaryDirectory() as tmp:
-            spec_path, out_path = Path(tmp, "probe.json"), Path(tmp, "out.json")
-            spec_path.write_text(json.dumps(spec))
-            child = start_child(
-                [*self.command, str(spec_path), str(out_path)],
-                output=subprocess.DEVNULL,
-                memory_limit_mb=schedule.drift_probe_memory_limit_mb
-                or config.training.memory_limit_mb,
-            )
-            end = supervise_child(
-                child,
-                stop=self.stopping,
-                timeout_s=schedule.drift_probe_timeout_s,
-                grace_s=config.training.stop_grace_s,
-            )
-            if end is not ChildEnd.EXITED or child.returncode != 0:
-                self._failed(
-                    end, end if end is not ChildEnd.EXITED else f"exit code {child.returncode}"
-                )
-                return None
-            return float(json.loads(out_path.read_text())["nats_per_reply"])
-
-    def _job(
-        self, config: AligndConfig, runner: KubernetesJobRunner, spec: dict[str, Any]
-    ) -> float | None:
-        """The probe as a Job: its spec and result on the shared volume (the Job mounts
-        ``paths.data_dir``), removed afterwards."""
+    def _probe(self, config: AligndConfig, runner: Runner, spec: ProbeSpec) -> ProbeResult | None:
+        """Its spec and result under ``paths.data_dir`` (a Job mounts it), removed afterwards."""
         probe_id = f"p{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         work = config.paths.data_dir / "probes" / probe_id
         work.mkdir(parents=True)
         try:
             spec_path, out_path = work / "probe.json", work / "out.json"
-            spec_path.write_text(json.dumps(spec))
+            spec_path.write_text(spec.model_dump_json())
             end = runner.probe(
                 probe_id,
                 spec_path,
                 out_path,
                 self.stopping,
                 config.schedule.drift_probe_timeout_s,
-                sharded=spec["engine"] == "fsdp",
+                sharded=spec.engine == "fsdp",
+                memory_limit_mb=config.schedule.drift_probe_memory_limit_mb,
             )
-            if end.exit is RunExit.SUCCEEDED and out_path.is_file():
-                return float(json.loads(out_path.read_text())["nats_per_reply"])
             why = end.detail if end.exit is not RunExit.SUCCEEDED else "it wrote no result"
-            self._failed(end.exit, f"Job: {why}")
+            if end.exit is RunExit.SUCCEEDED and out_path.is_file():
+                try:
+                    return ProbeResult.model_validate_json(out_path.read_text())
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"]) or "(the file)"
+                    why = f"its result does not parse: {where}: {first['msg']}"
+            log.warning("drift probe did not finish: %s", why)
+            self.metrics.drift_probe_failures.labels(reason=_REASONS.get(end.exit, "failed")).inc()
             return None
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -161,8 +161,10 @@ class KubernetesJobRunner:
         timeout_s: float,
         *,
         sharded: bool = False,
+        memory_limit_mb: int | None = None,
     ) -> RunEnd:
-        """A drift probe Job's end (it writes ``out_path`` on the shared volume)."""
+        """A drift probe Job's end (it writes ``out_path`` on the shared volume). Its memory
+        is the Job's: ``memory_limit_mb`` (a local child's bound) does not apply."""
         manifest = build_job(
             probe_id,
             spec_path,

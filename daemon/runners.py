@@ -9,6 +9,7 @@ runner. :class:`LocalRunner` (the default) runs a child process of the daemon;
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from dataclasses import dataclass
 from enum import StrEnum
@@ -41,13 +42,54 @@ class Runner(Protocol):
         timeout passed (then the run is stopped first)."""
         ...
 
+    def probe(
+        self,
+        probe_id: str,
+        spec_path: Path,
+        out_path: Path,
+        stop: threading.Event,
+        timeout_s: float,
+        *,
+        sharded: bool = False,
+        memory_limit_mb: int | None = None,
+    ) -> RunEnd:
+        """Run the drift probe (``trainer.probe``) on ``spec_path``, where training runs; it
+        writes ``out_path``. Ends like :meth:`run`."""
+        ...
+
 
 class LocalRunner:
     """Runs one trainer child at a time; ``child`` is the running process, if any."""
 
+    # the probe's command line before its two file arguments (a test swaps in a slow one)
+    probe_command: tuple[str, ...] = ("-m", "trainer.probe")
+
     def __init__(self, config: TrainingConfig) -> None:
         self.config = config
         self.child: Popen[bytes] | None = None
+
+    def probe(
+        self,
+        probe_id: str,
+        spec_path: Path,
+        out_path: Path,
+        stop: threading.Event,
+        timeout_s: float,
+        *,
+        sharded: bool = False,
+        memory_limit_mb: int | None = None,
+    ) -> RunEnd:
+        """A child process bounded in memory (``memory_limit_mb``, else training's) and time;
+        ``sharded`` needs a Job's GPUs and means nothing here."""
+        child = start_child(
+            [*self.probe_command, str(spec_path), str(out_path)],
+            output=subprocess.DEVNULL,
+            memory_limit_mb=memory_limit_mb or self.config.memory_limit_mb,
+        )
+        end = supervise_child(
+            child, stop=stop, timeout_s=timeout_s, grace_s=self.config.stop_grace_s
+        )
+        return _ended(end, child.returncode, timeout_s)
 
     def run(self, run_id: str, spec_path: Path, stop: threading.Event, timeout_s: float) -> RunEnd:
         """The trainer child, logging to ``train.log`` beside the spec."""
@@ -61,13 +103,16 @@ class LocalRunner:
                 end = supervise_child(
                     self.child, stop=stop, timeout_s=timeout_s, grace_s=self.config.stop_grace_s
                 )
-                if end is ChildEnd.STOPPED:
-                    return RunEnd(RunExit.INTERRUPTED, "stopped during shutdown")
-                if end is ChildEnd.TIMED_OUT:
-                    return RunEnd(RunExit.TIMED_OUT, f"timed out after {timeout_s:.0f}s")
-                code = self.child.returncode
-                if code == 0:
-                    return RunEnd(RunExit.SUCCEEDED, "exit code 0")
-                return RunEnd(RunExit.FAILED, f"exit code {code}")
+                return _ended(end, self.child.returncode, timeout_s)
             finally:
                 self.child = None
+
+
+def _ended(end: ChildEnd, code: int | None, timeout_s: float) -> RunEnd:
+    if end is ChildEnd.STOPPED:
+        return RunEnd(RunExit.INTERRUPTED, "stopped during shutdown")
+    if end is ChildEnd.TIMED_OUT:
+        return RunEnd(RunExit.TIMED_OUT, f"timed out after {timeout_s:.0f}s")
+    if code == 0:
+        return RunEnd(RunExit.SUCCEEDED, "exit code 0")
+    return RunEnd(RunExit.FAILED, f"exit code {code}")

@@ -122,7 +122,7 @@ def test_the_drift_probe_is_bounded_and_stops_on_drain(
         )
         assert not isinstance(event, Rejection)
         service.store.write_batch([Incoming(event)])
-        service.drift.command = ("-c", "import time; time.sleep(120)")
+        service.refresher.runner.probe_command = ("-c", "import time; time.sleep(120)")
         if how == "drain":
             threading.Timer(0.5, service.stopping.set).start()
         started = time.monotonic()

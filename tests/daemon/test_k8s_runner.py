@@ -239,11 +239,12 @@ def probing_service(tmp_path: Path) -> Iterator[Any]:
         yield service
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize(("engine", "reply_ok"), [("ddp", True), ("fsdp", True), ("ddp", False)])
 @pytest.mark.parametrize("api", [["job_active.json", "job_succeeded.json"]], indirect=True)
 def test_the_drift_probe_runs_as_a_job_where_training_does(
-    api: tuple[Replay, Any], probing_service: Any, engine: str
-) -> None:
+    api: tuple[Replay, Any], probing_service: Any, engine: str, reply_ok: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     replay, api_client = api
     service = probing_service
     training = service.config.training.model_copy(update={"run_spec": {"engine": engine}})
@@ -255,9 +256,16 @@ def test_the_drift_probe_runs_as_a_job_where_training_does(
     def pod(job: dict[str, Any]) -> None:  # the Job's pod: reads the spec, writes its result
         spec_path, out_path = job["spec"]["template"]["spec"]["containers"][0]["command"][-2:]
         seen["spec"] = json.loads(Path(spec_path).read_text())
-        Path(out_path).write_text(json.dumps({"nats_per_reply": 0.125, "num_replies": 63}))
+        result = {"nats_per_reply": 0.125, "ci95": 0.02, "nats_per_token": 0.004,
+                  "num_replies": 63}  # fmt: skip
+        Path(out_path).write_text(json.dumps(result if reply_ok else {"nats_per_reply": 0.125}))
 
     replay.on_create = pod
+    if not reply_ok:  # a result that does not parse is a probe that did not finish
+        assert service.drift_probe() is None
+        assert service.metrics.drift_probe_failures.labels(reason="failed")._value.get() == 1
+        assert "does not parse: ci95: Field required" in caplog.text
+        return
     assert service.drift_probe() == 0.125
     assert seen["spec"]["retain_set"] == "default" and seen["spec"]["dtype"] == "auto"
     assert seen["spec"]["cache_dir"] == str(service.config.paths.data_dir / "cache")  # the volume
