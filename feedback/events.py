@@ -11,9 +11,10 @@ One JSON object per Kafka message. Every event carries the envelope (``schema_ve
 Validation is strict: unknown fields, duplicate keys, wrong types (no coercion of ``"1"`` or
 ``true`` to ``1``), blank or invisible-only texts, control, line-separator and bidi-override
 characters in *any* string (ids, actor, tags included: PostgreSQL refuses a NUL, and one event
-the store refuses must never reach it), implausible timestamps (``limits.max_future_skew_s``
-ahead of now, or older than ``limits.max_age_days``) and anything over the configured limits
-are rejected with a
+the store refuses must never reach it), tab, line feed or return in the envelope's ids, names
+and tags (one line each: nothing a log line could be forged with), implausible timestamps
+(``limits.max_future_skew_s`` ahead of now, or older than ``limits.max_age_days``) and
+anything over the configured limits are rejected with a
 :class:`Rejection` whose ``reason`` is a short stable code (it becomes a metric label and a
 DLQ header) and whose ``detail`` names the field. ``python -m feedback.events`` regenerates
 the published JSON Schema in ``feedback/schema/``.
@@ -49,6 +50,8 @@ SCHEMA_PATH = Path(__file__).parent / "schema" / "feedback-event-v1.schema.json"
 _CONTROL = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufffe\uffff]"
 )
+# Allowed in texts (a reply has lines), not in the envelope's ids, names and tags.
+_LINE_BREAKS = re.compile("[\t\n\r]")
 # Whitespace plus characters that render as nothing (zero-width, joiners, soft hyphen, BOM,
 # variation selectors, Hangul fillers): a text made only of these is blank.
 _INVISIBLE = re.compile(
@@ -81,13 +84,21 @@ def _check_text(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def _check_line(value: str) -> str:
+    """One line of printable text: what a log line or a metric label can carry as it is."""
+    _check_chars(value)
+    if _LINE_BREAKS.search(value):
+        raise ValueError("control_character: must be one line (no tab, line feed or return)")
+    return value
+
+
 def _check_name(value: str | None) -> str | None:
-    """Ids and names in the envelope: printable, and not blank when given."""
+    """Ids and names in the envelope: one printable line, and not blank when given."""
     if value is None:
         return None
     if _INVISIBLE.fullmatch(value):
         raise ValueError("empty_text: must not be empty, whitespace or invisible characters")
-    return _check_chars(value)
+    return _check_line(value)
 
 
 class _Strict(FrozenModel):
@@ -170,7 +181,7 @@ class _Envelope(_Strict):
             raise ValueError("bad_tag: tag keys must be 1 to 64 characters")
         for key, text in value.items():
             _check_name(key)
-            _check_chars(text)
+            _check_line(text)
         return value
 
 

@@ -118,6 +118,23 @@ BAD: list[tuple[str, bytes, str, str]] = [
     ("NUL in tag value", encode(rating("x", tags={"k": "\x00"})), "control_character", "tags"),
     ("NUL in tag key", encode(rating("x", tags={"k\x00": "v"})), "control_character", "tags"),
     ("NUL in trace id", encode(rating("x", trace_id="t\x00")), "control_character", "trace_id"),
+    # one line each: a CR/LF in an id would forge a log line wherever one is printed
+    *[
+        (
+            f"{name} in {where}",
+            encode(rating("x", **{field: value(char)})),
+            "control_character",
+            where,
+        )
+        for name, char in (("LF", "\n"), ("CR", "\r"), ("TAB", "\t"))
+        for where, field, value in (
+            ("actor.id", "actor", lambda c: {"kind": "agent", "id": f"a{c}INFO forged"}),
+            ("trace_id", "trace_id", lambda c: f"t{c}1"),
+            ("served_adapter", "served_adapter", lambda c: f"v0001{c}"),
+            ("tags", "tags", lambda c: {f"k{c}": "v"}),
+            ("tags", "tags", lambda c: {"k": f"v{c}w"}),
+        )
+    ],
     (
         "blank actor id",
         encode(rating("x", actor={"kind": "user", "id": "\u200b"})),
