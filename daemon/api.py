@@ -10,16 +10,14 @@ Every endpoint under ``/v1/`` needs ``Authorization: Bearer <token>`` (401 witho
 with a wrong one): reads take the admin token or the read-only token (``admin.read_token``),
 changes only the admin token. ``/healthz``, ``/readyz`` and ``/metrics`` stay open and carry no
 event content (error types, never messages). Request bodies are bounded while they stream in,
-before authentication (:class:`BodyLimit`). The comparison is constant-time by construction
-(``hmac.compare_digest`` over SHA-256 digests, so even a token of a different length takes the
-same path). Without a configured token the endpoints it opens are refused. Tokens are never
-logged or echoed.
+before authentication (:class:`BodyLimit`). Tokens are checked by :class:`daemon.auth.Tokens`,
+shared with the console: constant-time, wrong ones counted, logged without the token and
+rate-limited per client (429 with ``Retry-After``). Without a configured token the endpoints it
+opens are refused. Tokens are never logged or echoed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -29,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemon.auth import Access, Tokens, TooManyFailures
 from daemon.records import AdapterDetail, RunStatus
 from daemon.registry import RegistryError, VersionNotFound
 
@@ -125,10 +124,6 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode()).digest()
-
-
 def registry_call(fn: Callable[[], T]) -> T:
     """Run a registry operation; its error kinds become 404 / 409 with the message."""
     try:
@@ -141,38 +136,36 @@ def registry_call(fn: Callable[[], T]) -> T:
 
 # The route table: long, and the complexity counted is the routes, not branching logic.
 def make_app(  # noqa: C901
-    backend: AdminBackend,
-    *,
-    token: str | None,
-    max_body_bytes: int,
-    read_token: str | None = None,
+    backend: AdminBackend, *, tokens: Tokens, max_body_bytes: int
 ) -> FastAPI:
-    """The app. ``token`` (admin scope) may read and change; ``read_token`` may only read;
-    without ``token`` every mutating request is refused, without either every read under /v1/."""
+    """The app. The admin token may read and change; the read-only token may only read;
+    without an admin token every mutating request is refused, without either every read under
+    /v1/ (:class:`daemon.auth.Tokens`: wrong tokens are counted and rate-limited per client)."""
     app = FastAPI(title="alignd admin API", version="1")
     app.add_middleware(BodyLimit, max_body=max_body_bytes)
-    admin_digest = _digest(token) if token else None
-    read_digest = _digest(read_token) if read_token else None
 
-    def bearer(request: Request) -> bytes:
+    def access(request: Request) -> Access:
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        return _digest(presented)
+        client = request.client.host if request.client else "unknown"
+        try:
+            found = tokens.scope(presented, client=client, surface="api")
+        except TooManyFailures as e:
+            raise HTTPException(
+                429, str(e), headers={"Retry-After": f"{max(1, round(e.retry_after_s))}"}
+            ) from e
+        if found is None:
+            raise HTTPException(403, "invalid token")
+        return found
 
     def reader(request: Request) -> None:
         """Reads under /v1/ (manifests, runs, status): the read-only or the admin token."""
-        presented = bearer(request)
-        # both comparisons always run: the time taken does not say which token was close
-        ok_admin = admin_digest is not None and hmac.compare_digest(presented, admin_digest)
-        ok_read = read_digest is not None and hmac.compare_digest(presented, read_digest)
-        if not (ok_admin or ok_read):
-            raise HTTPException(403, "invalid token")
+        access(request)
 
     def operator(request: Request) -> str:
-        presented = bearer(request)
-        if admin_digest is None or not hmac.compare_digest(presented, admin_digest):
+        if access(request) != "admin":
             raise HTTPException(403, "invalid token")
         actor = request.headers.get("x-alignd-actor", "operator")
         return "".join(c for c in actor[:64] if c.isalnum() or c in "-_.@") or "operator"

@@ -18,7 +18,6 @@ action's result page shows the audit entry it wrote, exactly as the CLI would ha
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import secrets
@@ -32,6 +31,7 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from daemon.auth import Tokens, TooManyFailures
 from daemon.html import (
     CSS,
     FAIL,
@@ -51,6 +51,7 @@ from feedback.production import AdapterFeedback
 from trainer.spec import RunResult, SpecError
 
 COOKIE = "alignd_console"
+LOGIN_COOKIE = "alignd_console_login"  # the sign-in form's CSRF token
 SESSION_S = 8 * 3600
 
 
@@ -84,10 +85,6 @@ class Session:
     actor: str
     csrf: str
     expires: float
-
-
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode()).digest()
 
 
 def _actor(name: str) -> str:
@@ -132,10 +129,8 @@ def page(title: str, body: str, session: Session | None = None, status: int = 20
 
 
 def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
-    app: FastAPI, backend: ConsoleBackend, *, token: str | None, read_token: str | None
+    app: FastAPI, backend: ConsoleBackend, *, tokens: Tokens
 ) -> None:
-    admin_digest = _digest(token) if token else None
-    read_digest = _digest(read_token) if read_token else None
     sessions: dict[str, Session] = {}
 
     def session_of(request: Request) -> Session | None:
@@ -151,10 +146,14 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
         return {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
 
     def login_page(message: str = "", status: int = 200) -> HTMLResponse:
+        """The sign-in form, with a fresh sign-in CSRF token in a cookie and in the form (a
+        cross-site form cannot read the cookie, so it cannot sign a browser in to its session)."""
         error = f'<section class="error"><p>{esc(message)}</p></section>' if message else ""
-        return page(
+        nonce = secrets.token_urlsafe(24)
+        response = page(
             "Sign in",
             error + '<section><form method="post" action="/ui/login" class="inline">'
+            f'<input type="hidden" name="login_csrf" value="{nonce}">'
             '<label>Token <input type="password" name="token" autocomplete="off" required></label>'
             '<label>Your name <input type="text" name="actor" maxlength="64" '
             'placeholder="for the audit log"></label><button type="submit">Sign in</button>'
@@ -163,6 +162,9 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
             "server, never the token).</p></section>",
             status=status,
         )
+        response.set_cookie(LOGIN_COOKIE, nonce, max_age=900, path="/ui/login", httponly=True,
+                            samesite="strict")  # fmt: skip
+        return response
 
     def refused(session: Session, title: str, message: str, status: int) -> HTMLResponse:
         return page(
@@ -406,16 +408,21 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
     @app.post("/ui/login", response_class=HTMLResponse, include_in_schema=False)
     async def login(request: Request) -> Response:
         fields = await form(request)
-        presented = _digest(fields.get("token", ""))
-        ok_admin = admin_digest is not None and hmac.compare_digest(presented, admin_digest)
-        ok_read = read_digest is not None and hmac.compare_digest(presented, read_digest)
-        if not (ok_admin or ok_read):
+        nonce = request.cookies.get(LOGIN_COOKIE, "")
+        if not nonce or not hmac.compare_digest(fields.get("login_csrf", ""), nonce):
+            return login_page("The sign-in form did not come from this page; try again.", 403)
+        client = request.client.host if request.client else "unknown"
+        try:
+            access = tokens.scope(fields.get("token", ""), client=client, surface="console")
+        except TooManyFailures as e:
+            return login_page(f"Too many failed sign-ins from here: {e}.", status=429)
+        if access is None:
             return login_page("That token is not valid here.", status=403)
         sid = secrets.token_urlsafe(32)
         for old in [k for k, s in sessions.items() if s.expires < time.time()]:
             sessions.pop(old, None)
         sessions[sid] = Session(
-            ok_admin, _actor(fields.get("actor", "")), secrets.token_urlsafe(24),
+            access == "admin", _actor(fields.get("actor", "")), secrets.token_urlsafe(24),
             time.time() + SESSION_S,
         )  # fmt: skip
         response = RedirectResponse("/ui", status_code=303)
@@ -428,8 +435,11 @@ def mount_console(  # noqa: C901 — the route table, like daemon.api.make_app's
     @app.post("/ui/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
         session, fields = session_of(request), await form(request)
-        if session is not None and hmac.compare_digest(fields.get("csrf", ""), session.csrf):
-            sessions.pop(request.cookies.get(COOKIE, ""), None)
+        if session is None:
+            return login_page()
+        if not hmac.compare_digest(fields.get("csrf", ""), session.csrf):
+            return refused(session, "Refused", "The form did not come from this session.", 403)
+        sessions.pop(request.cookies.get(COOKIE, ""), None)
         response = RedirectResponse("/ui", status_code=303)
         response.delete_cookie(COOKIE, path="/ui")
         return response

@@ -122,6 +122,14 @@ class Metrics:
             "alignd_promotions_total", "Adapter activations", ["trigger"], registry=r
         )
         self.rollbacks = Counter("alignd_rollbacks_total", "Rollbacks", ["trigger"], registry=r)
+        self.auth_failures = Counter(
+            "alignd_auth_failures_total",
+            "Wrong tokens presented (API bearer or console sign-in), by surface",
+            ["surface"],
+            registry=r,
+        )
+        for surface in ("api", "console"):
+            self.auth_failures.labels(surface=surface)
         self.active_info = Info("alignd_active_adapter", "The active adapter version", registry=r)
         self.serving_pending = Gauge(
             "alignd_serving_pending",

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 
 from daemon.api import make_app
+from daemon.auth import Tokens
 from daemon.config import AligndConfig, with_absolute_paths, with_split_salt
 from daemon.console import load_result, mount_console
 from daemon.drift import DriftProbe
@@ -119,11 +120,13 @@ class Service:
     def app(self) -> FastAPI:
         """The admin API over this service."""
         admin = self.config.admin
-        token, read_token = self.admin_token(), read_secret(admin.read_token, admin.read_token_file)
-        app = make_app(
-            self, token=token, read_token=read_token, max_body_bytes=admin.max_body_bytes
+        tokens = Tokens(
+            self.admin_token(),
+            read_secret(admin.read_token, admin.read_token_file),
+            on_failure=lambda surface: self.metrics.auth_failures.labels(surface=surface).inc(),
         )
-        mount_console(app, self, token=token, read_token=read_token)
+        app = make_app(self, tokens=tokens, max_body_bytes=admin.max_body_bytes)
+        mount_console(app, self, tokens=tokens)
         return app
 
     def start(self) -> None:

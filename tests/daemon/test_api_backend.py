@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from daemon.api import make_app
+from daemon.auth import Tokens
 from daemon.records import AdapterDetail, RunStatus, VersionManifest
 from daemon.registry import InvalidAdapter, RegistryConflict, VersionNotFound
 from daemon.states import Outcome, RefreshTrigger
@@ -98,7 +99,7 @@ def backend() -> InMemoryBackend:
 
 @pytest.fixture()
 def client(backend: InMemoryBackend) -> TestClient:
-    return TestClient(make_app(backend, token=TOKEN, max_body_bytes=1024))
+    return TestClient(make_app(backend, tokens=Tokens(TOKEN, None), max_body_bytes=1024))
 
 
 def test_registry_error_kinds_map_to_status_codes(client: TestClient) -> None:
@@ -146,8 +147,29 @@ def test_reads_readiness_and_metrics(client: TestClient, backend: InMemoryBacken
 
 
 def test_without_a_token_every_mutation_is_refused(backend: InMemoryBackend) -> None:
-    client = TestClient(make_app(backend, token=None, max_body_bytes=1024))
+    client = TestClient(make_app(backend, tokens=Tokens(None, None), max_body_bytes=1024))
     assert client.post("/v1/refresh", headers=AUTH).status_code == 403
     assert client.post("/v1/rollback").status_code == 401
     assert client.get("/v1/adapters", headers=AUTH).status_code == 403  # reads too
     assert backend.calls == [] and not backend.refreshing
+
+
+def test_wrong_tokens_are_counted_logged_without_the_token_and_rate_limited(
+    backend: InMemoryBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #31, finding 7: 300 wrong tokens at ~1,000/s, then the right one worked."""
+    now = [0.0]
+    failures: list[str] = []
+    tokens = Tokens(TOKEN, None, on_failure=failures.append, clock=lambda: now[0])
+    client = TestClient(make_app(backend, tokens=tokens, max_body_bytes=1024))
+    codes = [
+        client.get("/v1/adapters", headers={"authorization": f"Bearer guess-{i:04d}"}).status_code
+        for i in range(300)
+    ]
+    assert codes[:10] == [403] * 10 and set(codes[10:]) == {429}
+    locked = client.get("/v1/adapters", headers=AUTH)  # the right token, from the same client
+    assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+    assert failures == ["api"] * 10  # counted while they were checked
+    assert "wrong token from testclient" in caplog.text and "guess-" not in caplog.text
+    now[0] += 61  # the window has passed
+    assert client.get("/v1/adapters", headers=AUTH).status_code == 200

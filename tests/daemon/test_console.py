@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from daemon_support import in_process_service
 from fastapi.testclient import TestClient
+from httpx import Response
 from registry_support import make_adapter
 
 from daemon.service import Service
@@ -32,10 +33,17 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
         yield svc
 
 
+def sign_in(client: TestClient, token: str) -> Response:
+    """The sign-in form as a browser submits it: its CSRF token from the page and cookie."""
+    nonce = re.search(r'name="login_csrf" value="([^"]*)"', client.get("/ui").text)
+    assert nonce is not None, "no sign-in CSRF token on the sign-in page"
+    return client.post("/ui/login", data={"token": token, "actor": "ann",
+                                          "login_csrf": nonce.group(1)}, follow_redirects=False)  # fmt: skip
+
+
 def signed_in(service: Service, token: str) -> TestClient:
     client = TestClient(service.app())
-    response = client.post("/ui/login", data={"token": token, "actor": "ann"},
-                           follow_redirects=False)  # fmt: skip
+    response = sign_in(client, token)
     assert response.status_code == 303
     cookie = response.headers["set-cookie"]
     assert token not in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
@@ -56,8 +64,8 @@ def test_nothing_without_a_session(service: Service) -> None:
         assert "Sign in" in page.text and "v0002" not in page.text
     refused = client.post("/ui/actions/promote", data={"version": "v0002"})
     assert refused.status_code == 401 and service.registry.active() == "v0001"
-    wrong = client.post("/ui/login", data={"token": "nope"})
-    assert wrong.status_code == 403 and "set-cookie" not in wrong.headers
+    wrong = sign_in(client, "nope")
+    assert wrong.status_code == 403 and "alignd_console=" not in wrong.headers.get("set-cookie", "")
 
 
 def test_read_only_sessions_change_nothing(service: Service) -> None:
@@ -128,3 +136,24 @@ def test_training_charts_draw_a_real_runs_step_metrics(
     drawn = re.findall(r'<polyline [^>]*points="([^"]*)"', rewards.group(1))
     assert len(drawn) == 2 and all(points.count(",") == 3 for points in drawn), drawn
     assert "reward accuracy" in rewards.group(1) and "reward margin" in rewards.group(1)
+
+
+def test_sign_in_and_out_need_their_forms(service: Service) -> None:
+    """Issue #31, finding 6: no CSRF on the sign-in form; sign-out worked without a token."""
+    forged = TestClient(service.app())  # a cross-site form: the right token, no form token
+    login = forged.post("/ui/login", data={"token": TOKEN}, follow_redirects=False)
+    assert login.status_code == 403 and "alignd_console=" not in login.headers.get("set-cookie", "")
+    client = signed_in(service, TOKEN)
+    out = client.post("/ui/logout", data={"csrf": "forged"}, follow_redirects=False)
+    assert out.status_code == 403 and "Sign out" in client.get("/ui").text  # still signed in
+    fields = form_of(client, "/ui")
+    assert client.post("/ui/logout", data=fields, follow_redirects=False).status_code == 303
+    assert "Sign in" in client.get("/ui").text
+
+
+def test_failed_sign_ins_are_counted_and_rate_limited(service: Service) -> None:
+    client = TestClient(service.app())
+    codes = [sign_in(client, f"guess-{i}").status_code for i in range(12)]
+    assert codes == [403] * 10 + [429] * 2
+    assert sign_in(client, TOKEN).status_code == 429  # the right token waits out the window
+    assert service.metrics.auth_failures.labels(surface="console")._value.get() == 10

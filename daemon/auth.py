@@ -1,0 +1,93 @@
+"""Who may do what on the admin port: the one check the API and the console share.
+
+Two tokens: the admin token (read and change) and the read-only token (read). A presented token
+is compared with both in constant time (both comparisons always run, so the time taken does not
+say which one was close). A wrong token is counted (``alignd_auth_failures_total{surface}``),
+logged with the client's address and never the token, and rate-limited per client: after
+``max_failures`` wrong tokens within ``window_s``, that client is refused (429) until the window
+has passed, the right token included, so guessing runs at a few tries a minute, not a thousand a
+second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Literal
+
+log = logging.getLogger("alignd.auth")
+
+Access = Literal["admin", "read"]
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+class TooManyFailures(Exception):
+    """This client presented too many wrong tokens lately; ``retry_after_s`` until it may again."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"too many failed attempts; retry in {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class Tokens:
+    def __init__(
+        self,
+        token: str | None,
+        read_token: str | None,
+        *,
+        on_failure: Callable[[str], None] = lambda surface: None,
+        max_failures: int = 10,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._admin = _digest(token) if token else None
+        self._read = _digest(read_token) if read_token else None
+        self.on_failure, self.max_failures, self.window_s = on_failure, max_failures, window_s
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def admin_configured(self) -> bool:
+        return self._admin is not None
+
+    def scope(self, presented: str, *, client: str, surface: str) -> Access | None:
+        """``admin``, ``read``, or None (counted, logged, rate-limited); raises
+        :class:`TooManyFailures` while ``client`` is locked out."""
+        self._check_lockout(client)
+        digest = _digest(presented)
+        ok_admin = self._admin is not None and hmac.compare_digest(digest, self._admin)
+        ok_read = self._read is not None and hmac.compare_digest(digest, self._read)
+        if ok_admin:
+            return "admin"
+        if ok_read:
+            return "read"
+        self._failed(client, surface)
+        return None
+
+    def _check_lockout(self, client: str) -> None:
+        now = self.clock()
+        with self._lock:
+            recent = self._failures.get(client)
+            while recent and recent[0] <= now - self.window_s:
+                recent.popleft()
+            if recent is not None and not recent:
+                del self._failures[client]
+            elif recent is not None and len(recent) >= self.max_failures:
+                raise TooManyFailures(recent[0] + self.window_s - now)
+
+    def _failed(self, client: str, surface: str) -> None:
+        with self._lock:
+            if len(self._failures) > 10_000:  # bounded: forget the oldest clients
+                self._failures.pop(next(iter(self._failures)))
+            self._failures.setdefault(client, deque()).append(self.clock())
+        self.on_failure(surface)
+        log.warning("%s: a wrong token from %s", surface, client)
