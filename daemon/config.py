@@ -31,7 +31,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from daemon.gate import GateConfig
 from daemon.watch import WatchConfig
 from feedback.base import FrozenModel, refuse_retired
-from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig
+from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig, read_secret
 from trainer.methods import PAIRED_METHODS, check_paired_method
 from trainer.spec import Detectors, EvalSpec, Hyperparameters, LoraSpec, RunSpec
 
@@ -259,6 +259,35 @@ class AdminConfig(FrozenModel):
     drain_s: float = Field(25.0, gt=0, description="SIGTERM → exit bound (< pod grace period)")
     json_logs: bool = Field(False, description="structured JSON-lines logs")
 
+    @field_validator("token", "read_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_token_length(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _token_files_long_enough(self) -> AdminConfig:
+        for key in ("token_file", "read_token_file"):
+            path = getattr(self, key)
+            if path is not None:
+                try:
+                    _check_token_length(read_secret(None, path) or "")
+                except ValueError as e:
+                    raise ValueError(f"{key}: {e}") from e
+        return self
+
+
+MIN_TOKEN_CHARS = 24
+
+
+def _check_token_length(token: str) -> None:
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"shorter than {MIN_TOKEN_CHARS} characters: use a random one, e.g. "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+
 
 class ServingConfig(FrozenModel):
     current_pointer: bool = Field(True, description="keep registry/current → active version")
@@ -272,7 +301,11 @@ class AligndConfig(BaseSettings):
     """Every setting alignd reads. ``alignd config show`` prints the resolved values."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ALIGND_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="ALIGND_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,  # an error must never print a token or a password
     )
 
     kafka: KafkaConfig = KafkaConfig()

@@ -13,7 +13,7 @@ from daemon.config import AligndConfig
 from daemon.service import Service
 
 TOKEN = "s3cret-admin-token-value"
-READ_TOKEN = "read-only-token-value"
+READ_TOKEN = "read-only-token-value-0123"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 READS = ["/v1/status", "/v1/adapters", "/v1/adapters/v0001", "/v1/runs/r-1"]
 MUTATING = [

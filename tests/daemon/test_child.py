@@ -15,8 +15,8 @@ import trainer
 from daemon.child import ChildEnd, child_env, run_child, start_child, supervise_child
 
 SECRETS = {
-    "ALIGND_ADMIN__TOKEN": "admin-token-value",
-    "ALIGND_ADMIN__READ_TOKEN": "read-token-value",
+    "ALIGND_ADMIN__TOKEN": "admin-token-value-0123456789",
+    "ALIGND_ADMIN__READ_TOKEN": "read-token-value-0123456789",
     "ALIGND_STORE__URL": "postgresql+psycopg://alignd:pg-password@db/alignd",
     "ALIGND_KAFKA__SASL_PLAIN_PASSWORD": "kafka-password",
     "HF_TOKEN": "hf-token-value",

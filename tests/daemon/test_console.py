@@ -16,7 +16,7 @@ from registry_support import make_adapter
 
 from daemon.service import Service
 
-TOKEN, READ = "console-admin-token-1234", "console-read-token-1234"
+TOKEN, READ = "console-admin-token-1234", "console-read-token-12345"
 
 
 @pytest.fixture()

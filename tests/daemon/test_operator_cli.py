@@ -16,7 +16,7 @@ from daemon.config import AligndConfig
 from daemon.service import Service
 from demo.broker import free_port
 
-TOKEN = "operator-cli-token"
+TOKEN = "operator-cli-token-0123456789"
 
 
 @pytest.fixture()

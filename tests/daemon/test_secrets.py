@@ -19,10 +19,10 @@ def test_store_password_is_redacted_in_config_show(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("ALIGND_STORE__URL", f"postgresql+psycopg://alignd:{PG_PASSWORD}@db/alignd")
-    monkeypatch.setenv("ALIGND_ADMIN__TOKEN", "admin-token-value")
+    monkeypatch.setenv("ALIGND_ADMIN__TOKEN", "admin-token-value-0123456789")
     assert main(["config", "show"]) == 0
     out = capsys.readouterr().out
-    assert PG_PASSWORD not in out and "admin-token-value" not in out
+    assert PG_PASSWORD not in out and "admin-token-value-0123456789" not in out
     assert json.loads(out)["store"]["url"] == "postgresql+psycopg://alignd:***@db/alignd"
 
 
@@ -61,3 +61,22 @@ def test_a_bad_store_url_fails_at_start_up_without_echoing_it(tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"store\.url") as raised:
         load_config(config)
     assert PG_PASSWORD not in str(raised.value)
+
+
+def test_a_short_admin_token_fails_at_start_up_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #31, finding 7: the config accepted a one-character token."""
+    monkeypatch.setenv("ALIGND_ADMIN__READ_TOKEN", "x")
+    with pytest.raises(ConfigError, match=r"admin\.read_token: .*shorter than 24") as refused:
+        load_config(None)
+    assert "'x'" not in str(refused.value)
+    monkeypatch.delenv("ALIGND_ADMIN__READ_TOKEN")
+    short = tmp_path / "token"
+    short.write_text("hunter2-hunter2\n")
+    monkeypatch.setenv("ALIGND_ADMIN__TOKEN_FILE", str(short))
+    with pytest.raises(ConfigError, match=r"admin.*token_file: shorter than 24") as refused:
+        load_config(None)
+    assert "hunter2" not in str(refused.value)
+    short.write_text("a-long-enough-random-token-0123456789\n")
+    assert load_config(None).admin.token_file == short

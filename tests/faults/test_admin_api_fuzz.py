@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from daemon.config import AligndConfig
 from daemon.service import Service
 
-TOKEN = "fuzz-admin-token"
+TOKEN = "fuzz-admin-token-0123456789"
 
 
 def build_app(base: Path) -> object:

@@ -36,7 +36,12 @@ def start(tmp_path: Path, **admin: object) -> tuple[subprocess.Popen[bytes], int
                 "store": {"url": f"sqlite:///{tmp_path / 'f.db'}"},
                 "paths": {"data_dir": str(tmp_path / "data")},
                 "schedule": {"cron": None, "drift_probe_cron": None},
-                "admin": {"port": port, "token": "t0ken", "drain_s": 3, **admin},
+                "admin": {
+                    "port": port,
+                    "token": "t0ken-0123456789-0123456789",
+                    "drain_s": 3,
+                    **admin,
+                },
             }
         )
     )
