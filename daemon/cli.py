@@ -17,9 +17,9 @@ from daemon.child import run_child
 from daemon.client import cmd_client
 from daemon.config import AligndConfig, ConfigError, load_config, with_split_salt
 from trainer.methods import METHODS
+from trainer.report import RunResult
 from trainer.spec import (
     DEFAULT_BASE_MODEL,
-    RunResult,
     RunSpec,
     SpecError,
     apply_overrides,

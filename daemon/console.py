@@ -48,7 +48,8 @@ from daemon.html import (
 from daemon.records import RunStatus
 from daemon.registry import Registry, RegistryError, VersionNotFound
 from feedback.production import AdapterFeedback
-from trainer.spec import RunResult, SpecError
+from trainer.report import RunResult
+from trainer.spec import SpecError
 
 COOKIE = "alignd_console"
 LOGIN_COOKIE = "alignd_console_login"  # the sign-in form's CSRF token

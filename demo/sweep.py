@@ -17,7 +17,8 @@ from pathlib import Path
 from daemon.child import run_child
 from demo.report import sweep_png
 from demo.run import DEMO_RUN_SPEC
-from trainer.spec import DEFAULT_BASE_MODEL, RunResult, RunSpec, apply_overrides, deep_merge
+from trainer.report import RunResult
+from trainer.spec import DEFAULT_BASE_MODEL, RunSpec, apply_overrides, deep_merge
 
 
 def sweep_beta(

@@ -38,7 +38,8 @@ from torch import Tensor
 from trainer.evalcache import greedy_replies
 from trainer.logprobs import Encoded, Prompt, collate, encode, response_logits
 from trainer.model import evaluating, using_adapter
-from trainer.spec import AnchorSpec, DriftReport
+from trainer.report import DriftReport
+from trainer.spec import AnchorSpec
 
 DATA = Path(__file__).parent / "data"
 SHIPPED = {"eval": DATA / "retain_eval.jsonl", "train": DATA / "retain_train.jsonl"}

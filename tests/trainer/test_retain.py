@@ -24,6 +24,7 @@ import trainer.evalcache as evalcache
 import trainer.evaluate as evaluate
 from trainer.evalcache import adapter_identity, greedy_replies, remembered
 from trainer.logprobs import collate, response_logits
+from trainer.report import RunResult
 from trainer.retain import (
     AnchorBatches,
     drift_report,
@@ -33,7 +34,6 @@ from trainer.retain import (
     reference_topk,
     topk_kl,
 )
-from trainer.spec import RunResult
 from trainer.train import run
 
 PROMPTS = load_prompts("default", shipped="eval")[:6]
