@@ -173,7 +173,7 @@ def test_nan_recipe_is_never_registered(
     )
     outcome = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
     assert outcome.outcome == "failed" and "loss is" in outcome.reason
-    assert outcome.training["detectors"]["non_finite_loss"] is True
+    assert outcome.training is not None and outcome.training.detectors["non_finite_loss"] is True
     assert_registry_intact(refresher, ["v0001"], "v0001")
 
 
@@ -224,8 +224,9 @@ def test_collapsing_candidate_is_rejected_by_the_gate(
     )
     outcome = refresher.refresh(RefreshTrigger.OPERATOR, threading.Event())
     assert outcome.outcome == "rejected", outcome
-    assert outcome.training["detectors"]["likelihood_collapse"] is True
-    failed = [c["name"] for c in outcome.gate["checks"] if not c["passed"]]
+    assert outcome.training is not None and outcome.gate is not None
+    assert outcome.training.detectors["likelihood_collapse"] is True
+    failed = [c.name for c in outcome.gate.checks if not c.passed]
     assert "training_detectors" in failed
     assert Registry(refresher.registry.root).active() is None
 
