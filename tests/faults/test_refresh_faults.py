@@ -183,10 +183,18 @@ def test_crash_recovery_marks_running_runs_interrupted(
     # What a SIGKILLed daemon leaves behind: a run still marked running and a half-built snapshot.
     run_dir = promoted.runs_dir / "r-crashed"
     run_dir.mkdir()
-    (run_dir / "status.json").write_text(json.dumps({"run_id": "r-crashed", "outcome": "running"}))
+    running = {
+        "run_id": "r-crashed",
+        "trigger": "schedule",
+        "outcome": "running",
+        "reason": "",
+        "started_at": "2026-12-06T08:00:00+00:00",
+    }  # as the refresh writes it first
+    (run_dir / "status.json").write_text(json.dumps(running))
     (promoted.snapshots_dir / ".building-r-crashed").mkdir()
     refresher = make_refresher(tmp_path, tiny_model_dir)
-    assert refresher.run_status("r-crashed")["outcome"] == "interrupted"
+    status = refresher.run_status("r-crashed")
+    assert status is not None and status.outcome == "interrupted" and status.finished_at
     assert not list(refresher.snapshots_dir.glob(".building-*"))
 
 
