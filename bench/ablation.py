@@ -27,7 +27,7 @@ from daemon.gate import GateConfig, decide_promotion
 from demo.run import DEMO_RUN_SPEC, LEGACY_RUN_SPEC
 from feedback.manifest import SnapshotManifest
 from trainer.generation import generation_stats
-from trainer.report import RunResult
+from trainer.results import RunResult
 from trainer.spec import RunSpec, deep_merge
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -17,7 +17,7 @@ from daemon.child import run_child
 from daemon.client import cmd_client
 from daemon.config import AligndConfig, ConfigError, load_config, with_split_salt
 from trainer.methods import METHODS
-from trainer.report import RunResult
+from trainer.results import RunResult
 from trainer.spec import (
     DEFAULT_BASE_MODEL,
     RunSpec,

@@ -48,7 +48,7 @@ from daemon.html import (
 from daemon.records import RunStatus
 from daemon.registry import Registry, RegistryError, VersionNotFound
 from feedback.production import AdapterFeedback
-from trainer.report import RunResult
+from trainer.results import RunResult
 from trainer.spec import SpecError
 
 COOKIE = "alignd_console"

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from feedback.base import FrozenModel, refuse_retired
 from feedback.manifest import ActorShares
-from trainer.report import AdapterEval, DetectorFinding, EvalReport
+from trainer.results import AdapterEval, DetectorFinding, EvalReport
 
 DETECTORS = ("non_finite_loss", "reference_mismatch", "sign_bug", "likelihood_collapse")
 

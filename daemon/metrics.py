@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from daemon.states import FINISHED, ActivationTrigger
 from feedback.consumer import BLOCKED_REASONS, BatchReport
 from feedback.events import REASONS
-from trainer.report import AdapterEval
+from trainer.results import AdapterEval
 
 
 class Metrics:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from daemon.states import Outcome, RefreshTrigger
 from feedback.manifest import ActorShares, EventRange, SnapshotCounts
-from trainer.report import EvalReport
+from trainer.results import EvalReport
 
 _Model = TypeVar("_Model", bound=BaseModel)
 

@@ -46,7 +46,7 @@ from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore
 from trainer.methods import PAIRED_METHODS
 from trainer.plan import PlanInput, model_shape, plan, refusal
-from trainer.report import RunResult
+from trainer.results import RunResult
 from trainer.spec import RunSpec, SpecError, deep_merge
 
 log = logging.getLogger("alignd.refresh")

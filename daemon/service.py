@@ -49,7 +49,7 @@ from feedback.config import read_secret
 from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
 from feedback.production import AdapterFeedback
 from feedback.store import FeedbackStore, StoreUnusable
-from trainer.report import RunResult
+from trainer.results import RunResult
 
 log = logging.getLogger("alignd.service")
 

@@ -18,7 +18,7 @@ from typing import Any
 from demo.rounds import COLUMNS, Round, table_rows
 from demo.simulate import apologizes
 from feedback.manifest import SnapshotManifest
-from trainer.report import AdapterEval, GenerationReport, PreferenceReport, RunResult
+from trainer.results import AdapterEval, GenerationReport, PreferenceReport, RunResult
 from trainer.steps import StepMetrics
 
 

@@ -19,7 +19,7 @@ from demo.scenario import Case
 from demo.simulate import apologizes, unsupported
 from feedback.events import Rejection, parse_event
 from feedback.production import summarize
-from trainer.report import RunResult
+from trainer.results import RunResult
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from demo.rounds import Round, production, refresh, text_table
 from demo.scenario import CARRIERS, POLICY_RULES, Case, Records, make_cases
 from demo.simulate import Agent, Simulation, build_events, served_replies
 from feedback.manifest import SnapshotManifest
-from trainer.report import RunResult
+from trainer.results import RunResult
 from trainer.spec import deep_merge
 
 # What each round does, in order (round 1 also starts the broker and the daemon first).

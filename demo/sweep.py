@@ -17,7 +17,7 @@ from pathlib import Path
 from daemon.child import run_child
 from demo.report import sweep_png
 from demo.run import DEMO_RUN_SPEC
-from trainer.report import RunResult
+from trainer.results import RunResult
 from trainer.spec import DEFAULT_BASE_MODEL, RunSpec, apply_overrides, deep_merge
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from statistics import fmean
 
-from trainer.report import DetectorFinding
+from trainer.results import DetectorFinding
 
 
 @dataclass(frozen=True)

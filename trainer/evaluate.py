@@ -42,7 +42,7 @@ from trainer.generation import generation_stats
 from trainer.logprobs import Encoded, collate, encode, response_logits
 from trainer.model import evaluating, using_adapter
 from trainer.packing import sequence_logps_shared_prefix
-from trainer.report import AdapterEval, DriftReport, EvalReport, PreferenceReport
+from trainer.results import AdapterEval, DriftReport, EvalReport, PreferenceReport
 from trainer.retain import drift_report, encode_replies, kl_per_reply, load_prompts
 from trainer.spec import RunSpec
 

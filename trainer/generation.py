@@ -16,7 +16,7 @@ import torch
 from trainer.claims import states_fact, unsupported_claims
 from trainer.logprobs import Prompt, as_messages, render_prompt
 from trainer.model import evaluating, using_adapter
-from trainer.report import GenerationReport
+from trainer.results import GenerationReport
 from trainer.spec import GroundingSpec, PolicyRule
 
 _WORD = re.compile(r"\w+")

@@ -38,7 +38,7 @@ from torch import Tensor
 from trainer.evalcache import greedy_replies
 from trainer.logprobs import Encoded, Prompt, collate, encode, response_logits
 from trainer.model import evaluating, using_adapter
-from trainer.report import DriftReport
+from trainer.results import DriftReport
 from trainer.spec import AnchorSpec
 
 DATA = Path(__file__).parent / "data"

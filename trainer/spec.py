@@ -2,7 +2,7 @@
 
 The daemon writes ``run.json`` (a :class:`RunSpec`) and starts ``python -m trainer.train
 run.json`` as a child process; the trainer writes the adapter and ``result.json`` (a
-:class:`trainer.report.RunResult`) into ``output_dir``. Both are strict: unknown keys are
+:class:`trainer.results.RunResult`) into ``output_dir``. Both are strict: unknown keys are
 errors, so a typo in a hyperparameter name fails before any model is loaded instead of
 silently using a default.
 """

@@ -56,7 +56,7 @@ from trainer.model import (
 )
 from trainer.objectives import Objective, PairedObjective, encode_rows, make_objective
 from trainer.refcache import ReferenceCache, model_identity
-from trainer.report import RunResult
+from trainer.results import RunResult
 from trainer.retain import AnchorBatches, build_anchor
 from trainer.spec import Hyperparameters, RunSpec, SpecError, load_spec
 from trainer.steps import StepMetrics

@@ -10,7 +10,7 @@ import pytest
 from daemon.gate import Decision, GateConfig
 from daemon.gate import decide_promotion as gate_decision
 from feedback.manifest import ActorShares
-from trainer.report import EvalReport
+from trainer.results import EvalReport
 
 # Forty actors, none supplying more than 4% of the rows.
 SPREAD = ActorShares(

@@ -16,7 +16,7 @@ from feedback.config import DatasetConfig
 from feedback.events import Rejection, parse_event
 from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore, Incoming
-from trainer.report import AdapterEval, EvalReport, PreferenceReport
+from trainer.results import AdapterEval, EvalReport, PreferenceReport
 
 
 def edit(event_id: str, actor: str, question: str) -> Incoming:

@@ -24,7 +24,7 @@ import trainer.evalcache as evalcache
 import trainer.evaluate as evaluate
 from trainer.evalcache import adapter_identity, greedy_replies, remembered
 from trainer.logprobs import collate, response_logits
-from trainer.report import RunResult
+from trainer.results import RunResult
 from trainer.retain import (
     AnchorBatches,
     drift_report,
