@@ -369,12 +369,16 @@ def _inject_regression(
     ingested_at = datetime.now(UTC).isoformat()
     progress.note(f"stored {sim.valid_events} events on {served}'s replies; waiting for the watch")
 
-    def judged() -> bool:
-        verdict = daemon.status().get("watch") or {}
-        return verdict != before and str(verdict.get("at", "")) >= ingested_at
+    verdict: dict[str, Any] = {}
+
+    def judged() -> bool:  # keeps the first judgement: the next one sees the rollback, not why
+        now = daemon.status().get("watch") or {}
+        if now != before and str(now.get("at", "")) >= ingested_at:
+            verdict.update(now)
+            return True
+        return False
 
     _wait(judged, 120)
-    verdict = daemon.status().get("watch") or {}
     active = daemon.status().get("active_adapter")
     events.append(
         f"injected regression on {served}: the watch says {verdict.get('status', 'nothing')} — "
