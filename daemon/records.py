@@ -2,11 +2,11 @@
 adapter version's ``manifest.json`` (:class:`VersionManifest`), written and read through these.
 
 The refresh writes a run's status as it goes and, when it registers a candidate, the version's
-manifest when it registers a candidate (the data, the run, the evaluation without
-customer text, the gate's decision); the registry adds the version's name, time and file hashes;
-the gate's state, the console, the API, the CLI and the next refresh read it. A field of the
-wrong type fails naming the field (:class:`ManifestError`); fields this version does not know
-(from an older or a newer alignd) are ignored, so every manifest on disk still loads.
+manifest (the data, the run, the evaluation without customer text, the gate's decision); the
+registry adds the version's name, time and file hashes; the gate's state, the console, the API,
+the CLI and the next refresh read it. A field of the wrong type fails naming the field
+(:class:`ManifestError`); fields this version does not know (from an older or a newer alignd)
+are ignored, so every manifest on disk still loads.
 """
 
 from __future__ import annotations
