@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from daemon.config import AligndConfig
 from daemon.metrics import Metrics
+from daemon.records import first_error
 from daemon.registry import Registry
 from daemon.runners import RunExit, Runner
 from trainer.probespec import ProbeResult, ProbeSpec
@@ -102,9 +103,7 @@ class DriftProbe:
                 try:
                     return ProbeResult.model_validate_json(out_path.read_text())
                 except ValidationError as e:
-                    first = e.errors()[0]
-                    where = ".".join(str(p) for p in first["loc"]) or "(the file)"
-                    why = f"its result does not parse: {where}: {first['msg']}"
+                    why = f"its result does not parse: {first_error(e)}"
             log.warning("drift probe did not finish: %s", why)
             self.metrics.drift_probe_failures.labels(reason=_REASONS.get(end.exit, "failed")).inc()
             return None

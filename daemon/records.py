@@ -27,13 +27,18 @@ class ManifestError(ValueError):
     """A manifest.json or status.json that does not parse; the message names the field."""
 
 
+def first_error(e: ValidationError) -> str:
+    """``field.path: what is wrong`` of a validation error's first problem."""
+    first = e.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(the file)"
+    return f"{where}: {first['msg']}"
+
+
 def _read(model: type[_Model], path: Path) -> _Model:
     try:
         return model.model_validate_json(path.read_text())
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(the file)"
-        raise ManifestError(f"{path}: {where}: {first['msg']}") from e
+        raise ManifestError(f"{path}: {first_error(e)}") from e
 
 
 class _Record(BaseModel):
