@@ -242,7 +242,7 @@ def served_replies(
     cache_dir: Path,
     adapter: Path | None = None,
     max_new_tokens: int = 56,
-    batch_size: int = 48,  # decoding on CPU: 48 prompts a batch is ~25% faster than 16
+    batch_size: int = 60,  # decoding on CPU gains from width; 300 requests = 5 full batches
 ) -> list[str]:
     """The served model's greedy replies: the SFT model, or it with ``adapter`` (a registry
     version's directory). Generated once per (model, adapter weights, prompts, settings)."""

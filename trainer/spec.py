@@ -181,10 +181,12 @@ class EvalSpec(FrozenModel):
     max_new_tokens: int = Field(128, gt=0, description="reply length cap in generation checks")
     batch_size: int = Field(8, gt=0, description="eval batch of the scoring and KL forwards")
     generate_batch_size: int = Field(
-        48,
+        64,
         gt=0,
         description="prompts per batch in generation (greedy replies, the anchor's and the "
-        "retain set's reference replies, mining's samples): decoding gains from wider batches",
+        "retain set's reference replies, mining's samples): decoding gains from wider batches, "
+        "and a short last batch decodes as long as a full one (64 holds 50 held-out prompts or "
+        "the 63-prompt retain set in one)",
     )
     grounding: GroundingSpec = GroundingSpec()
     policy_rules: tuple[PolicyRule, ...] = Field(
