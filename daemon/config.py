@@ -33,7 +33,7 @@ from daemon.watch import WatchConfig
 from feedback.base import FrozenModel, refuse_retired
 from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig, read_secret
 from trainer.methods import PAIRED_METHODS, check_paired_method
-from trainer.spec import Detectors, EvalSpec, Hyperparameters, LoraSpec, RunSpec
+from trainer.spec import Detectors, EvalSpec, Hyperparameters, LoraSpec, RunSpec, deep_merge
 
 PairMethodName = Annotated[
     str,
@@ -184,6 +184,19 @@ class TrainingConfig(FrozenModel):
                 where = ".".join(str(p) for p in (key, *first["loc"]))
                 raise ValueError(f"{where}: {first['msg']}") from None
         return value
+
+    def spec(self, run: dict[str, Any] | None = None, *after: dict[str, Any]) -> RunSpec:
+        """The run spec this section makes, typed: ``run`` (a refresh's data, output directory,
+        method...) with ``run_spec``'s overrides laid over it, then each of ``after``. This
+        section's ``base_model`` and ``dtype`` are the defaults (``run_spec.dtype`` wins).
+        Without ``run`` the paths are placeholders: the view the daemon reads outside a refresh
+        (the drift probe's retain set, engine, quantisation)."""
+        base = {"data": ".", "output_dir": ".", "base_model": self.base_model,
+                "dtype": self.dtype, **(run or {})}  # fmt: skip
+        raw = deep_merge(base, self.run_spec)
+        for extra in after:
+            raw = deep_merge(raw, extra)
+        return RunSpec.model_validate(raw)
 
     timeout_s: float = Field(6 * 3600.0, gt=0, description="a run past this is stopped, failed")
     memory_limit_mb: int | None = Field(None, gt=0, description="address-space limit of the child")

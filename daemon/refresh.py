@@ -47,7 +47,7 @@ from feedback.store import FeedbackStore
 from trainer.methods import PAIRED_METHODS
 from trainer.plan import PlanInput, model_shape, plan, refusal
 from trainer.results import RunResult
-from trainer.spec import RunSpec, SpecError, deep_merge
+from trainer.spec import RunSpec, SpecError
 
 log = logging.getLogger("alignd.refresh")
 
@@ -355,12 +355,13 @@ class Refresher:
         incremental: bool,
     ) -> RunSpec:
         training = self.config.training
-        raw = deep_merge(
+        later = [{"hyper": choice.overrides}] if choice.overrides else []
+        if incremental and training.incremental_epochs is not None:
+            later.append({"hyper": {"epochs": training.incremental_epochs}})
+        return training.spec(
             {
                 "data": str(snapshot),
                 "output_dir": str(out),
-                "base_model": training.base_model,
-                "dtype": training.dtype,
                 "method": choice.method,
                 "dataset_sha256": sha,
                 "data_kind": "kto_union" if choice.data_kind == "kto_union" else "auto",
@@ -369,13 +370,8 @@ class Refresher:
                 "init_adapter": str(active_dir) if active_dir and training.warm_start else None,
                 "eval": {"curated_pairs": _path(self.config.gate.curated_heldout)},
             },
-            training.run_spec,
+            *later,
         )
-        if choice.overrides:
-            raw = deep_merge(raw, {"hyper": choice.overrides})
-        if incremental and training.incremental_epochs is not None:
-            raw = deep_merge(raw, {"hyper": {"epochs": training.incremental_epochs}})
-        return RunSpec.model_validate(raw)
 
     def _record_training(self, training: TrainingSummary) -> None:
         for gauge, value in (
