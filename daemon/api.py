@@ -1,7 +1,9 @@
 """The admin API (FastAPI): health, readiness, metrics, status, adapters, runs.
 
-It depends only on :class:`AdminBackend`, a small protocol that ``daemon.service.Service``
-implements (and the API's tests implement in memory). Registry errors are mapped to HTTP
+It depends only on :class:`daemon.operations.Operations`, the operator's reads and actions that
+the console shares (``daemon.operations.Desk`` implements it over the daemon; the API's tests
+implement it in memory). Every answer has a response model, so the OpenAPI document describes
+it. Registry errors are mapped to HTTP
 codes by type: :class:`~daemon.registry.VersionNotFound` → 404, any other
 :class:`~daemon.registry.RegistryError` (a conflict with the registry's state, an invalid
 adapter) → 409.
@@ -19,7 +21,7 @@ opens are refused. Tokens are never logged or echoed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
@@ -28,27 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.auth import Access, Tokens, TooManyFailures
+from daemon.operations import AdapterSummary, Operations, ServiceStatus
 from daemon.records import AdapterDetail, RunStatus
 from daemon.registry import RegistryError, VersionNotFound
 
 T = TypeVar("T")
-
-
-class AdminBackend(Protocol):
-    """What the admin API needs from the daemon. Registry methods raise RegistryError kinds."""
-
-    def readiness_problems(self) -> list[str]: ...
-    def metrics_exposition(self) -> bytes: ...
-    def status(self) -> dict[str, Any]: ...
-    def adapters(self) -> list[dict[str, Any]]: ...
-    def adapter(self, version: str) -> AdapterDetail: ...
-    def run(self, run_id: str) -> RunStatus | None: ...
-    def promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]: ...
-    def rollback(
-        self, *, actor: str, reason: str, to: str | None, force: bool = False
-    ) -> tuple[str, list[str]]: ...
-    def reject(self, version: str, *, actor: str, reason: str) -> None: ...
-    def request_refresh(self, actor: str, *, full: bool = False) -> tuple[bool, str]: ...
 
 
 class RefreshBody(BaseModel):
@@ -72,6 +58,23 @@ class RollbackBody(BaseModel):
 class ReasonBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field("operator request", max_length=1000)
+
+
+class Activated(BaseModel):
+    """A promotion or a rollback: what is active now, and serving hooks that failed (they are
+    retried every tick until serving agrees with the registry)."""
+
+    active: str
+    serving_hook_failures: list[str]
+
+
+class Rejected(BaseModel):
+    rejected: str
+
+
+class RefreshAccepted(BaseModel):
+    accepted: bool
+    message: str
 
 
 class BodyLimit:
@@ -136,7 +139,7 @@ def registry_call(fn: Callable[[], T]) -> T:
 
 # The route table: long, and the complexity counted is the routes, not branching logic.
 def make_app(  # noqa: C901
-    backend: AdminBackend, *, tokens: Tokens, max_body_bytes: int
+    backend: Operations, *, tokens: Tokens, max_body_bytes: int
 ) -> FastAPI:
     """The app. The admin token may read and change; the read-only token may only read;
     without an admin token every mutating request is refused, without either every read under
@@ -184,52 +187,51 @@ def make_app(  # noqa: C901
     def metrics() -> Response:
         return Response(backend.metrics_exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/status", dependencies=[Depends(reader)])
-    def status() -> dict[str, Any]:
+    @app.get("/v1/status", dependencies=[Depends(reader)], response_model=ServiceStatus)
+    def status() -> ServiceStatus:
         return backend.status()
 
-    @app.get("/v1/adapters", dependencies=[Depends(reader)])
-    def adapters() -> list[dict[str, Any]]:
+    @app.get("/v1/adapters", dependencies=[Depends(reader)],
+             response_model=list[AdapterSummary])  # fmt: skip
+    def adapters() -> list[AdapterSummary]:
         return backend.adapters()
 
     @app.get("/v1/adapters/{version}", dependencies=[Depends(reader)], response_model=AdapterDetail)
     def adapter(version: str) -> AdapterDetail:
         return registry_call(lambda: backend.adapter(version))
 
-    @app.post("/v1/adapters/{version}/promote")
+    @app.post("/v1/adapters/{version}/promote", response_model=Activated)
     def promote(
         version: str, body: PromoteBody | None = None, actor: str = Depends(operator)
-    ) -> dict[str, Any]:
+    ) -> Activated:
         body = body or PromoteBody()
         failures = registry_call(
             lambda: backend.promote(version, actor=actor, reason=body.reason, force=body.force)
         )
-        return {"active": version, "serving_hook_failures": failures}
+        return Activated(active=version, serving_hook_failures=failures)
 
-    @app.post("/v1/adapters/{version}/reject")
+    @app.post("/v1/adapters/{version}/reject", response_model=Rejected)
     def reject(
         version: str, body: ReasonBody | None = None, actor: str = Depends(operator)
-    ) -> dict[str, Any]:
+    ) -> Rejected:
         reason = (body or ReasonBody()).reason
         registry_call(lambda: backend.reject(version, actor=actor, reason=reason))
-        return {"rejected": version}
+        return Rejected(rejected=version)
 
-    @app.post("/v1/rollback")
-    def rollback(
-        body: RollbackBody | None = None, actor: str = Depends(operator)
-    ) -> dict[str, Any]:
+    @app.post("/v1/rollback", response_model=Activated)
+    def rollback(body: RollbackBody | None = None, actor: str = Depends(operator)) -> Activated:
         body = body or RollbackBody()
         version, failures = registry_call(
             lambda: backend.rollback(actor=actor, reason=body.reason, to=body.to, force=body.force)
         )
-        return {"active": version, "serving_hook_failures": failures}
+        return Activated(active=version, serving_hook_failures=failures)
 
-    @app.post("/v1/refresh", status_code=202)
-    def refresh(body: RefreshBody | None = None, actor: str = Depends(operator)) -> dict[str, Any]:
+    @app.post("/v1/refresh", status_code=202, response_model=RefreshAccepted)
+    def refresh(body: RefreshBody | None = None, actor: str = Depends(operator)) -> RefreshAccepted:
         accepted, message = backend.request_refresh(actor, full=(body or RefreshBody()).full)
         if not accepted:
             raise HTTPException(409, message)
-        return {"accepted": True, "message": message}
+        return RefreshAccepted(accepted=True, message=message)
 
     @app.get("/v1/runs/{run_id}", dependencies=[Depends(reader)], response_model=RunStatus)
     def run(run_id: str) -> RunStatus:

@@ -17,7 +17,6 @@ fsdp``); stopped when the daemon drains. The result feeds ``alignd_drift_retain_
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import threading
@@ -25,7 +24,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from daemon.config import AligndConfig
 from daemon.metrics import Metrics
@@ -38,6 +37,16 @@ log = logging.getLogger("alignd.drift")
 
 # how a probe that did not finish is counted (alignd_drift_probe_failures_total{reason})
 _REASONS = {RunExit.INTERRUPTED: "stopped", RunExit.TIMED_OUT: "timed_out"}
+
+
+class DriftPoint(BaseModel):
+    """One probe of the served adapter, a line of ``<data_dir>/drift.jsonl``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kl: float
+    at: str | None = None
+    version: str | None = None
 
 
 class DriftProbe:
@@ -56,17 +65,17 @@ class DriftProbe:
         if active is None:
             return None
         training = config.training
-        evaluation = training.run_spec.get("eval") or {}
-        if evaluation.get("retain_set", "default") is None:
+        planned = training.spec()  # the run spec a refresh would use, typed
+        if planned.eval.retain_set is None:
             return None  # no retain set configured: nothing to measure drift on
         spec = ProbeSpec(
             base_model=training.base_model,
             adapter=self.registry.version_dir(active),
-            dtype=training.run_spec.get("dtype", training.dtype),
-            quantize=(training.run_spec.get("lora") or {}).get("quantize"),
-            engine=training.run_spec.get("engine", "ddp"),
-            retain_set=evaluation.get("retain_set", "default"),
-            max_new_tokens=evaluation.get("retain_max_new_tokens", 48),
+            dtype=planned.dtype,
+            quantize=planned.lora.quantize,
+            engine=planned.engine,
+            retain_set=planned.eval.retain_set,
+            max_new_tokens=planned.eval.retain_max_new_tokens,
             cache_dir=config.paths.data_dir / "cache",
         )
         result = self._probe(config, runner, spec)
@@ -76,8 +85,8 @@ class DriftProbe:
         self.metrics.drift_kl.set(kl)
         self.metrics.drift_probe_timestamp.set(time.time())
         with (config.paths.data_dir / "drift.jsonl").open("a") as f:  # the console's plot
-            entry = {"at": datetime.now(UTC).isoformat(), "version": active, "kl": kl}
-            f.write(json.dumps(entry) + "\n")
+            entry = DriftPoint(at=datetime.now(UTC).isoformat(), version=active, kl=kl)
+            f.write(entry.model_dump_json() + "\n")
         log.info("drift probe: active %s, %.3f nats per retain reply", active, kl)
         return kl
 

@@ -231,10 +231,14 @@ class Registry:
         record = self._active_record()
         return str(record.get("serving", "done")) if record else None
 
-    def audit(self) -> Iterator[dict[str, Any]]:
+    def audit(self, *, since: str | None = None) -> Iterator[dict[str, Any]]:
+        """The audit log's entries, oldest first; with ``since`` (a :meth:`revision`), only
+        those appended after it."""
         if not self.audit_path.exists():
             return
         with self.audit_path.open() as f:
+            if since is not None:
+                f.seek(int(since) if since.isdigit() else 0)
             for line in f:
                 if line.strip():
                     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -22,34 +21,27 @@ import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from daemon.api import make_app
 from daemon.auth import Tokens
 from daemon.config import AligndConfig, with_absolute_paths, with_split_salt
-from daemon.console import load_result, mount_console
+from daemon.console import mount_console
 from daemon.drift import DriftProbe
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.metrics import Metrics
+from daemon.operations import Desk
 from daemon.promotion import Promotions
-from daemon.records import AdapterDetail, RunStatus
 from daemon.refresh import Refresher
-from daemon.registry import (
-    Registry,
-    ServingHook,
-    VersionInfo,
-    current_pointer_hook,
-)
+from daemon.registry import Registry, ServingHook, current_pointer_hook
 from daemon.regression import RegressionWatch
 from daemon.scheduler import RefreshState, refresh_due
 from daemon.serving import vllm_hook
-from daemon.states import ActivationTrigger, RefreshTrigger
+from daemon.states import RefreshTrigger
 from daemon.watch import Verdict
 from feedback.config import read_secret
-from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
-from feedback.production import AdapterFeedback
+from feedback.consumer import FeedbackConsumer
 from feedback.store import FeedbackStore, StoreUnusable
-from trainer.results import RunResult
 
 log = logging.getLogger("alignd.service")
 
@@ -112,6 +104,20 @@ class Service:
         self.http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self.started_at = time.time()
+        self.desk = Desk(
+            data_dir=data,
+            registry=self.registry,
+            refresher=self.refresher,
+            watcher=self.watcher,
+            promotions=self.promotions,
+            store=self.store,
+            consumer=self.consumer,
+            metrics=self.metrics,
+            stopping=self.stopping,
+            request_refresh=self.request_refresh,
+            new_counts=lambda: self._new_counts,
+            started_at=self.started_at,
+        )  # what the API and the console read and do (daemon.operations)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def admin_token(self) -> str | None:
@@ -125,8 +131,8 @@ class Service:
             read_secret(admin.read_token, admin.read_token_file),
             on_failure=lambda surface: self.metrics.auth_failures.labels(surface=surface).inc(),
         )
-        app = make_app(self, tokens=tokens, max_body_bytes=admin.max_body_bytes)
-        mount_console(app, self, tokens=tokens)
+        app = make_app(self.desk, tokens=tokens, max_body_bytes=admin.max_body_bytes)
+        mount_console(app, self.desk, tokens=tokens)
         return app
 
     def start(self) -> None:
@@ -296,9 +302,6 @@ class Service:
                 ", ".join(f"{n} from {where}" for where, n in removed.items()),
             )
 
-    def production_feedback(self, version: str | None, since: datetime) -> AdapterFeedback:
-        return self.watcher.production_feedback(version, since)
-
     def watch(self, now: datetime | None = None) -> Verdict | None:
         """One judgement of the regression watch (``daemon.regression``)."""
         return self.watcher.check(now)
@@ -306,156 +309,6 @@ class Service:
     def drift_probe(self) -> float | None:
         """KL(active ‖ reference) on recent production replies (``daemon.drift``)."""
         return self.drift.run(self.config, self.refresher.runner)
-
-    def readiness_problems(self) -> list[str]:
-        problems = []
-        try:
-            self.store.ping()
-        except Exception as e:
-            problems.append(f"store: {type(e).__name__}")
-        if not self.consumer.ready:
-            problems.append(f"consumer: {self.consumer.last_error or 'not connected yet'}")
-        if self.stopping.is_set():
-            problems.append("shutting down")
-        return problems
-
-    def metrics_exposition(self) -> bytes:
-        """The Prometheus text exposition, gauges read at scrape time."""
-        self.metrics.consumer_ready.set(1 if self.consumer.ready else 0)
-        for reason in BLOCKED_REASONS:
-            blocked = self.consumer.blocked == reason
-            self.metrics.consumer_blocked.labels(reason=reason).set(1 if blocked else 0)
-        for partition, lag in self.consumer.partition_lag.items():
-            self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
-        return generate_latest(self.metrics.registry)
-
-    def adapters(self) -> list[dict[str, Any]]:
-        return [adapter_summary(info) for info in self.registry.list_versions()]
-
-    def adapter(self, version: str) -> AdapterDetail:
-        info = self.registry.show(version)
-        return AdapterDetail(version=info.version, state=info.state, manifest=info.manifest)
-
-    def run(self, run_id: str) -> RunStatus | None:
-        return self.refresher.run_status(run_id)
-
-    def runs(self, limit: int) -> list[RunStatus]:
-        """The newest runs' statuses, newest first (run ids start with their start time)."""
-        names = sorted((p.name for p in self.refresher.runs_dir.iterdir() if p.is_dir()),
-                       reverse=True)[:limit]  # fmt: skip
-        return [s for s in (self.refresher.run_status(n) for n in names) if s is not None]
-
-    def run_result(self, run_id: str) -> RunResult | None:
-        """A run's ``result.json`` (with the replies) while retention keeps its directory."""
-        if not run_id or self.refresher.run_status(run_id) is None:
-            return None
-        return load_result(self.refresher.runs_dir / run_id / "train" / "result.json")
-
-    def drift_history(self) -> list[dict[str, Any]]:
-        path = self.config.paths.data_dir / "drift.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def promote(
-        self,
-        version: str,
-        *,
-        actor: str,
-        reason: str,
-        force: bool,
-        expect_revision: str | None = None,
-    ) -> list[str]:
-        return self.promotions.activate(
-            version,
-            trigger=ActivationTrigger.OPERATOR,
-            actor=actor,
-            reason=reason,
-            force=force,
-            expect_revision=expect_revision,
-        )
-
-    def rollback(
-        self,
-        *,
-        actor: str,
-        reason: str,
-        to: str | None,
-        force: bool = False,
-        expect_revision: str | None = None,
-    ) -> tuple[str, list[str]]:
-        return self.promotions.rollback(
-            trigger=ActivationTrigger.OPERATOR,
-            actor=actor,
-            reason=reason,
-            to=to,
-            force=force,
-            expect_revision=expect_revision,
-        )
-
-    def reject(
-        self, version: str, *, actor: str, reason: str, expect_revision: str | None = None
-    ) -> None:
-        self.registry.reject(version, actor=actor, reason=reason, expect_revision=expect_revision)
-
-    def _store_status(self) -> dict[str, Any]:
-        """Cheap: the newest sequence number (an index lookup) and the counts the last refresh
-        tick took; never a full count. Errors by type only."""
-        try:
-            last_seq: int | None = self.store.max_seq()
-            error = None
-        except Exception as e:
-            last_seq, error = None, type(e).__name__
-        return {
-            "last_seq": last_seq,
-            "new_since_last_snapshot": self._new_counts,
-            "error": error,
-        }
-
-    def _last_run(self, run_id: str | None) -> dict[str, Any] | None:
-        status = self.refresher.run_status(run_id) if run_id else None
-        return status.model_dump(mode="json") if status else None
-
-    def status(self) -> dict[str, Any]:
-        state = self.refresher.state
-        return {
-            "active_adapter": self.registry.active(),
-            "refresh_running": self.refresher.running.is_set(),
-            "last_run_id": state.last_run_id,
-            "last_success_at": state.last_success_at,
-            "last_run": self._last_run(state.last_run_id),
-            "consumer": {
-                "ready": self.consumer.ready,
-                "error": self.consumer.last_error,
-                "lag": self.consumer.partition_lag,
-                "consumed": self.consumer.totals.consumed,
-                "stored": self.consumer.totals.stored,
-                "dead_lettered": sum(self.consumer.totals.dead_lettered.values()),
-            },
-            "store": self._store_status(),
-            "watch": self.watcher.last,
-            "uptime_s": time.time() - self.started_at,
-            "pid": os.getpid(),
-        }
-
-
-def adapter_summary(info: VersionInfo) -> dict[str, Any]:
-    """One row of ``alignd adapters list``."""
-    m = info.manifest
-    candidate = m.eval.candidate
-    return {
-        "version": info.version,
-        "state": info.state,
-        "created_at": info.created_at,
-        "method": m.method,
-        "parent": m.parent,
-        "run_id": m.run_id,
-        "heldout_accuracy": candidate.preference.reward_accuracy if candidate.preference else None,
-        "kl_to_reference": candidate.kl_to_reference,
-        "drift": candidate.retain_kl.nats_per_reply if candidate.retain_kl else None,
-        "factuality": candidate.factuality,
-        "gate_passed": m.gate.promote if m.gate else None,
-    }
 
 
 def serve(config: AligndConfig) -> int:

@@ -8,13 +8,16 @@ manifest. Plots are embedded as base64 PNG, so the report is one file.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from jinja2 import ChoiceLoader, FileSystemLoader
+
+from daemon.console.render import CONSOLE_TEMPLATES, ENV, reply_pair
 from demo.rounds import COLUMNS, Round, table_rows
 from demo.simulate import apologizes
 from feedback.manifest import SnapshotManifest
@@ -360,21 +363,6 @@ def rounds_png(rounds: list[Round]) -> str:
     return png
 
 
-def rounds_html(rounds: list[Round]) -> str:
-    head = "".join(f"<th>{_esc(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_esc(cell)}</td>" for cell in row) + "</tr>"
-        for row in table_rows(rounds)
-    )
-    events = "".join(f"<li>round {r.number}: {_esc(e)}</li>" for r in rounds for e in r.events)
-    return (
-        "<h2>Round by round</h2><p>Production numbers are on each round's fresh requests, as "
-        "served by the adapter active then; the row marked + is the injected regression.</p>"
-        f"<table><tr>{head}</tr>{body}</table><ul>{events}</ul>"
-        f"<img src='data:image/png;base64,{rounds_png(rounds)}'>"
-    )
-
-
 def sweep_png(points: list[dict[str, float]]) -> str:
     import matplotlib
 
@@ -396,8 +384,9 @@ def sweep_png(points: list[dict[str, float]]) -> str:
     return png
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value))
+TEMPLATES = ENV.overlay(
+    loader=ChoiceLoader([FileSystemLoader(Path(__file__).parent / "templates"), CONSOLE_TEMPLATES])
+)  # the report's own page, the console's macros (one gate table, one replies view)
 
 
 def html_report(
@@ -411,74 +400,29 @@ def html_report(
     rounds: list[Round] | None = None,
 ) -> str:
     rows = before_after(result)
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title><style>"
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "vertical-align:top}th{background:#f3f3f3}.ok{color:#185}.bad{color:#b22}"
-        "img{max-width:100%}</style></head><body>",
-        f"<h1>{_esc(title)}</h1>",
-    ]
-    outcome = status.get("outcome", "?")
-    parts.append(
-        f"<p>Run <code>{_esc(status.get('run_id'))}</code>: <b>{_esc(outcome)}</b> — {_esc(status.get('reason'))}"
-        f"{f' · demo wall time {wall_s / 60:.1f} min' if wall_s else ''}</p>"
-    )
-    if rounds:
-        parts.append(rounds_html(rounds))
-    parts.append(
-        f"<h2>Before / after on held-out prompts ({_esc(str(status.get('version') or 'the candidate'))}, "
-        f"{_esc(str(status.get('outcome')))})</h2><table><tr><th></th><th>reference (SFT)</th>"
-        "<th>candidate adapter</th></tr>"
-    )
-    parts += [
-        f"<tr><td>{_esc(r.name)}</td><td>{r.cell(r.reference)}</td><td>{r.cell(r.adapter)}</td></tr>"
-        for r in rows
-    ]
-    parts.append("</table><h3>Targets</h3><ul>")
-    for name, ok, detail in targets(rows):
-        parts.append(
-            f"<li class='{'ok' if ok else 'bad'}'>{'✔' if ok else '✘'} {_esc(name)}: {_esc(detail)}</li>"
-        )
-    parts.append(f"</ul><img src='data:image/png;base64,{before_after_png(rows)}'>")
-    parts.append(
-        "<h2>Gate decision</h2><table><tr><th>check</th><th>passed</th><th>value</th><th>threshold</th>"
-        "<th>detail</th></tr>"
-    )
-    for c in (status.get("gate") or {}).get("checks", []):
-        parts.append(
-            f"<tr><td>{_esc(c['name'])}</td><td class='{'ok' if c['passed'] else 'bad'}'>{c['passed']}</td>"
-            f"<td>{_esc(c['value'])}</td><td>{_esc(c['threshold'])}</td><td>{_esc(c['detail'])}</td></tr>"
-        )
-    parts.append(
-        "</table><h2>Example replies (held-out)</h2><table><tr><th>customer</th><th>reference (SFT)</th>"
-        "<th>candidate adapter</th></tr>"
-    )
-    for ex in examples(result, n=6):
-
-        def flagged(reply: str, claims: list[str]) -> str:
-            note = f"<br><small class='bad'>unsupported: {_esc(', '.join(claims))}</small>"
-            return _esc(reply) + (note if claims else "")
-
-        record = f"<br><small><pre>{_esc(ex.record)}</pre></small>" if ex.record else ""
-        parts.append(
-            f"<tr><td>{_esc(ex.customer)}{record}</td><td>{flagged(ex.before, ex.before_unsupported)}"
-            f"</td><td>{flagged(ex.after, ex.after_unsupported)}</td></tr>"
-        )
-    parts.append("</table><h2>Training curves</h2>")
-    if result.steps:
-        parts.append(f"<img src='data:image/png;base64,{training_curves_png(result.steps)}'>")
-    if sweep:
-        parts.append(f"<h2>β sweep</h2><img src='data:image/png;base64,{sweep_png(sweep)}'>")
-    parts.append("<h2>Dataset snapshot</h2><table>")
     described = manifest.model_dump(mode="json")
-    for key in ("counts", "pair_sources", "filtered", "kto_balance", "events"):
-        parts.append(f"<tr><th>{_esc(key)}</th><td><code>{_esc(described[key])}</code></td></tr>")
-    parts.append(f"<tr><th>sha256</th><td><code>{_esc(manifest.sha256)}</code></td></tr></table>")
-    spec = result.spec
-    parts.append(
-        f"<h2>Recipe</h2><p>method <b>{_esc(spec.get('method'))}</b>, hyperparameters "
-        f"<code>{_esc(spec.get('hyper'))}</code>, LoRA <code>{_esc(spec.get('lora'))}</code></p>"
+    snapshot = [(k, described[k]) for k in ("counts", "pair_sources", "filtered", "kto_balance",
+                                            "events")] + [("sha256", manifest.sha256)]  # fmt: skip
+    pairs = [
+        reply_pair(ex.customer, ("reference (SFT)", ex.before, ex.before_unsupported),
+                   ("candidate adapter", ex.after, ex.after_unsupported), record=ex.record)
+        for ex in examples(result, n=6)
+    ]  # fmt: skip
+    return TEMPLATES.get_template("report.html").render(
+        title=title,
+        status=status,
+        wall_s=wall_s,
+        rounds=rounds or [],
+        columns=COLUMNS,
+        round_rows=table_rows(rounds) if rounds else [],
+        rounds_png=rounds_png(rounds) if rounds else "",
+        rows=rows,
+        targets=targets(rows),
+        before_after_png=before_after_png(rows),
+        checks=(status.get("gate") or {}).get("checks", []),
+        examples=pairs,
+        curves_png=training_curves_png(result.steps) if result.steps else "",
+        sweep_png=sweep_png(sweep) if sweep else "",
+        snapshot=snapshot,
+        spec=result.spec,
     )
-    parts.append("</body></html>")
-    return "\n".join(parts)

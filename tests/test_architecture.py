@@ -136,6 +136,10 @@ def test_the_wheel_holds_the_product_alone(child_processes: None, tmp_path: Path
     tops = {f.split("/")[0] for f in files if not f.split("/")[0].endswith(".dist-info")}
     assert tops == PRODUCT, tops
     assert not [f for f in files if "simulate" in f or "report" in f or f.endswith("docs.py")]
+    # the console renders from package data: its style sheet and every template
+    shipped = {Path(f).name for f in files if f.startswith("daemon/console/")}
+    templates = {p.name for p in (ROOT / "daemon" / "console" / "templates").iterdir()}
+    assert {"console.css", *templates} <= shipped, shipped
     requires = [line for line in metadata.decode().splitlines() if line.startswith("Requires-Dist")]
     plotting = [r for r in requires if "matplotlib" in r]
     assert plotting and all("extra ==" in r for r in plotting), plotting  # optional extra only

@@ -4,13 +4,12 @@ same API is tested in test_api.py, test_operator_cli.py and the end-to-end tests
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from fastapi.testclient import TestClient
 
 from daemon.api import make_app
 from daemon.auth import Tokens
+from daemon.operations import AdapterSummary, ConsumerStatus, ServiceStatus, StoreStatus
 from daemon.records import AdapterDetail, RunStatus, VersionManifest
 from daemon.registry import InvalidAdapter, RegistryConflict, VersionNotFound
 from daemon.states import Outcome, RefreshTrigger
@@ -35,11 +34,25 @@ class InMemoryBackend:
     def metrics_exposition(self) -> bytes:
         return b"# TYPE alignd_up gauge\nalignd_up 1\n"
 
-    def status(self) -> dict[str, Any]:
-        return {"active_adapter": self.history[-1], "refresh_running": self.refreshing}
+    def status(self) -> ServiceStatus:
+        return ServiceStatus(
+            active_adapter=self.history[-1], refresh_running=self.refreshing, last_run_id=None,
+            last_success_at=None, last_run=None, watch=None, uptime_s=1.0, pid=1,
+            consumer=ConsumerStatus(ready=True, error=None, lag={"0": 3}, consumed=3, stored=3,
+                                    dead_lettered=0),
+            store=StoreStatus(last_seq=3, new_since_last_snapshot=None, error=None),
+        )  # fmt: skip
 
-    def adapters(self) -> list[dict[str, Any]]:
-        return [{"version": v} for v in sorted(self.versions)]
+    def adapters(self) -> list[AdapterSummary]:
+        return [self._summary(v) for v in sorted(self.versions)]
+
+    def _summary(self, version: str) -> AdapterSummary:
+        return AdapterSummary(
+            version=version, state="active" if version == self.history[-1] else "candidate",
+            created_at="2026-12-06T08:00:00+00:00", method="dpo", parent=None, run_id=None,
+            dataset_sha256=None, heldout_accuracy=0.9, kl_to_reference=None, drift=0.3,
+            factuality=None, gate_passed=True,
+        )  # fmt: skip
 
     def _known(self, version: str) -> None:
         if version not in self.versions:
@@ -139,6 +152,10 @@ def test_reads_readiness_and_metrics(client: TestClient, backend: InMemoryBacken
     assert client.get("/v1/runs/r2", headers=AUTH).status_code == 404
     listed = client.get("/v1/adapters", headers=AUTH).json()
     assert [a["version"] for a in listed] == ["v0001", "v0002", "v0003"]
+    status = client.get("/v1/status", headers=AUTH).json()
+    assert status["active_adapter"] == "v0002" and status["consumer"]["lag"] == {"0": 3}
+    described = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"ServiceStatus", "AdapterSummary", "Activated", "RunStatus"} <= set(described)
     assert client.get("/readyz").status_code == 200
     backend.problems = ["consumer: not connected yet"]
     not_ready = client.get("/readyz")

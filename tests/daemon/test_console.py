@@ -4,6 +4,7 @@ override the gate, the token never echoed, customer text escaped."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -97,8 +98,7 @@ def test_csrf_stale_pages_and_reasons(service: Service) -> None:
     done = client.post("/ui/actions/promote",
                        data={**fresh, "version": "v0003", "force": "1", "reason": "ok"})  # fmt: skip
     assert done.status_code == 200 and service.registry.active() == "v0003"
-    entry = json.loads(re.search(r"<pre>(.*?)</pre>", done.text, re.S).group(1)  # type: ignore[union-attr]
-                       .replace("&quot;", '"'))  # fmt: skip
+    entry = json.loads(html.unescape(re.search(r"<pre>(.*?)</pre>", done.text, re.S).group(1)))  # type: ignore[union-attr]
     assert (entry["action"], entry["actor"], entry["version"]) == ("promote", "ann", "v0003")
 
 

@@ -144,7 +144,7 @@ def test_alert_mode_keeps_the_adapter_and_raises_the_gauge(service: Service) -> 
     assert verdict is not None and verdict.regressed
     assert service.registry.active() == "v0002"
     assert service.metrics.watch_regressed._value.get() == 1
-    exposition = service.metrics_exposition().decode()
+    exposition = service.desk.metrics_exposition().decode()
     assert (
         'alignd_production_feedback_rate{adapter="v0002",role="active",signal="edit_rate"} 0.5'
         in exposition
