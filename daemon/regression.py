@@ -35,8 +35,10 @@ class RegressionWatch:
         metrics: Metrics,
         promotions: Promotions,
         stopping: threading.Event,
+        max_actor_share: float | None = None,
     ) -> None:
         self.config, self.vllm_prefix = config, vllm_prefix
+        self.max_actor_share = max_actor_share  # the gate's: one actor's evidence is not enough
         self.store, self.registry, self.metrics = store, registry, metrics
         self.promotions, self.stopping = promotions, stopping
         self.last: dict[str, Any] | None = None  # the latest verdict, for status
@@ -52,7 +54,7 @@ class RegressionWatch:
         recent = self.store.recent_served(
             self.served_names(version), since=since, limit=self.config.max_events
         )
-        return summarize(recent)
+        return summarize(recent, self.config.per_actor())
 
     def check(self, now: datetime | None = None) -> Verdict | None:
         """Judge the active adapter's production feedback against its predecessor's; on a
@@ -75,7 +77,7 @@ class RegressionWatch:
         elif now - changed_at > timedelta(hours=config.watch_hours):
             verdict = Verdict("ok", f"{active} has been active over {config.watch_hours:g} h")
         else:
-            verdict = judge(current, before, config)
+            verdict = judge(current, before, config, self.max_actor_share)
         self.metrics.watch_timestamp.set(now.timestamp())
         for name in ("edit_rate", "thumbs_down_rate"):
             tested = [t.p_value for t in verdict.tests if t.signal == name]
@@ -92,6 +94,8 @@ class RegressionWatch:
         }
         if verdict.regressed:
             self._on_regression(active, previous, verdict)
+        elif verdict.status == "refused":
+            log.warning("regression watch: %s vs %s: %s", active, previous, verdict.reason)
         return verdict
 
     def _on_regression(self, active: str, previous: str | None, verdict: Verdict) -> None:

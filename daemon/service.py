@@ -84,6 +84,7 @@ class Service:
             metrics=self.metrics,
             promotions=self.promotions,
             stopping=self.stopping,
+            max_actor_share=config.gate.max_actor_share,
         )
         self.drift = DriftProbe(self.registry, self.metrics, self.stopping)
         self.consumer = FeedbackConsumer(

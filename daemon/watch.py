@@ -13,10 +13,15 @@ to each window, so an all-zero or all-one window still has a variance)
     p̃ = (x + 1) / (n + 2)
     z = (p̃_a − p̃_p − margin) / √(p̃_a(1 − p̃_a)/(n_a + 2) + p̃_p(1 − p̃_p)/(n_p + 2))
 
-and p = 1 − Φ(z). A signal is tested only when both windows hold ``min_events`` of its events;
-with two signals tested, each is held to ``alpha / 2`` (Bonferroni), so the chance of a false
-alarm per judgement stays within ``alpha``. The adapter has regressed when any tested signal
-rejects H0. The daemon (:class:`daemon.regression.RegressionWatch`) gathers the windows, exports
+and p = 1 − Φ(z). The watch judges people, not events: each actor counts at most
+``edits_per_actor`` / ``ratings_per_actor`` of their newest events per window (a user's rating
+once, by default; :func:`feedback.production.summarize`), and a signal is tested only when both
+windows hold ``min_events`` of its counted events from ``min_actors`` distinct actors. With two
+signals tested, each is held to ``alpha / 2`` (Bonferroni), so the chance of a false alarm per
+judgement stays within ``alpha``. The adapter has regressed when any tested signal rejects H0
+and no single actor supplies more than the gate's ``max_actor_share`` of either window of that
+signal; a regression only such an actor shows is reported ("refused") and not acted on. The
+daemon (:class:`daemon.regression.RegressionWatch`) gathers the windows, exports
 them, and acts on a regression per ``watch.action``.
 """
 
@@ -24,12 +29,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import Field
 
 from feedback.base import FrozenModel
-from feedback.production import AdapterFeedback
+from feedback.production import AdapterFeedback, PerActor
 
 
 class WatchConfig(FrozenModel):
@@ -59,6 +64,18 @@ class WatchConfig(FrozenModel):
     watch_hours: float = Field(
         168.0, gt=0, description="stop judging an adapter this long after its promotion"
     )
+    edits_per_actor: int | None = Field(
+        100, gt=0, description="an agent's newest edits counted per window (null: all)"
+    )
+    ratings_per_actor: int | None = Field(
+        1, gt=0, description="a user's newest ratings counted per window: 1 = each person once"
+    )
+    min_actors: int = Field(
+        5, gt=0, description="distinct actors a signal needs in both windows before it is tested"
+    )
+
+    def per_actor(self) -> PerActor:
+        return PerActor(edits=self.edits_per_actor, ratings=self.ratings_per_actor)
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,8 @@ class SignalTest:
     margin: float
     p_value: float
     alpha: float
+    actors: tuple[int, int] = (0, 0)  # distinct actors counted: active, previous
+    top_share: float = 0.0  # the largest single actor's share of either window
 
     @property
     def regressed(self) -> bool:
@@ -80,13 +99,15 @@ class SignalTest:
         name = self.signal.replace("_", " ")
         return (
             f"{name} {self.active:.2f} vs {self.previous:.2f} (margin {self.margin:.2f}), "
-            f"n = {self.n_active:,} vs {self.n_previous:,}, p = {self.p_value:.2g}"
+            f"n = {self.n_active:,} vs {self.n_previous:,} from {self.actors[0]:,} vs "
+            f"{self.actors[1]:,} actors (largest share {self.top_share:.2f}), "
+            f"p = {self.p_value:.2g}"
         )
 
 
 @dataclass(frozen=True)
 class Verdict:
-    status: Literal["waiting", "ok", "regressed"]
+    status: Literal["waiting", "ok", "regressed", "refused"]
     reason: str
     tests: tuple[SignalTest, ...] = ()
 
@@ -103,30 +124,63 @@ def p_worse(x_a: int, n_a: int, x_p: int, n_p: int, margin: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def judge(active: AdapterFeedback, previous: AdapterFeedback, config: WatchConfig) -> Verdict:
+class _Signal(NamedTuple):
+    name: str
+    x_a: int  # events of the kind watched (edited, thumbs down) in the active window
+    n_a: int  # events counted in the active window
+    x_p: int
+    n_p: int
+    margin: float
+    actors: tuple[int, int]  # distinct actors counted: active, previous
+    top_share: float  # the largest single actor's share of either window
+
+    def testable(self, config: WatchConfig) -> bool:
+        enough_events = min(self.n_a, self.n_p) >= config.min_events
+        return enough_events and min(self.actors) >= config.min_actors
+
+    def counts(self) -> str:
+        return (f"{self.name.replace('_', ' ')}: {self.n_a:,} vs {self.n_p:,} from "
+                f"{self.actors[0]:,} vs {self.actors[1]:,} actors")  # fmt: skip
+
+    def test(self, alpha: float) -> SignalTest:
+        p = p_worse(self.x_a, self.n_a, self.x_p, self.n_p, self.margin)
+        return SignalTest(self.name, self.x_a / self.n_a, self.x_p / self.n_p, self.n_a, self.n_p,
+                          self.margin, p, alpha, self.actors, self.top_share)  # fmt: skip
+
+
+def judge(
+    active: AdapterFeedback,
+    previous: AdapterFeedback,
+    config: WatchConfig,
+    max_actor_share: float | None = None,
+) -> Verdict:
     """Compare the active adapter's window with its predecessor's (see the module doc)."""
+    a, p = active, previous
     signals = (
-        ("edit_rate", active.edited, active.handled, previous.edited, previous.handled,
-         config.edit_rate_margin),
-        ("thumbs_down_rate", active.down, active.rated, previous.down, previous.rated,
-         config.thumbs_down_margin),
+        _Signal("edit_rate", a.edited, a.handled, p.edited, p.handled, config.edit_rate_margin,
+                (a.editors, p.editors), max(a.top_edit_share, p.top_edit_share)),
+        _Signal("thumbs_down_rate", a.down, a.rated, p.down, p.rated, config.thumbs_down_margin,
+                (a.raters, p.raters), max(a.top_rating_share, p.top_rating_share)),
     )  # fmt: skip
-    testable = [s for s in signals if min(s[2], s[4]) >= config.min_events]
+    testable = [s for s in signals if s.testable(config)]
     if not testable:
-        counts = ", ".join(
-            f"{name.replace('_', ' ')}: {n_a:,} vs {n_p:,}" for name, _, n_a, _, n_p, _ in signals
-        )
         return Verdict(
-            "waiting", f"too few events (need {config.min_events:,} in both windows; {counts})"
-        )
-    alpha = config.alpha / len(testable)
-    tests = tuple(
-        SignalTest(
-            name, x_a / n_a, x_p / n_p, n_a, n_p, margin, p_worse(x_a, n_a, x_p, n_p, margin), alpha
-        )
-        for name, x_a, n_a, x_p, n_p, margin in testable
-    )
+            "waiting",
+            f"too few events or actors (need {config.min_events:,} events from "
+            f"{config.min_actors:,} actors in both windows; "
+            + ", ".join(s.counts() for s in signals) + ")",
+        )  # fmt: skip
+    tests = tuple(s.test(config.alpha / len(testable)) for s in testable)
     worse = [t for t in tests if t.regressed]
+    trusted = [t for t in worse if max_actor_share is None or t.top_share <= max_actor_share]
+    if trusted:
+        return Verdict("regressed", "; ".join(t.describe() for t in trusted), tests)
     if worse:
-        return Verdict("regressed", "; ".join(t.describe() for t in worse), tests)
+        return Verdict(
+            "refused",
+            "; ".join(t.describe() for t in worse)
+            + f": one actor supplies more than the gate's max_actor_share ({max_actor_share:g})"
+            " of the evidence, so the watch does not act on it",
+            tests,
+        )
     return Verdict("ok", "; ".join(t.describe() for t in tests), tests)

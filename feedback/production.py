@@ -13,10 +13,17 @@ one adapter's events this counts:
 - **thumbs-down rate**: of users' ratings, the share that were down.
 
 Comparisons are annotators' work, not production traffic, and are not counted.
+
+**People, not events.** Each actor (``actor.kind:actor.id``; events naming none are one actor,
+"unattributed") counts at most ``per_actor`` of their newest events per signal, so one account
+cannot outvote a desk; the summary keeps how many actors each signal heard and the largest
+single-actor share of what was counted, for the watch to require several and refuse a verdict
+one actor dominates (:func:`daemon.watch.judge`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -31,15 +38,36 @@ def edit_size(original: str, edited: str) -> float:
     return 1.0 - matcher.ratio()
 
 
+UNATTRIBUTED = "unattributed"
+
+
+def actor_key(event: Event) -> str:
+    """Who gave the feedback: ``kind:id``; every event naming no actor is the same one."""
+    return f"{event.actor.kind}:{event.actor.id}" if event.actor else UNATTRIBUTED
+
+
+@dataclass(frozen=True)
+class PerActor:
+    """How many of one actor's newest events each signal counts (None: all of them)."""
+
+    edits: int | None = None
+    ratings: int | None = None
+
+
 @dataclass(frozen=True)
 class AdapterFeedback:
-    """One adapter's production feedback over a window."""
+    """One adapter's production feedback over a window (after the per-actor caps)."""
 
     handled: int = 0  # replies agents sent, changed or not (edit events)
     edited: int = 0  # of those, changed
     edit_size_sum: float = 0.0  # over the changed ones
     rated: int = 0  # users' ratings
     down: int = 0  # of those, thumbs down
+    editors: int = 0  # distinct actors among the counted edits
+    raters: int = 0  # distinct actors among the counted ratings
+    top_edit_share: float = 0.0  # the largest single actor's share of the counted edits
+    top_rating_share: float = 0.0
+    capped: int = 0  # events past their actor's cap, not counted
 
     @property
     def edit_rate(self) -> float | None:
@@ -54,16 +82,38 @@ class AdapterFeedback:
         return self.down / self.rated if self.rated else None
 
 
-def summarize(events: Iterable[Event]) -> AdapterFeedback:
-    handled = edited = rated = down = 0
+def _top_share(counts: Counter[str]) -> float:
+    total = sum(counts.values())
+    return max(counts.values()) / total if total else 0.0
+
+
+def summarize(events: Iterable[Event], per_actor: PerActor = PerActor()) -> AdapterFeedback:
+    """``events`` newest first (as :meth:`feedback.store.FeedbackStore.recent_served` reads
+    them), so an actor's cap keeps their newest."""
+    handled = edited = rated = down = capped = 0
     size = 0.0
+    edits: Counter[str] = Counter()
+    ratings: Counter[str] = Counter()
     for event in events:
         if isinstance(event, EditEvent):
+            who = actor_key(event)
+            if per_actor.edits is not None and edits[who] >= per_actor.edits:
+                capped += 1
+                continue
+            edits[who] += 1
             handled += 1
             if not unchanged_send(event):
                 edited += 1
                 size += edit_size(event.completion, event.edited_completion)
         elif isinstance(event, RatingEvent):
+            who = actor_key(event)
+            if per_actor.ratings is not None and ratings[who] >= per_actor.ratings:
+                capped += 1
+                continue
+            ratings[who] += 1
             rated += 1
             down += event.rating == "down"
-    return AdapterFeedback(handled, edited, size, rated, down)
+    return AdapterFeedback(
+        handled, edited, size, rated, down, editors=len(edits), raters=len(ratings),
+        top_edit_share=_top_share(edits), top_rating_share=_top_share(ratings), capped=capped,
+    )  # fmt: skip

@@ -15,15 +15,19 @@ from registry_support import make_adapter
 
 from daemon.service import Service
 from daemon.watch import WatchConfig, judge, p_worse
-from feedback.events import parse_event
+from feedback.events import Actor, parse_event
 from feedback.production import AdapterFeedback
 from feedback.store import Incoming
 
 CONFIG = WatchConfig(min_events=200, edit_rate_margin=0.05, thumbs_down_margin=0.05, alpha=0.01)
 
 
-def fb(handled: int, edited: int, rated: int = 0, down: int = 0) -> AdapterFeedback:
-    return AdapterFeedback(handled=handled, edited=edited, rated=rated, down=down)
+def fb(handled: int, edited: int, rated: int = 0, down: int = 0, top: float = 0.05,
+       actors: int = 20) -> AdapterFeedback:  # fmt: skip
+    """Edits from ``actors`` agents, the largest one's share ``top``; one rating per user."""
+    return AdapterFeedback(handled=handled, edited=edited, rated=rated, down=down, editors=actors,
+                           raters=rated, top_edit_share=top,
+                           top_rating_share=1 / rated if rated else 0.0)  # fmt: skip
 
 
 # (case, active, previous, expected status, signals named in the reason)
@@ -41,6 +45,11 @@ TABLE = [
      "regressed", ["thumbs down rate"]),
     ("both worse", fb(800, 400, 800, 400), fb(800, 160, 800, 160), "regressed",
      ["edit rate", "thumbs down rate"]),
+    ("worse, but from 4 agents", fb(500, 205, actors=4), fb(1000, 220), "waiting", ["4 vs 20 actors"]),
+    ("worse, but one agent holds 45% of it", fb(500, 205, top=0.45), fb(1000, 220), "refused",
+     ["edit rate", "largest share 0.45", "max_actor_share"]),
+    ("edits skewed, thumbs clean: acts on the thumbs", fb(800, 400, 800, 400, top=0.45),
+     fb(800, 160, 800, 160), "regressed", ["thumbs down rate"]),
 ]  # fmt: skip
 
 
@@ -48,10 +57,12 @@ TABLE = [
 def test_judge_table(
     case: str, active: AdapterFeedback, previous: AdapterFeedback, status: str, named: list[str]
 ) -> None:
-    verdict = judge(active, previous, CONFIG)
+    verdict = judge(active, previous, CONFIG, max_actor_share=0.3)
     assert verdict.status == status, (case, verdict.reason)
     for signal in named:
         assert signal in verdict.reason
+    if case.startswith("edits skewed"):
+        assert "edit rate" not in verdict.reason
     if status == "regressed":
         assert "n = " in verdict.reason and "p = " in verdict.reason
 
@@ -100,7 +111,27 @@ def served_events(adapter: str | None, handled: int, edited: int, *, prefix: str
             "served_adapter": adapter,
             "completion": draft,
             "edited_completion": f"Order {i} ships on Monday." if i < edited else draft,
+            "actor": {"kind": "agent", "id": f"agent-{i % 10}"},
         }
+        event = parse_event(json.dumps(raw).encode(), now=NOW)
+        assert not hasattr(event, "reason"), event
+        out.append(Incoming(event))  # type: ignore[arg-type]
+    return out
+
+
+def rated_events(adapter: str, users: int, down: int, *, prefix: str,
+                 flood: tuple[int, str] = (0, "down")) -> list[Incoming]:  # fmt: skip
+    """``users`` users rating one reply each (the first ``down`` thumbs down), then ``flood[0]``
+    ratings of ``flood[1]`` from one account."""
+    votes = [(f"user-{prefix}-{i}", "down" if i < down else "up") for i in range(users)]
+    votes += [("one-account", flood[1])] * flood[0]
+    out = []
+    for i, (who, value) in enumerate(votes):
+        raw = {"schema_version": 1, "event_id": f"{prefix}-r{i}", "type": "rating",
+               "occurred_at": (NOW - timedelta(hours=1)).isoformat(),
+               "prompt": [{"role": "user", "content": f"Where is order {i}?"}],
+               "served_adapter": adapter, "completion": f"Order {i} ships on Monday.",
+               "rating": value, "actor": {"kind": "user", "id": who}}  # fmt: skip
         event = parse_event(json.dumps(raw).encode(), now=NOW)
         assert not hasattr(event, "reason"), event
         out.append(Incoming(event))  # type: ignore[arg-type]
@@ -190,3 +221,38 @@ def test_a_rollback_never_undoes_an_operators_change(service: Service, tmp_path:
     service.watch(NOW)
     assert service.registry.active() == v3
     assert not any(e["actor"] == "alignd-watch" for e in service.registry.audit())
+
+
+def test_one_accounts_thumbs_down_does_not_roll_back_a_good_adapter(service: Service) -> None:
+    """Issue #31, finding 1: 300 users at 10% thumbs-down on each adapter, and 45 thumbs-down
+    from one account on the active one, made the watch roll back and reject it."""
+    service.store.write_batch(rated_events("v0001", 300, 30, prefix="a"))
+    service.store.write_batch(rated_events("v0002", 300, 30, prefix="b", flood=(45, "down")))
+    verdict = service.watch(NOW)
+    assert verdict is not None and verdict.status == "ok", verdict.reason
+    assert "n = 301 vs 300" in verdict.reason  # the account counted once, as one user
+    assert service.registry.active() == "v0002"
+
+
+def test_one_accounts_thumbs_up_does_not_hide_a_regression(service: Service) -> None:
+    """The other way round: 3,000 thumbs-up from one account hid 30% vs 10% thumbs-down."""
+    service.store.write_batch(rated_events("v0001", 300, 30, prefix="a"))
+    service.store.write_batch(rated_events("v0002", 300, 90, prefix="b", flood=(3000, "up")))
+    verdict = service.watch(NOW)
+    assert verdict is not None and verdict.status == "regressed", verdict.reason
+    assert service.registry.active() == "v0001"
+
+
+def test_a_regression_one_agent_dominates_is_reported_not_acted_on(service: Service) -> None:
+    """An agent's newest 100 edits count; one who still supplies over the gate's
+    max_actor_share (0.3) of a window cannot roll an adapter back alone."""
+    service.store.write_batch(served_events("v0001", 300, 60, prefix="a"))
+    honest = served_events("v0002", 180, 36, prefix="b")  # 10 agents at 20%
+    agent = Actor(kind="agent", id="x")  # 400 rewritten drafts from one agent
+    one = [Incoming(i.event.model_copy(update={"actor": agent}))
+           for i in served_events("v0002", 400, 400, prefix="c")]  # fmt: skip
+    service.store.write_batch(honest + one)
+    verdict = service.watch(NOW)
+    assert verdict is not None and verdict.status == "refused", verdict.reason
+    assert "n = 280 vs 300" in verdict.reason and "largest share 0.36" in verdict.reason
+    assert service.registry.active() == "v0002" and service.registry.state("v0002") == "active"
