@@ -17,7 +17,10 @@ state a promote or rollback checks is the state it changes. An activation is rec
 ``active.json`` as ``serving: pending`` before the serving hooks run and ``done`` once they
 all succeeded; :meth:`Registry.replay_serving` runs the hooks again for a pending activation
 (the daemon calls it at start-up and on every tick), so a crash between the two, or a model
-server that was down, is repaired until serving agrees with the registry. Each version's
+server that was down, is repaired until serving agrees with the registry. The hooks run under
+their own lock (``.serving-lock``, in activation order), never under the registry's: a hung
+model server does not stop operators, the gate or the watch changing the registry, and an
+outage is audited once, not on every retry. Each version's
 manifest records its files' sha256 (``files``), checked before the version is activated.
 """
 
@@ -32,6 +35,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +51,9 @@ log = logging.getLogger("alignd.registry")
 
 VERSION_RE = re.compile(r"^v\d{4,}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# How long an activation waits for another's serving hooks (a hung model server) before it is
+# left to the next tick's replay: under the CLI's 30 s, so an operator always gets an answer.
+SERVING_WAIT_S = 20.0
 
 
 class RegistryError(ValueError):
@@ -162,6 +169,7 @@ class Registry:
         self.audit_path = root / "audit.jsonl"
         self.hooks = hooks or []
         self.lock_path = root / ".lock"
+        self.serving_lock_path = root / ".serving-lock"
         self._thread_lock = threading.RLock()
         with self._locked():  # another process may be registering: its staging is not ours
             for leftover in self.adapters.glob(".staging-*"):  # a crash mid-registration
@@ -350,7 +358,9 @@ class Registry:
 
     def _activate(
         self, version: str, *, action: str, actor: str, reason: str, history: list[str]
-    ) -> list[str]:
+    ) -> dict[str, Any]:
+        """Record ``version`` as active (under the lock); the caller serves it after the lock
+        is released (:meth:`_serve`)."""
         previous = self.active()
         self.check_files(version)
         record = {
@@ -363,22 +373,78 @@ class Registry:
         }
         atomic_write_json(self.active_path, record)
         self._append_audit(action, actor, reason, version=version, previous=previous)
-        return self._serve(record, actor)
+        return record
 
-    def _serve(self, record: dict[str, Any], actor: str) -> list[str]:
-        """Run the serving hooks for ``record`` (the active one); mark it done if all succeed.
-        Failures are recorded and returned; the activation stays pending (replayed later)."""
+    @contextmanager
+    def _serving(self, wait_s: float) -> Iterator[bool]:
+        """The serving lock, apart from the registry's: one activation's hooks at a time, so
+        they reach the model servers in the order the activations were recorded. Yields False
+        when it is not free within ``wait_s`` (another activation's hooks hang)."""
+        fd = os.open(self.serving_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline, acquired = time.monotonic() + wait_s, False
+        try:
+            while not acquired:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    acquired = True
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.02)
+            yield acquired
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _still_active(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The active record if ``record`` is still the last activation, else None."""
+        with self._locked():
+            current = self._active_record()
+        same = (current.get("version"), current.get("changed_at"))
+        return current if same == (record.get("version"), record.get("changed_at")) else None
+
+    def _serve(self, record: dict[str, Any], actor: str, *, replay: bool = False) -> list[str]:
+        """Run the serving hooks for the activation ``record`` under the serving lock, never
+        under the registry's: a model server that hangs must not hold the registry (operators,
+        the gate and the watch change it meanwhile), and an operator waits at most
+        ``SERVING_WAIT_S`` for another activation's hooks (then this one is replayed at the next
+        tick). An activation superseded meanwhile is not served. Afterwards, if ``record`` is
+        still the active one: all succeeded → marked done (on a ``replay``, ``serving_replayed``
+        audited); a failure → audited once per activation (``serving_hook_failed``), not once
+        per retry, so an outage does not change the registry's revision every tick. Returns the
+        failures; the activation stays pending until the hooks succeed."""
         version, previous = str(record["version"]), record.get("previous")
-        failures = []
-        for hook in self.hooks:
-            try:
-                hook(version, self.version_dir(version), previous)
-            except Exception as e:
-                failures.append(f"{getattr(hook, '__name__', type(hook).__name__)}: {e}")
-        if failures:
-            self._append_audit("serving_hook_failed", actor, "; ".join(failures), version=version)
-        else:
-            atomic_write_json(self.active_path, {**record, "serving": "done"})
+        with self._serving(SERVING_WAIT_S) as free:
+            if not free:
+                return [
+                    f"serving: another activation's hooks are still running after "
+                    f"{SERVING_WAIT_S:g} s; {version} is served at the next tick"
+                ]
+            if self._still_active(record) is None:
+                return []  # a newer activation: it serves itself
+            failures = []
+            for hook in self.hooks:
+                try:
+                    hook(version, self.version_dir(version), previous)
+                except Exception as e:
+                    failures.append(f"{getattr(hook, '__name__', type(hook).__name__)}: {e}")
+            with self._locked():
+                current = self._active_record()
+                if (current.get("version"), current.get("changed_at")) != (
+                    version,
+                    record.get("changed_at"),
+                ):
+                    return failures  # superseded while its hooks ran: the newer one is next
+                if failures:
+                    if not current.get("serving_failed"):
+                        self._append_audit("serving_hook_failed", actor, "; ".join(failures),
+                                           version=version)  # fmt: skip
+                        atomic_write_json(self.active_path, {**current, "serving_failed": True})
+                    return failures
+                if replay:
+                    self._append_audit("serving_replayed", actor, "serving now agrees",
+                                       version=version)  # fmt: skip
+                atomic_write_json(self.active_path, {**current, "serving": "done",
+                                                     "serving_failed": False})  # fmt: skip
         return failures
 
     def replay_serving(self, *, actor: str = "alignd-startup") -> list[str] | None:
@@ -389,16 +455,12 @@ class Registry:
             record = self._active_record()
             if not record or record.get("serving", "done") == "done":
                 return None
+        if not record.get("serving_failed"):
             log.warning(
                 "activation of %s was recorded but not served everywhere: replaying the hooks",
                 record.get("version"),
             )
-            failures = self._serve(record, actor)
-            if not failures:
-                self._append_audit(
-                    "serving_replayed", actor, "serving now agrees", version=record["version"]
-                )
-            return failures
+        return self._serve(record, actor, replay=True)
 
     def promote(
         self,
@@ -412,9 +474,10 @@ class Registry:
         """Make ``version`` active. Refuses a version the gate rejected unless ``force``."""
         with self._locked():
             self._check_revision(expect_revision)
-            return self._promote(version, actor=actor, reason=reason, force=force)
+            record = self._promote(version, actor=actor, reason=reason, force=force)
+        return self._serve(record, actor)
 
-    def _promote(self, version: str, *, actor: str, reason: str, force: bool) -> list[str]:
+    def _promote(self, version: str, *, actor: str, reason: str, force: bool) -> dict[str, Any]:
         state = self.state(version)
         if state == "active":
             raise RegistryConflict(f"{version} is already active")
@@ -470,9 +533,10 @@ class Registry:
                         f"{to} was rejected by an operator; use force to roll back to it anyway"
                     )
             history = history[: history.index(to) + 1]
-            return to, self._activate(
+            record = self._activate(
                 to, action="rollback", actor=actor, reason=reason, history=history
             )
+        return to, self._serve(record, actor)
 
     def reject(
         self, version: str, *, actor: str, reason: str, expect_revision: str | None = None

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -258,6 +260,38 @@ def test_a_pending_activation_is_replayed_until_serving_agrees(tmp_path: Path) -
     assert served == [v] and registry.serving_state() == "done"
     assert registry.replay_serving() is None  # nothing pending any more
     assert any(e["action"] == "serving_replayed" for e in registry.audit())
+
+
+def test_a_model_server_outage_neither_holds_the_registry_nor_changes_it_every_tick(
+    tmp_path: Path,
+) -> None:
+    """Issue #31, finding 4: every tick's retry ran the hooks under the registry lock and
+    appended an audit entry, so a hung vLLM blocked operators and a page older than one tick
+    got 409."""
+    hung, released = threading.Event(), threading.Event()
+
+    def vllm(version: str, path: Path, previous: str | None) -> None:
+        hung.set()
+        if not released.wait(10):
+            raise TimeoutError("vLLM did not answer")
+        raise ConnectionError("vLLM unreachable")
+
+    registry = Registry(tmp_path / "reg", [vllm])
+    v1 = registry.register(make_adapter(tmp_path / "a"), PASSED)
+    v2 = registry.register(make_adapter(tmp_path / "b", seed=1), PASSED)
+    retry = threading.Thread(target=lambda: registry.promote(v1, actor="a", reason="r"))
+    retry.start()
+    assert hung.wait(5)  # the hook hangs: the registry must still answer and change
+    started = time.monotonic()
+    registry.reject(v2, actor="ops", reason="meanwhile")
+    assert time.monotonic() - started < 2, "a hung serving hook held the registry"
+    released.set()
+    retry.join(5)
+    revision = registry.revision()
+    for _ in range(3):  # three ticks of the same outage
+        assert registry.replay_serving() == ["vllm: vLLM unreachable"]
+    assert registry.revision() == revision  # one audit entry per outage, not one per tick
+    assert [e["action"] for e in registry.audit()].count("serving_hook_failed") == 1
 
 
 def test_a_manifest_written_before_the_typed_contract_still_loads() -> None:
