@@ -269,6 +269,12 @@ class AdminConfig(FrozenModel):
         64, gt=0, description="concurrent connections and requests; beyond it 503"
     )
     keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after")
+    request_head_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection that delivers no complete request head this long after it "
+        "opened (or after its last response) is closed: idle sockets cannot hold the port",
+    )
     drain_s: float = Field(25.0, gt=0, description="SIGTERM → exit bound (< pod grace period)")
     json_logs: bool = Field(False, description="structured JSON-lines logs")
 

@@ -28,6 +28,7 @@ from daemon.auth import Tokens
 from daemon.config import AligndConfig, with_absolute_paths, with_split_salt
 from daemon.console import mount_console
 from daemon.drift import DriftProbe
+from daemon.http import with_head_deadline
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.metrics import Metrics
 from daemon.operations import Desk
@@ -190,6 +191,7 @@ class Service:
                 access_log=False,
                 limit_concurrency=admin.max_connections,
                 timeout_keep_alive=int(admin.keep_alive_s),
+                http=with_head_deadline(admin.request_head_timeout_s),
             )
         )
         self._http_thread = threading.Thread(target=self.http.run, name="admin-http", daemon=True)

@@ -207,3 +207,41 @@ def test_metrics_endpoint_exposes_alignd_metrics(client: TestClient) -> None:
         "alignd_retain_drift_nats",
     ):
         assert name in text
+
+
+def test_idle_connections_cannot_hold_the_admin_port() -> None:
+    """Issue #31, finding 3: connections that send nothing counted against limit_concurrency
+    with no timer, so /healthz answered 503 for as long as they stayed open."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+
+    from daemon.http import with_head_deadline
+    from demo.broker import free_port
+
+    app, port = FastAPI(), free_port()
+    app.get("/healthz")(lambda: {"status": "ok"})
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           limit_concurrency=8, http=with_head_deadline(1.0)))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/healthz"
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+    try:
+        time.sleep(0.2)
+        assert httpx.get(url, timeout=5).status_code == 503  # the port is held...
+        time.sleep(1.5)
+        assert httpx.get(url, timeout=5).status_code == 200  # ...until their deadline
+        assert all(s.recv(1) == b"" for s in idle)  # closed by the server
+    finally:
+        for s in idle:
+            s.close()
+        server.should_exit = True
+        thread.join(5)
