@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from daemon.auth import Access, Tokens, TooManyFailures
+from daemon.auth import Access, ReservedName, Tokens, TooManyFailures, operator_name
 from daemon.operations import AdapterSummary, Operations, ServiceStatus
 from daemon.records import AdapterDetail, RunStatus
 from daemon.registry import RegistryError, VersionNotFound
@@ -170,8 +170,10 @@ def make_app(  # noqa: C901
     def operator(request: Request) -> str:
         if access(request) != "admin":
             raise HTTPException(403, "invalid token")
-        actor = request.headers.get("x-alignd-actor", "operator")
-        return "".join(c for c in actor[:64] if c.isalnum() or c in "-_.@") or "operator"
+        try:
+            return operator_name(request.headers.get("x-alignd-actor", "operator"))
+        except ReservedName as e:
+            raise HTTPException(400, f"x-alignd-actor: {e}") from e
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -7,6 +7,12 @@ logged with the client's address and never the token, and rate-limited per clien
 ``max_failures`` wrong tokens within ``window_s``, that client is refused (429) until the window
 has passed, the right token included, so guessing runs at a few tries a minute, not a thousand a
 second.
+
+Who an operator is: the name they give (the CLI sends ``$USER``, the console asks at sign-in)
+goes into the audit log as ``actor``, cleaned by :func:`operator_name`. One admin token cannot
+tell people apart, but it can keep them apart from the daemon: names beginning with ``alignd``
+are its own (``alignd-gate``, ``alignd-watch``, ``alignd-startup``) and are refused, so no one
+holding the token can write an entry that reads as the gate's or the watch's.
 """
 
 from __future__ import annotations
@@ -23,6 +29,23 @@ from typing import Literal
 log = logging.getLogger("alignd.auth")
 
 Access = Literal["admin", "read"]
+RESERVED_PREFIX = "alignd"  # the daemon's own actors in the audit log
+
+
+class ReservedName(ValueError):
+    """An operator gave a name the daemon's own audit entries use."""
+
+
+def operator_name(given: str) -> str:
+    """``given`` for the audit log: letters, digits and ``-_.@`` (at most 64), else
+    "operator"; :class:`ReservedName` for a name the daemon's own entries use."""
+    name = "".join(c for c in given[:64] if c.isalnum() or c in "-_.@") or "operator"
+    if name.lower().startswith(RESERVED_PREFIX):
+        raise ReservedName(
+            f"{name!r}: names beginning with {RESERVED_PREFIX!r} are the daemon's own in the "
+            "audit log (the gate, the watch); give your own"
+        )
+    return name
 
 
 def _digest(value: str) -> bytes:

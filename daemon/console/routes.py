@@ -12,7 +12,7 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from daemon.auth import Tokens, TooManyFailures
+from daemon.auth import ReservedName, Tokens, TooManyFailures, operator_name
 from daemon.console.render import render
 from daemon.console.views import Session, overview, version_view
 from daemon.operations import Operations
@@ -42,10 +42,6 @@ def refused(session: Session, title: str, message: str, status: int) -> HTMLResp
                 back_label="Back to the versions")  # fmt: skip
 
 
-def _actor(name: str) -> str:
-    return "".join(c for c in name[:64] if c.isalnum() or c in "-_.@") or "operator"
-
-
 class Sessions:
     """Signed-in browsers: a random id (the cookie) → :class:`Session`, kept in memory."""
 
@@ -61,11 +57,12 @@ class Sessions:
         return found
 
     def open(self, admin: bool, actor: str) -> str:
+        """A new session for ``actor`` (already :func:`daemon.auth.operator_name`)."""
         now = time.time()
         for old in [k for k, s in self.by_id.items() if s.expires < now]:
             self.by_id.pop(old, None)
         sid = secrets.token_urlsafe(32)
-        self.by_id[sid] = Session(admin, _actor(actor), secrets.token_urlsafe(24), now + SESSION_S)
+        self.by_id[sid] = Session(admin, actor, secrets.token_urlsafe(24), now + SESSION_S)
         return sid
 
 
@@ -137,6 +134,10 @@ class Console:
         nonce = request.cookies.get(LOGIN_COOKIE, "")
         if not nonce or not hmac.compare_digest(fields.get("login_csrf", ""), nonce):
             return login_page("The sign-in form did not come from this page; try again.", 403)
+        try:
+            actor = operator_name(fields.get("actor", ""))
+        except ReservedName as e:
+            return login_page(f"Your name: {e}.", status=400)
         client = request.client.host if request.client else "unknown"
         try:
             access = self.tokens.scope(fields.get("token", ""), client=client, surface="console")
@@ -144,7 +145,7 @@ class Console:
             return login_page(f"Too many failed sign-ins from here: {e}.", status=429)
         if access is None:
             return login_page("That token is not valid here.", status=403)
-        sid = self.sessions.open(access == "admin", fields.get("actor", ""))
+        sid = self.sessions.open(access == "admin", actor)
         response = RedirectResponse("/ui", status_code=303)
         response.set_cookie(
             COOKIE, sid, max_age=SESSION_S, path="/ui", httponly=True, samesite="strict",

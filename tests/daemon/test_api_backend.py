@@ -190,3 +190,15 @@ def test_wrong_tokens_are_counted_logged_without_the_token_and_rate_limited(
     assert "wrong token from testclient" in caplog.text and "guess-" not in caplog.text
     now[0] += 61  # the window has passed
     assert client.get("/v1/adapters", headers=AUTH).status_code == 200
+
+
+def test_the_daemons_own_names_are_refused_to_operators(
+    client: TestClient, backend: InMemoryBackend
+) -> None:
+    """Issue #31, finding 8: anyone with the admin token could write "alignd-watch"."""
+    for name in ("alignd-watch", "alignd-gate", "ALIGND-startup"):
+        forged = client.post("/v1/rollback", headers={**AUTH, "x-alignd-actor": name})
+        assert forged.status_code == 400 and "daemon's own" in forged.json()["detail"]
+    assert backend.calls == []
+    kept = client.post("/v1/rollback", headers={**AUTH, "x-alignd-actor": "ann\nalignd-watch"})
+    assert kept.status_code == 200 and backend.calls == [("rollback", "annalignd-watch")]

@@ -157,3 +157,13 @@ def test_failed_sign_ins_are_counted_and_rate_limited(service: Service) -> None:
     assert codes == [403] * 10 + [429] * 2
     assert sign_in(client, TOKEN).status_code == 429  # the right token waits out the window
     assert service.metrics.auth_failures.labels(surface="console")._value.get() == 10
+
+
+def test_the_console_refuses_the_daemons_own_names(service: Service) -> None:
+    """Issue #31, finding 8: the audit actor of a console session cannot be "alignd-watch"."""
+    client = TestClient(service.app())
+    nonce = re.search(r'name="login_csrf" value="([^"]*)"', client.get("/ui").text)
+    assert nonce is not None
+    page = client.post("/ui/login", data={"token": TOKEN, "actor": "alignd-watch",
+                                          "login_csrf": nonce.group(1)}, follow_redirects=False)  # fmt: skip
+    assert page.status_code == 400 and "alignd_console=" not in page.headers.get("set-cookie", "")
