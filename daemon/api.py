@@ -137,24 +137,23 @@ def registry_call(fn: Callable[[], T]) -> T:
         raise HTTPException(409, str(e)) from e
 
 
-# The route table: long, and the complexity counted is the routes, not branching logic.
-def make_app(  # noqa: C901
-    backend: Operations, *, tokens: Tokens, max_body_bytes: int
-) -> FastAPI:
-    """The app. The admin token may read and change; the read-only token may only read;
-    without an admin token every mutating request is refused, without either every read under
-    /v1/ (:class:`daemon.auth.Tokens`: wrong tokens are counted and rate-limited per client)."""
-    app = FastAPI(title="alignd admin API", version="1")
-    app.add_middleware(BodyLimit, max_body=max_body_bytes)
+class Guard:
+    """Who may call: the dependencies the routes declare. The admin token may read and change;
+    the read-only token may only read; without an admin token every mutating request is
+    refused, without either every read under /v1/ (:class:`daemon.auth.Tokens`: wrong tokens
+    are counted and rate-limited per client)."""
 
-    def access(request: Request) -> Access:
+    def __init__(self, tokens: Tokens) -> None:
+        self.tokens = tokens
+
+    def access(self, request: Request) -> Access:
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         client = request.client.host if request.client else "unknown"
         try:
-            found = tokens.scope(presented, client=client, surface="api")
+            found = self.tokens.scope(presented, client=client, surface="api")
         except TooManyFailures as e:
             raise HTTPException(
                 429, str(e), headers={"Retry-After": f"{max(1, round(e.retry_after_s))}"}
@@ -163,18 +162,32 @@ def make_app(  # noqa: C901
             raise HTTPException(403, "invalid token")
         return found
 
-    def reader(request: Request) -> None:
+    def reader(self, request: Request) -> None:
         """Reads under /v1/ (manifests, runs, status): the read-only or the admin token."""
-        access(request)
+        self.access(request)
 
-    def operator(request: Request) -> str:
-        if access(request) != "admin":
+    def operator(self, request: Request) -> str:
+        """Changes: the admin token; the audit log's actor is the name the caller gives."""
+        if self.access(request) != "admin":
             raise HTTPException(403, "invalid token")
         try:
             return operator_name(request.headers.get("x-alignd-actor", "operator"))
         except ReservedName as e:
             raise HTTPException(400, f"x-alignd-actor: {e}") from e
 
+
+def make_app(backend: Operations, *, tokens: Tokens, max_body_bytes: int) -> FastAPI:
+    """The app: open probes and metrics, reads, then actions (:class:`Guard` says who may)."""
+    app = FastAPI(title="alignd admin API", version="1")
+    app.add_middleware(BodyLimit, max_body=max_body_bytes)
+    guard = Guard(tokens)
+    _probes(app, backend)
+    _reads(app, backend, guard.reader)
+    _actions(app, backend, guard.operator)
+    return app
+
+
+def _probes(app: FastAPI, backend: Operations) -> None:
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}  # the process answers; never depends on Kafka or the store
@@ -189,6 +202,8 @@ def make_app(  # noqa: C901
     def metrics() -> Response:
         return Response(backend.metrics_exposition(), media_type=CONTENT_TYPE_LATEST)
 
+
+def _reads(app: FastAPI, backend: Operations, reader: Callable[[Request], None]) -> None:
     @app.get("/v1/status", dependencies=[Depends(reader)], response_model=ServiceStatus)
     def status() -> ServiceStatus:
         return backend.status()
@@ -202,6 +217,15 @@ def make_app(  # noqa: C901
     def adapter(version: str) -> AdapterDetail:
         return registry_call(lambda: backend.adapter(version))
 
+    @app.get("/v1/runs/{run_id}", dependencies=[Depends(reader)], response_model=RunStatus)
+    def run(run_id: str) -> RunStatus:
+        status = backend.run(run_id)
+        if status is None:
+            raise HTTPException(404, f"no such run: {run_id}")
+        return status
+
+
+def _actions(app: FastAPI, backend: Operations, operator: Callable[[Request], str]) -> None:
     @app.post("/v1/adapters/{version}/promote", response_model=Activated)
     def promote(
         version: str, body: PromoteBody | None = None, actor: str = Depends(operator)
@@ -234,12 +258,3 @@ def make_app(  # noqa: C901
         if not accepted:
             raise HTTPException(409, message)
         return RefreshAccepted(accepted=True, message=message)
-
-    @app.get("/v1/runs/{run_id}", dependencies=[Depends(reader)], response_model=RunStatus)
-    def run(run_id: str) -> RunStatus:
-        status = backend.run(run_id)
-        if status is None:
-            raise HTTPException(404, f"no such run: {run_id}")
-        return status
-
-    return app
