@@ -6,6 +6,9 @@ evidence. Why the generation checks exist (docs/ARCHITECTURE.md, "Why the gate l
 replies"): plain DPO on ~60 SmolLM2 support
 replies drove training loss to 0 and apologies from 55% to 0% by collapsing replies to 0.75
 words; preference accuracy alone would have promoted that adapter.
+
+Past 400 lines on purpose: the decision and every check it makes, with their thresholds, in one
+pure module that its table test covers whole; a check read elsewhere is a check nobody reviews.
 """
 
 from __future__ import annotations

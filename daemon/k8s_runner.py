@@ -30,6 +30,8 @@ def job_name(run_id: str, task: Task = "train") -> str:
     return re.sub(r"[^a-z0-9-]", "-", f"alignd-{task}-{run_id}".lower())[:63].rstrip("-")
 
 
+# One Job manifest as Kubernetes reads it, field by field (~100 lines): a helper per block would
+# hide which fields the Job sets.
 def build_job(
     run_id: str,
     spec_path: Path,

@@ -5,6 +5,10 @@ crash, an OOM kill or a runaway run cannot take the daemon down; its time and me
 bounded by config. A run that fails or is interrupted leaves the registry exactly as it was.
 Everything a run did is kept in ``<data_dir>/runs/<run_id>/`` (run.json, train.log,
 result.json, status.json).
+
+Past 400 lines on purpose: one refresh top to bottom (snapshot, method, train, gate, register,
+promote), the order docs/ARCHITECTURE.md tells a newcomer to read; promotion, the runners and
+the records are already their own modules.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ their own lock (``.serving-lock``, in activation order), never under the registr
 model server does not stop operators, the gate or the watch changing the registry, and an
 outage is audited once, not on every retry. Each version's
 manifest records its files' sha256 (``files``), checked before the version is activated.
+
+Past 400 lines on purpose: every change of the registry and both of its locks in one file, so
+its atomicity argument (what is written, under which lock, in which order) can be checked in
+one reading.
 """
 
 from __future__ import annotations

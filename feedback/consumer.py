@@ -14,6 +14,10 @@ retrying cannot fix (a compression codec this process lacks, a corrupt record ba
 ``blocked`` to a reason code, which the daemon exports as ``alignd_consumer_blocked`` and
 logs at ERROR with what to do; the consumer keeps retrying at the longest back-off, so the fix
 (install the codec, move the group's offset past the corrupt batch) needs no restart.
+
+Past 400 lines on purpose: poll, validate, store, dead-letter and commit are one loop whose
+order is the at-least-once guarantee (nothing committed before it is stored or dead-lettered);
+split, that order would be spread over files.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ reads):
   (``trainer.generation``).
 
 :func:`evaluate_run` is the run's whole evaluation, called by the recipe after saving.
+
+Past 400 lines on purpose: every held-out measure and the order they run in (the reference
+first: its replies are the text the others' task KL is read on) in one file, as the gate reads
+them; the pieces it could lose are already apart (``trainer.generation``, ``trainer.retain``).
 """
 
 from __future__ import annotations
@@ -311,6 +315,8 @@ def retain_drift(
     }
 
 
+# Every held-out measure per adapter in the order they must run (~120 lines): the reference's
+# replies first, since the others' task KL is read on them.
 def evaluate_run(
     spec: RunSpec, model: Any, tokenizer: Any, identity: str, candidate_dir: Path | None
 ) -> EvalReport:

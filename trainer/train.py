@@ -234,6 +234,8 @@ def load_model(
     return model, tokenizer
 
 
+# The recipe's stages in order (~120 lines: setup, reference, anchor, passes, mining, save, eval),
+# each timed into result.timings; read top to bottom like the run's log.
 def train(spec: RunSpec, result: RunResult) -> None:
     hp = spec.hyper
     method = method_info(spec.method)
