@@ -259,6 +259,24 @@ class Registry:
                         # a torn last line after a crash: its change did not happen
                         continue
 
+    def service_windows(self, version: str | None) -> list[tuple[datetime | None, datetime | None]]:
+        """When ``version`` served, from the audit log's activations: ``(start, end)`` pairs,
+        ``end`` None while it serves. ``version`` None is the SFT model: from the beginning
+        (``start`` None) to the first activation."""
+        activations = [
+            (datetime.fromisoformat(e["at"]), e.get("version"))
+            for e in self.audit()
+            if e.get("action") in {"promote", "rollback"} and e.get("at")
+        ]
+        if version is None:
+            return [(None, activations[0][0] if activations else None)]
+        windows: list[tuple[datetime | None, datetime | None]] = []
+        for i, (at, active) in enumerate(activations):
+            if active == version:
+                end = activations[i + 1][0] if i + 1 < len(activations) else None
+                windows.append((at, end))
+        return windows
+
     def manifest(self, version: str) -> VersionManifest:
         """The version's manifest; :class:`ManifestError` (naming the field) if it is malformed."""
         try:

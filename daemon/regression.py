@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,10 +52,26 @@ class RegressionWatch:
         return [version, f"{self.vllm_prefix}-{version}"]
 
     def production_feedback(self, version: str | None, since: datetime) -> AdapterFeedback:
+        """The version's window, counting only feedback it could have caused: events dated
+        inside one of its service windows (``Registry.service_windows``), from
+        ``watch.clock_skew_s`` before it started serving to ``watch.feedback_lag_hours`` after
+        it stopped. An event that names the version at another time is not its evidence
+        (``outside`` counts them)."""
         recent = self.store.recent_served(
             self.served_names(version), since=since, limit=self.config.max_events
         )
-        return summarize(recent, self.config.per_actor())
+        skew = timedelta(seconds=self.config.clock_skew_s)
+        lag = timedelta(hours=self.config.feedback_lag_hours)
+        windows = [
+            (start - skew if start else None, end + lag if end else None)
+            for start, end in self.registry.service_windows(version)
+        ]
+        served = [e for e in recent if any(
+            (start is None or start <= e.occurred_at) and (end is None or e.occurred_at <= end)
+            for start, end in windows
+        )]  # fmt: skip
+        feedback = summarize(served, self.config.per_actor())
+        return replace(feedback, outside=len(recent) - len(served))
 
     def check(self, now: datetime | None = None) -> Verdict | None:
         """Judge the active adapter's production feedback against its predecessor's; on a

@@ -73,6 +73,14 @@ class WatchConfig(FrozenModel):
     min_actors: int = Field(
         5, gt=0, description="distinct actors a signal needs in both windows before it is tested"
     )
+    feedback_lag_hours: float = Field(
+        24.0,
+        ge=0,
+        description="feedback on a version's replies counts this long after it stopped serving",
+    )
+    clock_skew_s: float = Field(
+        300.0, ge=0, description="feedback dated this much before a version served still counts"
+    )
 
     def per_actor(self) -> PerActor:
         return PerActor(edits=self.edits_per_actor, ratings=self.ratings_per_actor)

@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -313,10 +313,11 @@ def _serve(
     active = daemon.status().get("active_adapter")
     # what a model server loads: the registry's serving pointer (serving.current_pointer)
     adapter = (workdir / "data" / "registry" / "current").resolve() if active else None
-    replies = served_replies(
+    serving_from = datetime.now(UTC)  # after the activation: the watch counts feedback only
+    replies = served_replies(  # on replies a version could have served (its service window)
         cases, base_model=base_model, cache_dir=workdir / "cache", adapter=adapter
     )
-    spacing = timedelta(seconds=20)
+    spacing = (datetime.now(UTC) - serving_from) / (len(cases) + 1)  # one request after another
     sim = build_events(
         cases,
         replies,
@@ -324,7 +325,7 @@ def _serve(
         agent=agent,
         served_adapter=active,
         id_prefix=id_prefix,
-        start=datetime.now(UTC) - spacing * (len(cases) + 1),
+        start=serving_from + spacing,
         spacing=spacing,
         noise=noise,
         rewrite_share=rewrite_share,

@@ -68,6 +68,7 @@ class AdapterFeedback:
     top_edit_share: float = 0.0  # the largest single actor's share of the counted edits
     top_rating_share: float = 0.0
     capped: int = 0  # events past their actor's cap, not counted
+    outside: int = 0  # events naming the adapter dated outside its service, not counted
 
     @property
     def edit_rate(self) -> float | None:

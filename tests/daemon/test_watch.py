@@ -13,6 +13,7 @@ import pytest
 from daemon_support import in_process_service
 from registry_support import make_adapter
 
+import daemon.registry as registry_module
 from daemon.service import Service
 from daemon.watch import WatchConfig, judge, p_worse
 from feedback.events import Actor, parse_event
@@ -139,12 +140,16 @@ def rated_events(adapter: str, users: int, down: int, *, prefix: str,
 
 
 @pytest.fixture()
-def service(tmp_path: Path) -> Iterator[Service]:
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    """v0001 then v0002 promoted two hours before the events (an hour before NOW): both served
+    when their feedback is dated (v0001's within watch.feedback_lag_hours of its end)."""
     with in_process_service(tmp_path, watch={"min_events": 100}) as svc:
         passed = {"gate": {"promote": True, "reasons": []}}
+        monkeypatch.setattr(registry_module, "_now", lambda: (NOW - timedelta(hours=2)).isoformat())
         for seed in range(2):
             adapter = make_adapter(tmp_path / f"a{seed}", seed=seed)
             svc.registry.promote(svc.registry.register(adapter, passed), actor="t", reason="setup")
+        monkeypatch.undo()
         yield svc
 
 
@@ -256,3 +261,17 @@ def test_a_regression_one_agent_dominates_is_reported_not_acted_on(service: Serv
     assert verdict is not None and verdict.status == "refused", verdict.reason
     assert "n = 280 vs 300" in verdict.reason and "largest share 0.36" in verdict.reason
     assert service.registry.active() == "v0002" and service.registry.state("v0002") == "active"
+
+
+def test_feedback_dated_outside_a_versions_service_is_not_its_evidence(service: Service) -> None:
+    """Issue #31, finding 1: the watch never checked that the named adapter served that reply.
+    Thumbs-down naming v0002 but dated a day before it was first promoted do not count."""
+    service.store.write_batch(rated_events("v0001", 300, 30, prefix="a"))
+    service.store.write_batch(rated_events("v0002", 300, 30, prefix="b"))
+    before = (NOW - timedelta(days=1)).isoformat()
+    forged = [Incoming(i.event.model_copy(update={"occurred_at": datetime.fromisoformat(before)}))
+              for i in rated_events("v0002", 200, 200, prefix="c")]  # fmt: skip
+    service.store.write_batch(forged)
+    verdict = service.watch(NOW)
+    assert verdict is not None and verdict.status == "ok", verdict.reason
+    assert service.watcher.production_feedback("v0002", NOW - timedelta(days=3)).outside == 200

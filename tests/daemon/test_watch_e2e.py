@@ -21,7 +21,7 @@ PER_ADAPTER = 240
 
 
 def served(adapter: str, edited_share: float, prefix: str) -> list[bytes]:
-    at = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    at = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()  # after both promotions
     out = []
     for i in range(PER_ADAPTER):
         draft = f"I am so sorry about this. Your order {i} left the warehouse on Monday."
