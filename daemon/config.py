@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from daemon.gate import GateConfig
 from daemon.watch import WatchConfig
+from feedback.attribution import AttributionConfig
 from feedback.base import FrozenModel, refuse_retired
 from feedback.config import DatasetConfig, EventLimits, KafkaConfig, StoreConfig, read_secret
 from trainer.methods import PAIRED_METHODS, check_paired_method
@@ -341,6 +342,7 @@ class AligndConfig(BaseSettings):
     admin: AdminConfig = AdminConfig()
     serving: ServingConfig = ServingConfig()
     watch: WatchConfig = WatchConfig()
+    attribution: AttributionConfig = AttributionConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -41,6 +41,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.unverified_actors = Counter(
+            "alignd_unverified_actor_events_total",
+            "Events of a kind that must be signed (attribution.signed_kinds) whose actor could "
+            "not be verified; they count as the one unattributed actor",
+            ["kind", "reason"],
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "alignd_consumer_lag_records",
             "Records behind the high-water mark",
@@ -222,3 +229,5 @@ class Metrics:
         self.events_conflict.inc(report.conflicts)
         for reason, n in report.dead_lettered.items():
             self.events_dead_lettered.labels(reason=reason).inc(n)
+        for (kind, why), n in report.unverified.items():
+            self.unverified_actors.labels(kind=kind, reason=why).inc(n)

@@ -40,6 +40,7 @@ from daemon.scheduler import RefreshState, refresh_due
 from daemon.serving import vllm_hook
 from daemon.states import RefreshTrigger
 from daemon.watch import Verdict
+from feedback.attribution import Verifier
 from feedback.config import read_secret
 from feedback.consumer import FeedbackConsumer
 from feedback.store import FeedbackStore, StoreUnusable
@@ -89,7 +90,11 @@ class Service:
         )
         self.drift = DriftProbe(self.registry, self.metrics, self.stopping)
         self.consumer = FeedbackConsumer(
-            config.kafka, self.store, config.limits, on_batch=self.metrics.record_batch
+            config.kafka,
+            self.store,
+            config.limits,
+            on_batch=self.metrics.record_batch,
+            verifier=Verifier(config.attribution) if config.attribution.signed_kinds else None,
         )
         self.consumer_stop = threading.Event()
         self.refresh_stop = threading.Event()

@@ -45,6 +45,7 @@ from kafka.errors import (
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.exc import SQLAlchemyError
 
+from feedback.attribution import Verifier
 from feedback.config import EventLimits, KafkaConfig
 from feedback.events import Rejection, parse_event
 from feedback.store import FeedbackStore, Incoming, WriteOutcome, is_data_error
@@ -75,6 +76,8 @@ class BatchReport:
     conflicts: int = 0
     stored_by_type: dict[str, int] = field(default_factory=dict)
     dead_lettered: Counter[str] = field(default_factory=Counter)
+    # (actor kind, reason) of events whose actor could not be verified (feedback.attribution)
+    unverified: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 @dataclass
@@ -137,8 +140,10 @@ class FeedbackConsumer:
         *,
         on_batch: Callable[[BatchReport], None] | None = None,
         ping_interval_s: float = 5.0,
+        verifier: Verifier | None = None,
     ) -> None:
         self.kafka, self.store, self.limits = kafka, store, limits or EventLimits()
+        self.verifier = verifier  # signed attribution (feedback.attribution); None: ids as written
         self.on_batch = on_batch
         self.ping_interval_s = ping_interval_s
         self.totals = IngestTotals()
@@ -193,9 +198,14 @@ class FeedbackConsumer:
                 parsed = parse_event(record.value, self.limits, now=now)
                 if isinstance(parsed, Rejection):
                     invalid.append((record, parsed))
-                else:
-                    source = f"{tp.topic}/{tp.partition}/{record.offset}"
-                    valid.append((record, Incoming(parsed, source)))
+                    continue
+                if self.verifier is not None:
+                    kind = parsed.actor.kind if parsed.actor else ""
+                    parsed, why = self.verifier.check(record.value, parsed)
+                    if why is not None:
+                        report.unverified[(kind, why)] += 1
+                source = f"{tp.topic}/{tp.partition}/{record.offset}"
+                valid.append((record, Incoming(parsed, source)))
         outcome = self._store(valid, invalid)
         report.stored, report.duplicates, report.conflicts = (
             outcome.stored,

@@ -120,6 +120,13 @@ class Actor(_Strict):
     _id = field_validator("id")(_check_name)
 
 
+class Signature(_Strict):
+    """The producer's signature of the event (``feedback.attribution``)."""
+
+    key_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:\-]+$")
+    hmac_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class _Envelope(_Strict):
     schema_version: Literal[1]  # an int: true and 1.0 are refused before validation
     event_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")
@@ -129,6 +136,7 @@ class _Envelope(_Strict):
     served_adapter: str | None = Field(None, max_length=128)
     actor: Actor | None = None
     tags: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict)
+    signature: Signature | None = None
 
     _names = field_validator("trace_id", "served_adapter")(_check_name)
 

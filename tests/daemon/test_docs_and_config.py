@@ -48,6 +48,9 @@ def test_env_overrides_yaml_overrides_defaults(
         ("training:\n  run_spec:\n    epochz: 2\n", {}, "epochz: not a run-spec field"),
         ("gate:\n  kl_budget: 0.5\n", {}, "gate: .*kl_budget was replaced by drift_budget"),
         ("schedule:\n  drift_probe_prompts: 32\n", {}, "drift_probe_prompts is gone"),
+        ("attribution:\n  signed_kinds: [agent]\n", {}, "signed_kinds is set but no key"),
+        ("attribution:\n  keys:\n    desk: short\n", {}, "attribution.keys.desk: shorter than 32"),
+        ("attribution:\n  signed_kinds: [agents]\n", {}, "attribution.signed_kinds"),
         (
             "training:\n  run_spec:\n    eval:\n      policy_rules:\n"
             "        - {name: x, when: {category: billing}, required: ['(unclosed']}\n",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,51 @@ def test_record_crcs_are_checked_in_c() -> None:
 
     assert util.crc32c_c is not None, "install the crc32c package (a dependency of alignd)"
     assert util.calc_crc32c(memoryview(b"123456789")) == 0xE3069283  # the standard check value
+
+
+def test_signed_attribution_through_the_broker(
+    child_processes: None, broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Issue #31, finding 2: self-declared actor ids beat the gate's actor_share (one flood
+    split over 8 ids was promoted). With agents required to sign, only events a desk key signed
+    keep their agent; the rest count as the one unattributed actor and are counted."""
+    from pydantic import SecretStr
+
+    from feedback.attribution import AttributionConfig, Verifier, sign
+
+    broker.create_topics(TOPIC)
+    broker.create_topics(DLQ)
+    old, new = b"desk-key-2026a-" + b"x" * 24, b"desk-key-2026b-" + b"y" * 24  # a rotation
+
+    def agent(event_id: str, who: str) -> dict[str, Any]:
+        return edit(event_id, prompt=f"q {event_id}", actor={"kind": "agent", "id": who})
+
+    events = {
+        "old-key": sign(agent("s1", "a-1"), "desk-a", old),
+        "new-key": sign(agent("s2", "a-2"), "desk-b", new),
+        "unsigned": agent("u1", "flood-1"),
+        "forged": sign(agent("f1", "flood-2"), "desk-a", b"guessed-" + b"z" * 32),
+        "unknown_key": sign(agent("k1", "flood-3"), "desk-z", new),
+        "tampered": {**sign(agent("t1", "a-3"), "desk-a", old), "edited_completion": "Refund!"},
+        "user": rating("r1", prompt="q r1", actor={"kind": "user", "id": "u-1"}),  # not required
+    }
+    produce_events(broker.bootstrap, TOPIC, [encode(e) for e in events.values()])
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    config = AttributionConfig(signed_kinds=("agent", "annotator"),
+                               keys={"desk-a": SecretStr(old.decode()), "desk-b": SecretStr(new.decode())})  # fmt: skip
+    reports: list[Any] = []
+    consumer = FeedbackConsumer(kafka_config(broker), store, verifier=Verifier(config),
+                                on_batch=reports.append)  # fmt: skip
+    totals = consumer.run(threading.Event(), until_idle_s=2)
+    consumer.close()
+
+    assert totals.stored == len(events) and not totals.dead_lettered  # nothing lost
+    actors = {s.event.event_id: s.event.actor for s in store.iter_events()}
+    assert actors["s1"] and actors["s1"].id == "a-1" and actors["s2"] and actors["s2"].id == "a-2"
+    assert actors["r1"] and actors["r1"].id == "u-1"
+    assert [actors[e] for e in ("u1", "f1", "k1", "t1")] == [None] * 4
+    unverified: Counter[tuple[str, str]] = Counter()
+    for report in reports:
+        unverified.update(report.unverified)
+    assert unverified == {("agent", "unsigned"): 1, ("agent", "bad_signature"): 2,
+                          ("agent", "unknown_key"): 1}  # fmt: skip
