@@ -42,7 +42,7 @@ from daemon.records import (
 )
 from daemon.registry import Registry, atomic_write_json
 from daemon.runners import LocalRunner, RunEnd, RunExit, Runner
-from daemon.scheduler import MethodChoice, choose_method
+from daemon.scheduler import Due, MethodChoice, RefreshState, choose_method, refresh_due
 from daemon.states import SUCCESSFUL, ActivationTrigger, Outcome, RefreshTrigger
 from feedback.increment import incremental_view
 from feedback.manifest import SnapshotManifest
@@ -78,6 +78,10 @@ class DaemonState:
         atomic_write_json(path, asdict(self))
 
 
+def _parse(ts: str | None) -> datetime | None:
+    return datetime.fromisoformat(ts) if ts else None
+
+
 class Refresher:
     def __init__(
         self,
@@ -96,6 +100,8 @@ class Refresher:
         for d in (self.runs_dir, self.snapshots_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.state = DaemonState.load(self.state_path)
+        if self.state.last_success_at:  # the gauge survives a restart
+            metrics.last_success.set(datetime.fromisoformat(self.state.last_success_at).timestamp())
         self._recover()
         self.running = threading.Event()
         self.runner: Runner = make_runner(config.training)
@@ -115,6 +121,27 @@ class Refresher:
                 status.finished_at = datetime.now(UTC).isoformat()
                 self._write_status(status)
                 log.warning("run %s was interrupted by a crash", status.run_id)
+
+    def due(self, now: datetime, *, running: bool, manual: bool) -> tuple[Due, dict[str, int]]:
+        """Is a refresh due now (the pure rule, ``daemon.scheduler.refresh_due``, over this
+        refresher's schedule state), with the new events per type it counted since the last
+        snapshot. Records that cron was evaluated now (missed fires coalesce into one)."""
+        state = self.state
+        counts = self.store.counts_by_type(since_seq=state.last_snapshot_seq)
+        decision = refresh_due(
+            RefreshState(
+                running=running,
+                last_started_at=_parse(state.last_started_at),
+                last_cron_check=_parse(state.last_cron_check) or now,
+                new_pairs=counts.get("edit", 0) + counts.get("comparison", 0),
+                new_ratings=counts.get("rating", 0),
+                manual_requested=manual,
+            ),
+            now,
+            self.config.schedule,
+        )
+        state.last_cron_check = now.isoformat()
+        return decision, counts
 
     def run_status(self, run_id: str) -> RunStatus | None:
         """The run's status; None for an unknown run, or one whose status.json does not parse

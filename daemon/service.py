@@ -36,7 +36,6 @@ from daemon.promotion import Promotions
 from daemon.refresh import Refresher
 from daemon.registry import Registry, ServingHook, current_pointer_hook
 from daemon.regression import RegressionWatch
-from daemon.scheduler import RefreshState, refresh_due
 from daemon.serving import vllm_hook
 from daemon.states import RefreshTrigger
 from daemon.watch import Verdict
@@ -46,10 +45,6 @@ from feedback.consumer import FeedbackConsumer
 from feedback.store import FeedbackStore, StoreUnusable
 
 log = logging.getLogger("alignd.service")
-
-
-def _parse(ts: str | None) -> datetime | None:
-    return datetime.fromisoformat(ts) if ts else None
 
 
 class Service:
@@ -146,10 +141,6 @@ class Service:
         log.info("starting alignd with config %s", json.dumps(self.config.redacted(), default=str))
         self.replay_serving()
         self.promotions.publish_active()
-        if self.refresher.state.last_success_at:
-            self.metrics.last_success.set(
-                datetime.fromisoformat(self.refresher.state.last_success_at).timestamp()
-            )
         self._consumer_thread = threading.Thread(
             target=self.consumer.run,
             args=(self.consumer_stop,),
@@ -261,23 +252,12 @@ class Service:
         with self._lock:
             if self.stopping.is_set():
                 return
-            state = self.refresher.state
-            counts = self.store.counts_by_type(since_seq=state.last_snapshot_seq)
-            self._new_counts = counts  # status shows these: it never counts the store itself
-            now = datetime.now(UTC)
-            decision = refresh_due(
-                RefreshState(
-                    running=self._refresh_busy(),
-                    last_started_at=_parse(state.last_started_at),
-                    last_cron_check=_parse(state.last_cron_check) or now,
-                    new_pairs=counts.get("edit", 0) + counts.get("comparison", 0),
-                    new_ratings=counts.get("rating", 0),
-                    manual_requested=self.manual_refresh is not None,
-                ),
-                now,
-                self.config.schedule,
+            decision, counts = self.refresher.due(
+                datetime.now(UTC),
+                running=self._refresh_busy(),
+                manual=self.manual_refresh is not None,
             )
-            state.last_cron_check = now.isoformat()
+            self._new_counts = counts  # status shows these: it never counts the store itself
             if not decision.due:
                 return
             trigger = RefreshTrigger.OPERATOR if self.manual_refresh else decision.trigger
