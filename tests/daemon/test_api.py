@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -209,14 +211,12 @@ def test_metrics_endpoint_exposes_alignd_metrics(client: TestClient) -> None:
         assert name in text
 
 
-def test_idle_connections_cannot_hold_the_admin_port() -> None:
-    """Issue #31, finding 3: connections that send nothing counted against limit_concurrency
-    with no timer, so /healthz answered 503 for as long as they stayed open."""
-    import socket
+@contextmanager
+def small_admin_server(head_timeout_s: float, limit: int) -> Iterator[int]:
+    """A real uvicorn server with the admin port's protocol and a tiny /healthz app."""
     import threading
     import time
 
-    import httpx
     import uvicorn
     from fastapi import FastAPI
 
@@ -226,22 +226,54 @@ def test_idle_connections_cannot_hold_the_admin_port() -> None:
     app, port = FastAPI(), free_port()
     app.get("/healthz")(lambda: {"status": "ok"})
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                           limit_concurrency=8, http=with_head_deadline(1.0)))  # fmt: skip
+                                           limit_concurrency=limit,
+                                           http=with_head_deadline(head_timeout_s)))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}/healthz"
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
     try:
-        time.sleep(0.2)
-        assert httpx.get(url, timeout=5).status_code == 503  # the port is held...
-        time.sleep(1.5)
-        assert httpx.get(url, timeout=5).status_code == 200  # ...until their deadline
-        assert all(s.recv(1) == b"" for s in idle)  # closed by the server
+        yield port
     finally:
-        for s in idle:
-            s.close()
         server.should_exit = True
         thread.join(5)
+
+
+def test_idle_sockets_cannot_starve_the_probes() -> None:
+    """Issue #31, finding 3: connections that send nothing counted against limit_concurrency
+    with no timer, so /healthz answered 503 for as long as they stayed open. 200 silent sockets
+    and a half-sent request line on a port limited to 16: every probe still answers."""
+    import socket
+    import time
+
+    import httpx
+
+    with small_admin_server(head_timeout_s=60, limit=16) as port:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+        half = socket.create_connection(("127.0.0.1", port))
+        half.sendall(b"GET /healthz HTTP/1.1\r\nHost: alignd\r\n")  # never finished
+        try:
+            time.sleep(0.3)
+            codes = []
+            for _ in range(5):
+                codes.append(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code)
+                time.sleep(0.1)
+            assert codes == [200] * 5
+        finally:
+            for s in [*idle, half]:
+                s.close()
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+
+
+def test_a_silent_connection_is_closed_at_its_head_deadline() -> None:
+    import socket
+    import time
+
+    with small_admin_server(head_timeout_s=1.0, limit=16) as port:
+        quiet = socket.create_connection(("127.0.0.1", port))
+        quiet.settimeout(5)
+        started = time.monotonic()
+        assert quiet.recv(1) == b""  # closed by the server...
+        assert 0.8 < time.monotonic() - started < 3  # ...at its deadline
+        quiet.close()
