@@ -147,13 +147,16 @@ class Guard:
         self.tokens = tokens
 
     def access(self, request: Request) -> Access:
+        return self.identify(request)[0]
+
+    def identify(self, request: Request) -> tuple[Access, str | None]:
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         client = request.client.host if request.client else "unknown"
         try:
-            found = self.tokens.scope(presented, client=client, surface="api")
+            found = self.tokens.identify(presented, client=client, surface="api")
         except TooManyFailures as e:
             raise HTTPException(
                 429, str(e), headers={"Retry-After": f"{max(1, round(e.retry_after_s))}"}
@@ -167,9 +170,13 @@ class Guard:
         self.access(request)
 
     def operator(self, request: Request) -> str:
-        """Changes: the admin token; the audit log's actor is the name the caller gives."""
-        if self.access(request) != "admin":
+        """Changes: an admin token. The audit log's actor is the operator's own token's name,
+        or, with the shared admin token, the name the caller gives (``x-alignd-actor``)."""
+        access, name = self.identify(request)
+        if access != "admin":
             raise HTTPException(403, "invalid token")
+        if name is not None:
+            return name
         try:
             return operator_name(request.headers.get("x-alignd-actor", "operator"))
         except ReservedName as e:

@@ -8,11 +8,12 @@ logged with the client's address and never the token, and rate-limited per clien
 has passed, the right token included, so guessing runs at a few tries a minute, not a thousand a
 second.
 
-Who an operator is: the name they give (the CLI sends ``$USER``, the console asks at sign-in)
-goes into the audit log as ``actor``, cleaned by :func:`operator_name`. One admin token cannot
-tell people apart, but it can keep them apart from the daemon: names beginning with ``alignd``
-are its own (``alignd-gate``, ``alignd-watch``, ``alignd-startup``) and are refused, so no one
-holding the token can write an entry that reads as the gate's or the watch's.
+Who an operator is: a token of their own (``admin.operator_tokens``: a name per token) makes
+the audit log's ``actor`` that name, whatever the caller says. With the shared admin token the
+actor is the name given (the CLI sends ``$USER``, the console asks at sign-in), cleaned by
+:func:`operator_name`; names beginning with ``alignd`` are the daemon's own (``alignd-gate``,
+``alignd-watch``, ``alignd-startup``) and are refused either way, so no one can write an entry
+that reads as the gate's or the watch's.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Tokens:
         token: str | None,
         read_token: str | None,
         *,
+        operators: dict[str, str] | None = None,
         on_failure: Callable[[str], None] = lambda surface: None,
         max_failures: int = 10,
         window_s: float = 60.0,
@@ -73,6 +75,7 @@ class Tokens:
     ) -> None:
         self._admin = _digest(token) if token else None
         self._read = _digest(read_token) if read_token else None
+        self._operators = {name: _digest(t) for name, t in (operators or {}).items()}
         self.on_failure, self.max_failures, self.window_s = on_failure, max_failures, window_s
         self.clock = clock
         self._failures: dict[str, deque[float]] = {}
@@ -80,19 +83,31 @@ class Tokens:
 
     @property
     def admin_configured(self) -> bool:
-        return self._admin is not None
+        return self._admin is not None or bool(self._operators)
 
     def scope(self, presented: str, *, client: str, surface: str) -> Access | None:
         """``admin``, ``read``, or None (counted, logged, rate-limited); raises
         :class:`TooManyFailures` while ``client`` is locked out."""
+        found = self.identify(presented, client=client, surface=surface)
+        return found[0] if found else None
+
+    def identify(
+        self, presented: str, *, client: str, surface: str
+    ) -> tuple[Access, str | None] | None:
+        """What ``presented`` may do and, for an operator's own token, whose it is (None for
+        the shared tokens); None for a wrong token (counted, logged, rate-limited). Every token
+        is compared, in constant time, whichever matches."""
         self._check_lockout(client)
         digest = _digest(presented)
         ok_admin = self._admin is not None and hmac.compare_digest(digest, self._admin)
         ok_read = self._read is not None and hmac.compare_digest(digest, self._read)
+        named = [n for n, d in self._operators.items() if hmac.compare_digest(digest, d)]
+        if named:
+            return "admin", named[0]
         if ok_admin:
-            return "admin"
+            return "admin", None
         if ok_read:
-            return "read"
+            return "read", None
         self._failed(client, surface)
         return None
 

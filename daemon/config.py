@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from daemon.auth import operator_name
 from daemon.gate import GateConfig
 from daemon.watch import WatchConfig
 from feedback.attribution import AttributionConfig
@@ -266,6 +267,11 @@ class AdminConfig(FrozenModel):
         None, description="read-only bearer token: GET under /v1/ (dashboards, on-call)"
     )
     read_token_file: Path | None = Field(None, description="file holding the read-only token")
+    operator_token_files: dict[str, Path] = Field(
+        {},
+        description="operator name -> file holding their own admin token: the audit log names "
+        "them by the token they used, whatever they type",
+    )
     max_body_bytes: int = Field(
         16_384, gt=0, description="request bodies larger are refused while streaming, before auth"
     )
@@ -291,14 +297,25 @@ class AdminConfig(FrozenModel):
 
     @model_validator(mode="after")
     def _token_files_long_enough(self) -> AdminConfig:
-        for key in ("token_file", "read_token_file"):
-            path = getattr(self, key)
+        files = [(key, getattr(self, key)) for key in ("token_file", "read_token_file")]
+        files += [(f"operator_token_files.{n}", p) for n, p in self.operator_token_files.items()]
+        for key, path in files:
             if path is not None:
                 try:
                     _check_token_length(read_secret(None, path) or "")
                 except ValueError as e:
                     raise ValueError(f"{key}: {e}") from e
+        for name in self.operator_token_files:
+            try:
+                if operator_name(name) != name:
+                    raise ValueError("letters, digits and -_.@ only, at most 64")
+            except ValueError as e:
+                raise ValueError(f"operator_token_files.{name}: {e}") from None
         return self
+
+    def operator_tokens(self) -> dict[str, str]:
+        """Operator name -> their own admin token."""
+        return {n: read_secret(None, p) or "" for n, p in self.operator_token_files.items()}
 
 
 MIN_TOKEN_CHARS = 24

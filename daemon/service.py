@@ -131,6 +131,7 @@ class Service:
         tokens = Tokens(
             self.admin_token(),
             read_secret(admin.read_token, admin.read_token_file),
+            operators=admin.operator_tokens(),
             on_failure=lambda surface: self.metrics.auth_failures.labels(surface=surface).inc(),
         )
         app = make_app(self.desk, tokens=tokens, max_body_bytes=admin.max_body_bytes)

@@ -202,3 +202,15 @@ def test_the_daemons_own_names_are_refused_to_operators(
     assert backend.calls == []
     kept = client.post("/v1/rollback", headers={**AUTH, "x-alignd-actor": "ann\nalignd-watch"})
     assert kept.status_code == 200 and backend.calls == [("rollback", "annalignd-watch")]
+
+
+def test_an_operators_own_token_names_them_in_the_audit(backend: InMemoryBackend) -> None:
+    """Issue #31, finding 8: the audit actor comes from the token used, not a free-text field."""
+    own = "dana-own-admin-token-0123456789"
+    client = TestClient(make_app(backend, tokens=Tokens(TOKEN, None, operators={"dana": own}),
+                                 max_body_bytes=1024))  # fmt: skip
+    for path, typed in (("/v1/adapters/v0001/promote", "alignd-watch"), ("/v1/rollback", "carol")):
+        headers = {"authorization": f"Bearer {own}", "x-alignd-actor": typed}
+        assert client.post(path, headers=headers).status_code == 200
+    assert backend.calls == [("promote", "dana"), ("rollback", "dana")]
+    assert client.get("/v1/adapters", headers={"authorization": f"Bearer {own}"}).status_code == 200

@@ -49,6 +49,7 @@ def test_env_overrides_yaml_overrides_defaults(
         ("gate:\n  kl_budget: 0.5\n", {}, "gate: .*kl_budget was replaced by drift_budget"),
         ("schedule:\n  drift_probe_prompts: 32\n", {}, "drift_probe_prompts is gone"),
         ("attribution:\n  signed_kinds: [agent]\n", {}, "signed_kinds is set but no key"),
+        ("admin:\n  operator_token_files:\n    alignd-x: /dev/null\n", {}, "operator_token_files"),
         ("attribution:\n  keys:\n    desk: short\n", {}, "attribution.keys.desk: shorter than 32"),
         ("attribution:\n  signed_kinds: [agents]\n", {}, "attribution.signed_kinds"),
         (
