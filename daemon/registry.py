@@ -55,8 +55,8 @@ log = logging.getLogger("alignd.registry")
 
 VERSION_RE = re.compile(r"^v\d{4,}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# How long an activation waits for another's serving hooks (a hung model server) before it is
-# left to the next tick's replay: under the CLI's 30 s, so an operator always gets an answer.
+# How long an operator's promote or rollback waits for serving (another activation's hooks, then
+# its own) before it answers "pending": under the CLI's 30 s, so an operator always gets an answer.
 SERVING_WAIT_S = 20.0
 
 
@@ -469,6 +469,22 @@ class Registry:
                                                      "serving_failed": False})  # fmt: skip
         return failures
 
+    def _serve_answering(self, record: dict[str, Any], actor: str) -> list[str]:
+        """:meth:`_serve` for an operator's or the gate's activation, answered within
+        ``SERVING_WAIT_S`` (under the CLI's 30 s): hooks still running then (a hung model
+        server) finish on their own, and the activation stays pending until they succeed."""
+        done: list[list[str]] = []
+        worker = threading.Thread(target=lambda: done.append(self._serve(record, actor)),
+                                  name="serving-hooks", daemon=True)  # fmt: skip
+        worker.start()
+        worker.join(SERVING_WAIT_S)
+        if done:
+            return done[0]
+        return [
+            f"serving: the hooks for {record['version']} are still running after "
+            f"{SERVING_WAIT_S:g} s; it is pending until they finish (alignd status)"
+        ]
+
     def replay_serving(self, *, actor: str = "alignd-startup") -> list[str] | None:
         """If the last activation's hooks have not all succeeded (a crash between recording it
         and serving it, a model server that was down), run them again. Returns None when
@@ -497,7 +513,7 @@ class Registry:
         with self._locked():
             self._check_revision(expect_revision)
             record = self._promote(version, actor=actor, reason=reason, force=force)
-        return self._serve(record, actor)
+        return self._serve_answering(record, actor)
 
     def _promote(self, version: str, *, actor: str, reason: str, force: bool) -> dict[str, Any]:
         state = self.state(version)
@@ -558,7 +574,7 @@ class Registry:
             record = self._activate(
                 to, action="rollback", actor=actor, reason=reason, history=history
             )
-        return to, self._serve(record, actor)
+        return to, self._serve_answering(record, actor)
 
     def reject(
         self, version: str, *, actor: str, reason: str, expect_revision: str | None = None

@@ -294,6 +294,34 @@ def test_a_model_server_outage_neither_holds_the_registry_nor_changes_it_every_t
     assert [e["action"] for e in registry.audit()].count("serving_hook_failed") == 1
 
 
+def test_a_promote_answers_before_the_clis_timeout_when_its_hooks_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rest of finding 4: a promote waited for its own hooks (vLLM's 60 s per call) while
+    the CLI gives up at 30 s. It answers "pending" after SERVING_WAIT_S (here 0.5 s)."""
+    import daemon.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "SERVING_WAIT_S", 0.5)
+    released = threading.Event()
+    served: list[str] = []
+
+    def slow_vllm(version: str, path: Path, previous: str | None) -> None:
+        released.wait(10)
+        served.append(version)
+
+    registry = Registry(tmp_path / "reg", [slow_vllm])
+    v = registry.register(make_adapter(tmp_path / "a"), PASSED)
+    started = time.monotonic()
+    answer = registry.promote(v, actor="a", reason="r")
+    assert time.monotonic() - started < 3 and "still running" in answer[0]
+    assert registry.active() == v and registry.serving_state() == "pending"
+    released.set()
+    deadline = time.monotonic() + 5
+    while registry.serving_state() != "done" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served == [v] and registry.serving_state() == "done"  # finished on its own
+
+
 def test_a_manifest_written_before_the_typed_contract_still_loads() -> None:
     """Written by main on 2026-12-06 (the demo's round 2: incremental, rejected), before the
     manifest had a model."""
