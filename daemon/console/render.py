@@ -9,7 +9,7 @@ checks, replies side by side) through :func:`macro`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,7 @@ COLOURS = ["#1f5fbf", "#b3261e", "#13743a", "#8a4fbf", "#c77700"]
 
 def chart(series: dict[str, list[tuple[float, float]]], *, x_label: str, y_label: str) -> Chart:
     """One line per series; an empty chart (no points) renders as "nothing measured yet"."""
-    c = Chart(label=y_label, x_label=x_label, lines=[])
+    c = Chart(label=y_label, x_label=x_label, lines=[])  # the frame: its size and margins
     points = [p for values in series.values() for p in values]
     if not points:
         return c
@@ -110,8 +110,7 @@ def chart(series: dict[str, list[tuple[float, float]]], *, x_label: str, y_label
         dot = (round(sx(values[0][0]), 1), round(sy(values[0][1]), 1)) if len(values) == 1 else None
         lines.append(Line(name, COLOURS[i % len(COLOURS)], coords, dot))
     ticks = {"y_max": f"{y1:.3g}", "y_min": f"{y0:.3g}", "x_min": f"{x0:.4g}", "x_max": f"{x1:.4g}"}
-    return Chart(label=y_label, x_label=x_label, lines=lines, ticks=ticks,
-                 y_max_at=sy(y1), y_min_at=sy(y0))  # fmt: skip
+    return replace(c, lines=lines, ticks=ticks, y_max_at=sy(y1), y_min_at=sy(y0))
 
 
 # --- replies side by side ---------------------------------------------------------------------
