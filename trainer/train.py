@@ -320,18 +320,16 @@ def train(spec: RunSpec, result: RunResult) -> None:
     t_loop = time.perf_counter()
     if hp.sft_epochs and isinstance(objective, PairedObjective):  # OPA-DPO's order
         objective.supervised_only = True
-        optimise(t, objective, _steps(hp, objective.num_examples, hp.sft_epochs), result)
+        steps = _steps(hp, objective.num_examples, hp.sft_epochs)
+        optimise(t, objective, steps, result, label="supervised pass")
         objective.supervised_only = False
-    optimise(t, objective, hp.max_steps or _steps(hp, objective.num_examples, hp.epochs), result)
+    steps = hp.max_steps or _steps(hp, objective.num_examples, hp.epochs)
+    optimise(t, objective, steps, result, label=f"{t.method.name} training")
     if spec.mining.samples and spec.mining.when == "after":
         mined = mine(t, rows, result)
         objective = prepare(t, rows + mined, result)
-        optimise(
-            t,
-            objective,
-            _steps(hp, objective.num_examples, spec.mining.second_pass_epochs),
-            result,
-        )
+        steps = _steps(hp, objective.num_examples, spec.mining.second_pass_epochs)
+        optimise(t, objective, steps, result, label=f"{t.method.name} training (with mined pairs)")
     result.num_train_examples = objective.num_examples
     result.num_steps = t.steps_done
     mined_in_loop = result.timings.get("mining_s", 0.0) if spec.mining.when == "after" else 0.0
@@ -366,8 +364,11 @@ def _steps(hp: Hyperparameters, n_examples: int, epochs: float) -> int:
 
 # The loop reads top to bottom in one function (~130 lines); the complexity counted is the
 # detectors, each a line or two, and splitting them out would hide the control flow.
-def optimise(t: Trainee, objective: Objective, total_steps: int, result: RunResult) -> None:  # noqa: C901
-    """One pass of AdamW with its own warm-up and decay over ``total_steps`` steps."""
+def optimise(  # noqa: C901
+    t: Trainee, objective: Objective, total_steps: int, result: RunResult, *, label: str
+) -> None:
+    """One pass of AdamW with its own warm-up and decay over ``total_steps`` steps; ``label``
+    names it on the progress bar."""
     hp, det, world, model = t.spec.hyper, t.spec.detectors, t.world, t.model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
@@ -380,9 +381,7 @@ def optimise(t: Trainee, objective: Objective, total_steps: int, result: RunResu
     model.train()
     bar = tqdm(
         total=total_steps,
-        desc="supervised pass"
-        if isinstance(objective, PairedObjective) and objective.supervised_only
-        else f"{t.method.name} training" + ("" if first_pass else " (with mined pairs)"),
+        desc=label,
         unit="step",
         file=sys.stderr,
         disable=not world.is_main,
