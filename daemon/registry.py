@@ -441,8 +441,11 @@ class Registry:
                     f"serving: another activation's hooks are still running after "
                     f"{SERVING_WAIT_S:g} s; {version} is served at the next tick"
                 ]
-            if self._still_active(record) is None:
+            current = self._still_active(record)
+            if current is None:
                 return []  # a newer activation: it serves itself
+            if current.get("serving", "done") == "done":
+                return []  # served meanwhile (a tick's replay waited on the activation's hooks)
             failures = []
             for hook in self.hooks:
                 try:

@@ -322,6 +322,31 @@ def test_a_promote_answers_before_the_clis_timeout_when_its_hooks_hang(
     assert served == [v] and registry.serving_state() == "done"  # finished on its own
 
 
+def test_a_replay_that_waited_on_an_activations_hooks_does_not_serve_it_again(
+    tmp_path: Path,
+) -> None:
+    """A tick's replay reads the activation while its hooks still run, then waits on the
+    serving lock: once they are done it has nothing to do (it served again and audited
+    'serving_replayed' after every promote; the browser test caught it)."""
+    calls: list[str] = []
+    running = threading.Event()
+
+    def vllm(version: str, path: Path, previous: str | None) -> None:
+        calls.append(version)
+        running.set()
+        time.sleep(0.5)
+
+    registry = Registry(tmp_path / "reg", [vllm])
+    v = registry.register(make_adapter(tmp_path / "a"), PASSED)
+    promote = threading.Thread(target=lambda: registry.promote(v, actor="a", reason="r"))
+    promote.start()
+    assert running.wait(5)
+    assert registry.replay_serving() == []  # waited for the promote's hooks, found it served
+    promote.join(5)
+    assert calls == [v] and registry.serving_state() == "done"
+    assert [e["action"] for e in registry.audit()][-1] == "promote"
+
+
 def test_a_manifest_written_before_the_typed_contract_still_loads() -> None:
     """Written by main on 2026-12-06 (the demo's round 2: incremental, rejected), before the
     manifest had a model."""
