@@ -111,13 +111,18 @@ def test_connections_beyond_the_limit_are_answered_503(
     idle = []
     try:
         # slow clients holding requests open: each sent a head and half a body (since issue
-        # #31's finding 3, connections that send nothing are closed to make room instead)
-        for _ in range(4):
+        # #31's finding 3, connections that send nothing are closed to make room instead). The
+        # "100 Continue" answer proves the daemon is reading that body: a head still unread when
+        # the probe connects is indistinguishable from a silent socket and is rightly evicted
+        # (a fixed sleep raced that on a loaded CI machine). Three requests in progress and the
+        # probe's connection fill the port's four.
+        for _ in range(3):
             conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-            conn.sendall(b"POST /v1/refresh HTTP/1.1\r\nHost: alignd\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")  # fmt: skip
+            conn.sendall(b"POST /v1/refresh HTTP/1.1\r\nHost: alignd\r\nExpect: 100-continue\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")  # fmt: skip
+            assert conn.recv(64).startswith(b"HTTP/1.1 100 ")
+            conn.sendall(b"{")
             idle.append(conn)
-        time.sleep(0.5)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 503
         for conn in idle:
             conn.close()
