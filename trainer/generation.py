@@ -6,7 +6,6 @@ accuracy and training loss say nothing about collapse; a reply can be short, pol
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -18,18 +17,7 @@ from trainer.logprobs import Prompt, as_messages, render_prompt
 from trainer.model import evaluating, using_adapter
 from trainer.results import GenerationReport
 from trainer.spec import GroundingSpec, PolicyRule
-
-_WORD = re.compile(r"\w+")
-
-
-def is_repetitive(text: str) -> bool:
-    """A reply that mostly repeats itself: fewer than 40% distinct 3-grams over ≥ 12 words."""
-    words = _WORD.findall(text.lower())
-    if len(words) < 12:
-        return False
-    grams = list(zip(words, words[1:], words[2:], strict=False))
-    return len(set(grams)) / len(grams) < 0.4
-
+from trainer.verifier import WORD, is_repetitive
 
 # fmt: off
 _STOP = frozenset((
@@ -43,7 +31,7 @@ _STOP = frozenset((
 
 def _salient(text: str) -> set[str]:
     """Words a relevant reply would echo: numbers (order ids) and longer content words."""
-    words = _WORD.findall(text.lower())
+    words = WORD.findall(text.lower())
     return {w for w in words if (w.isdigit() and len(w) >= 3) or (len(w) >= 5 and w not in _STOP)}
 
 
@@ -113,7 +101,7 @@ def generation_stats(
     tags = list(tags) if tags is not None else [{} for _ in prompts]
     if not replies:
         return GenerationReport(prompts=list(prompts), tags=tags)
-    words = [len(_WORD.findall(r)) for r in replies]
+    words = [len(WORD.findall(r)) for r in replies]
     n = len(replies)
     return GenerationReport(
         **_grounding(replies, prompts, tags, grounding or GroundingSpec(), policy_rules),

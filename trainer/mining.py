@@ -23,13 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.claims import unsupported_claims
+from trainer import verifier
 from trainer.data import row_tags
-from trainer.generation import _WORD, generate, is_repetitive
+from trainer.generation import generate
 from trainer.logprobs import Prompt, as_messages
 from trainer.spec import EvalSpec, GroundingSpec, MiningSpec, PolicyRule
-
-SHORT_WORDS = 5  # as the gate's degenerate check (trainer.generation.generation_stats)
 
 
 def flags(
@@ -39,21 +37,9 @@ def flags(
     grounding: GroundingSpec,
     rules: Sequence[PolicyRule],
 ) -> list[str]:
-    """What the gate's detectors find wrong with ``reply`` to ``prompt``; empty when nothing."""
+    """What the gate's detectors find wrong with ``reply`` to ``prompt`` (``trainer.verifier``)."""
     context = [m["content"] for m in as_messages(prompt)]
-    found = [
-        f"unsupported: {c.text}"
-        for c in unsupported_claims(reply, context, grounding.entities, grounding.ignore)
-    ]
-    found += [
-        f"policy: {rule.name}: {v}"
-        for rule in rules
-        if rule.applies(tags)
-        for v in rule.violations(reply)
-    ]
-    if len(_WORD.findall(reply)) < SHORT_WORDS or is_repetitive(reply):
-        found.append("degenerate")
-    return found
+    return verifier.flags(reply, context, tags, grounding, rules)
 
 
 @dataclass
