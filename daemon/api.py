@@ -21,7 +21,7 @@ opens are refused. Tokens are never logged or echoed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
@@ -30,7 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.auth import Access, ReservedName, Tokens, TooManyFailures, operator_name
-from daemon.operations import AdapterSummary, Operations, ServiceStatus
+from daemon.operations import (
+    AdapterSummary,
+    CanaryAction,
+    CanaryChanged,
+    CanaryStatus,
+    Operations,
+    ServiceStatus,
+)
 from daemon.records import AdapterDetail, RunStatus
 from daemon.registry import RegistryError, VersionNotFound
 
@@ -58,6 +65,19 @@ class RollbackBody(BaseModel):
 class ReasonBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field("operator request", max_length=1000)
+
+
+class CanaryBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: CanaryAction
+    version: str | None = Field(
+        None, max_length=64, description="start: the version; else, when given, the canary's"
+    )
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="start: default the first rollout step; widen: the next"
+    )
+    reason: str = Field("operator request", max_length=1000)
+    force: bool = Field(False, description="start or promote past the gate's tier")
 
 
 class Activated(BaseModel):
@@ -224,6 +244,15 @@ def _reads(app: FastAPI, backend: Operations, reader: Callable[[Request], None])
     def adapter(version: str) -> AdapterDetail:
         return registry_call(lambda: backend.adapter(version))
 
+    @app.get("/v1/canary", dependencies=[Depends(reader)], response_model=CanaryStatus | None)
+    def canary() -> CanaryStatus | None:
+        return backend.canary()
+
+    @app.get("/v1/routing", dependencies=[Depends(reader)])
+    def routing() -> dict[str, Any]:
+        """The routing document a gateway reads (``daemon.routing``)."""
+        return backend.routing()
+
     @app.get("/v1/runs/{run_id}", dependencies=[Depends(reader)], response_model=RunStatus)
     def run(run_id: str) -> RunStatus:
         status = backend.run(run_id)
@@ -258,6 +287,15 @@ def _actions(app: FastAPI, backend: Operations, operator: Callable[[Request], st
             lambda: backend.rollback(actor=actor, reason=body.reason, to=body.to, force=body.force)
         )
         return Activated(active=version, serving_hook_failures=failures)
+
+    @app.post("/v1/canary", response_model=CanaryChanged)
+    def change_canary(body: CanaryBody, actor: str = Depends(operator)) -> CanaryChanged:
+        return registry_call(
+            lambda: backend.change_canary(
+                body.action, actor=actor, reason=body.reason, version=body.version,
+                fraction=body.fraction, force=body.force,
+            )
+        )  # fmt: skip
 
     @app.post("/v1/refresh", status_code=202, response_model=RefreshAccepted)
     def refresh(body: RefreshBody | None = None, actor: str = Depends(operator)) -> RefreshAccepted:

@@ -350,6 +350,26 @@ def make_parser() -> argparse.ArgumentParser:
     reject.add_argument("--reason", default="operator rejection")
     reject.set_defaults(func=cmd_client, action="reject")
 
+    canary = sub.add_parser("canary", help="the canary beside the stable adapter")
+    canary_sub = canary.add_subparsers(dest="canary_command", required=True)
+    show_canary = canary_sub.add_parser(
+        "show", parents=[client], help="the canary, its last verdict, the routing document"
+    )
+    show_canary.set_defaults(func=cmd_client, action="canary")
+    for name, what in (("start", "serve a version to a share of conversations"),
+                       ("widen", "give the canary a larger share (default: the next step)"),
+                       ("promote", "make the canary the stable adapter for all traffic"),
+                       ("abort", "send all traffic back to the stable adapter")):  # fmt: skip
+        command = canary_sub.add_parser(name, parents=[client], help=what)
+        if name == "start":
+            command.add_argument("version")
+        if name in {"start", "widen"}:
+            command.add_argument("--fraction", type=float, help="share of conversations, 0-1")
+        if name in {"start", "promote"}:
+            command.add_argument("--force", action="store_true", help="past the gate's tier")
+        command.add_argument("--reason", default=f"operator canary {name}")
+        command.set_defaults(func=cmd_client, action="canary", canary_action=name)
+
     plan_cmd = sub.add_parser(
         "plan",
         help="expected peak memory per GPU of a refresh, and the engine and GPU count to use",

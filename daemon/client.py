@@ -146,10 +146,36 @@ def _client(args: argparse.Namespace) -> int:
     elif action == "refresh":
         data = _api(args, "POST", "/v1/refresh", {"full": bool(getattr(args, "full", False))})
         _print(args, data, data["message"])
+    elif action == "canary":
+        _canary(args)
     elif action == "run":
         data = _api(args, "GET", f"/v1/runs/{args.run_id}")
         _print(args, data, json.dumps(data, indent=1, default=str))
     return 0
+
+
+def _canary(args: Any) -> None:
+    """``alignd canary show|start|widen|promote|abort``."""
+    change = getattr(args, "canary_action", None)
+    if change is None:
+        data = {"canary": _api(args, "GET", "/v1/canary"),
+                "routing": _api(args, "GET", "/v1/routing")}  # fmt: skip
+    else:
+        body = {"action": change, "reason": args.reason, "version": getattr(args, "version", None),
+                "fraction": getattr(args, "fraction", None),
+                "force": bool(getattr(args, "force", False))}  # fmt: skip
+        data = _api(args, "POST", "/v1/canary", body)
+    canary = data["canary"]
+    if canary is None:
+        human = "no canary: the stable adapter answers every conversation"
+    else:
+        verdict = canary.get("last_verdict") or {}
+        human = (f"canary {canary['version']} on {canary['fraction']:.0%} since "
+                 f"{canary['changed_at']} (gate tier {canary['tier']})\n"
+                 f"last verdict: {verdict.get('reason', 'none yet')}")  # fmt: skip
+    stable = data["routing"]["stable"]
+    human += f"\nstable: {stable['version'] or 'the SFT model'}"
+    _print(args, data, human + _hook_note(data))
 
 
 def _hook_note(data: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.auth import operator_name
+from daemon.canary import RolloutConfig
 from daemon.gate import GateConfig
 from daemon.watch import WatchConfig
 from feedback.attribution import AttributionConfig
@@ -359,6 +360,7 @@ class AligndConfig(BaseSettings):
     admin: AdminConfig = AdminConfig()
     serving: ServingConfig = ServingConfig()
     watch: WatchConfig = WatchConfig()
+    rollout: RolloutConfig = RolloutConfig()
     attribution: AttributionConfig = AttributionConfig()
 
     @classmethod

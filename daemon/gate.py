@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -131,10 +131,27 @@ class Check:
     detail: str = ""
 
 
+Tier = Literal["stable", "canary", "none"]
+# What a reviewer would catch in a draft before a customer sees it: the only checks a reviewed
+# canary may fail (within :class:`ReviewedCanary`'s ceilings). Every other check is hard.
+REVIEWABLE = ("unsupported_claims", "policy_compliance")
+
+
+@dataclass(frozen=True)
+class ReviewedCanary:
+    """A deployment where agents review every draft (``rollout.reviewed``): how far a canary's
+    held-out replies may miss the reviewable checks (full promotion still needs them all)."""
+
+    max_unsupported_rate: float
+    min_policy_compliance: float
+
+
 @dataclass(frozen=True)
 class Decision:
     promote: bool
     checks: list[Check] = field(default_factory=list)
+    tier: Tier = "none"  # the widest exposure the checks allow: all traffic, a canary, none
+    tier_reason: str = ""
 
     @property
     def failed(self) -> list[Check]:
@@ -149,6 +166,8 @@ class Decision:
             "promote": self.promote,
             "checks": [asdict(c) for c in self.checks],
             "reasons": self.reasons,
+            "tier": self.tier,
+            "tier_reason": self.tier_reason,
         }
 
 
@@ -409,15 +428,49 @@ def _evidence_checks(
     return checks
 
 
+def exposure_tier(checks: list[Check], reviewed: ReviewedCanary | None) -> tuple[Tier, str]:
+    """The widest exposure ``checks`` allow, and why. Every check passed: ``stable`` (all
+    traffic). Only reviewable checks failed, the deployment reviews every draft, and the
+    candidate is within the reviewed ceilings: ``canary``. Anything else: ``none``."""
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        return "stable", "every check passed"
+    hard = [c.name for c in failed if c.name not in REVIEWABLE]
+    if hard:
+        return "none", "hard checks failed: " + ", ".join(hard)
+    names = ", ".join(c.name for c in failed)
+    if reviewed is None:
+        return (
+            "none",
+            f"{names} failed and rollout.reviewed is off: drafts reach customers unreviewed",
+        )
+    over = []
+    for check in failed:
+        upper = check.name == "unsupported_claims"
+        ceiling = reviewed.max_unsupported_rate if upper else reviewed.min_policy_compliance
+        value = check.value
+        if value is None or (value > ceiling if upper else value < ceiling):
+            shown = "not measured" if value is None else f"{value:.4f}"
+            sign = "<=" if upper else ">="
+            over.append(f"{check.name} {shown}, not {sign} {ceiling:.4f} (reviewed canary ceiling)")
+    if over:
+        return "none", "; ".join(over)
+    return "canary", f"only {names} failed, within the reviewed canary ceilings"
+
+
 def decide_promotion(
     report: EvalReport,
     detectors: Mapping[str, DetectorFinding],
     config: GateConfig,
     actors: ActorShares | None = None,
+    reviewed: ReviewedCanary | None = None,
 ) -> Decision:
     """Promote or reject, from the run's eval report (candidate, reference and — when an
     adapter was active — incumbent, all on the same held-out set), its training detectors and
-    who supplied the snapshot's rows (its manifest's ``actors``)."""
+    who supplied the snapshot's rows (its manifest's ``actors``). ``promote`` needs every check;
+    ``tier`` says how far the candidate may be exposed (:func:`exposure_tier`): with
+    ``reviewed`` (every draft reviewed before a customer sees it), a candidate failing only the
+    reviewable checks within their ceilings may serve a canary."""
     cand, ref = report.candidate, report.reference
     checks = _preference_checks(cand, report.incumbent, config)
     checks += _evidence_checks(cand, actors, config)
@@ -435,4 +488,5 @@ def decide_promotion(
                 "fired: " + ", ".join(fired) if fired else "none fired",
             )
         )
-    return Decision(promote=all(c.passed for c in checks), checks=checks)
+    tier, why = exposure_tier(checks, reviewed)
+    return Decision(promote=tier == "stable", checks=checks, tier=tier, tier_reason=why)

@@ -13,6 +13,8 @@ from feedback.consumer import BLOCKED_REASONS, BatchReport
 from feedback.events import REASONS
 from trainer.results import AdapterEval
 
+CANARY_SIGNALS = ("edit_rate", "thumbs_down_rate", "unsupported_rate", "policy_violation_rate")
+
 
 class Metrics:
     # Every metric in one place, one declaration each (docs/reference.md's table is generated from
@@ -191,7 +193,46 @@ class Metrics:
         self.watch_timestamp = Gauge(
             "alignd_watch_last_run_timestamp_seconds", "When the watch last judged", registry=r
         )
-        # Pre-create label values so rate() works from the first scrape.
+        self.canary_fraction = Gauge(
+            "alignd_canary_fraction",
+            "Share of conversations the canary answers (0: no canary)",
+            registry=r,
+        )
+        self.canary_changes = Counter(
+            "alignd_canary_changes_total",
+            "Canary changes: start, widen, promote, abort; by who (gate, operator, canary)",
+            ["action", "trigger"],
+            registry=r,
+        )
+        self.canary_verdicts = Counter(
+            "alignd_canary_verdicts_total",
+            "Canary analysis verdicts: continue, widen, promote, abort",
+            ["verdict"],
+            registry=r,
+        )
+        self.canary_p_value = Gauge(
+            "alignd_canary_p_value",
+            "Last canary judgement's one-sided p-value per signal (NaN: not tested)",
+            ["signal"],
+            registry=r,
+        )
+        self.canary_rate = Gauge(
+            "alignd_canary_production_rate",
+            "Canary and stable over the same hours: edit_rate, edit_size, thumbs_down_rate, and "
+            "the gate's detectors on the served drafts: unsupported_rate, policy_compliance",
+            ["adapter", "role", "signal"],
+            registry=r,
+        )
+        self.canary_events = Gauge(
+            "alignd_canary_production_events",
+            "Events counted in the canary analysis's windows: handled, rated, drafts",
+            ["adapter", "role", "kind"],
+            registry=r,
+        )
+        self._precreate()
+
+    def _precreate(self) -> None:
+        """Label values exist from the first scrape, so rate() works at once."""
         for reason in sorted(REASONS):
             self.events_dead_lettered.labels(reason=reason)
         for blocked in BLOCKED_REASONS:
@@ -208,6 +249,10 @@ class Metrics:
             self.watch_p_value.labels(signal=signal).set(float("nan"))
         for decision in ("promote", "reject"):
             self.gate_decisions.labels(outcome=decision)
+        for verdict in ("continue", "widen", "promote", "abort"):
+            self.canary_verdicts.labels(verdict=verdict)
+        for signal in CANARY_SIGNALS:
+            self.canary_p_value.labels(signal=signal).set(float("nan"))
 
     def record_eval(self, adapter: str, evaluation: AdapterEval) -> None:
         """The eval gauges of ``adapter`` (candidate | active); unmeasured values are left."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,8 +27,9 @@ from daemon.metrics import Metrics
 from daemon.promotion import Promotions
 from daemon.records import AdapterDetail, RunStatus
 from daemon.refresh import Refresher
-from daemon.registry import Registry, VersionInfo
+from daemon.registry import Registry, RegistryConflict, VersionInfo
 from daemon.regression import RegressionWatch
+from daemon.rollout import CanaryAnalysis
 from daemon.states import ActivationTrigger
 from feedback.consumer import BLOCKED_REASONS, FeedbackConsumer
 from feedback.production import AdapterFeedback
@@ -36,12 +37,14 @@ from feedback.store import FeedbackStore
 from trainer.results import RunResult
 from trainer.spec import SpecError
 
+CanaryAction = Literal["start", "widen", "promote", "abort"]
+
 
 class AdapterSummary(BaseModel):
     """One row of ``GET /v1/adapters`` (``alignd adapters list``)."""
 
     version: str
-    state: str = Field(description="active | candidate | retired | rejected")
+    state: str = Field(description="active | canary | candidate | retired | rejected")
     created_at: str
     method: str | None
     parent: str | None = Field(description="the version active when it was trained")
@@ -90,6 +93,28 @@ class StoreStatus(BaseModel):
     error: str | None = Field(description="the store's last error, by type")
 
 
+class CanaryStatus(BaseModel):
+    """The running canary (``GET /v1/canary``, ``alignd canary show``)."""
+
+    version: str
+    fraction: float = Field(description="share of conversations it answers")
+    started_at: str
+    changed_at: str = Field(description="when its current step (start or last widening) began")
+    stable: str | None = Field(description="the stable version when it started (None: SFT)")
+    tier: str | None = Field(description="the gate's tier for it: canary | stable")
+    last_verdict: dict[str, Any] | None = Field(description="the analysis's latest verdict")
+
+
+class CanaryChanged(BaseModel):
+    """A canary action's answer: the canary now (None: ended) and the routing document."""
+
+    action: CanaryAction
+    version: str
+    canary: CanaryStatus | None
+    routing: dict[str, Any]
+    serving_hook_failures: list[str] = []
+
+
 class ServiceStatus(BaseModel):
     """``GET /v1/status`` (``alignd status``): what is served, and what the daemon is doing."""
 
@@ -101,6 +126,7 @@ class ServiceStatus(BaseModel):
     consumer: ConsumerStatus
     store: StoreStatus
     watch: dict[str, Any] | None = Field(description="the regression watch's latest verdict")
+    canary: CanaryStatus | None = Field(None, description="the running canary, if any")
     uptime_s: float
     pid: int
 
@@ -157,6 +183,19 @@ class Operations(Protocol):
         self, version: str, *, actor: str, reason: str, expect_revision: str | None = None
     ) -> None: ...
     def request_refresh(self, actor: str, *, full: bool = False) -> tuple[bool, str]: ...
+    def canary(self) -> CanaryStatus | None: ...
+    def routing(self) -> dict[str, Any]: ...
+    def change_canary(
+        self,
+        action: CanaryAction,
+        *,
+        actor: str,
+        reason: str,
+        version: str | None = None,
+        fraction: float | None = None,
+        force: bool = False,
+        expect_revision: str | None = None,
+    ) -> CanaryChanged: ...
 
 
 def load_result(path: Path) -> RunResult | None:
@@ -176,6 +215,7 @@ class Desk:
     registry: Registry
     refresher: Refresher
     watcher: RegressionWatch
+    analysis: CanaryAnalysis
     promotions: Promotions
     store: FeedbackStore
     consumer: FeedbackConsumer
@@ -228,6 +268,7 @@ class Desk:
             ),
             store=self._store_status(),
             watch=self.watcher.last,
+            canary=self.canary(),
             uptime_s=time.time() - self.started_at,
             pid=os.getpid(),
         )
@@ -327,3 +368,63 @@ class Desk:
         self, version: str, *, actor: str, reason: str, expect_revision: str | None = None
     ) -> None:
         self.registry.reject(version, actor=actor, reason=reason, expect_revision=expect_revision)
+
+    # --- the canary ------------------------------------------------------------------------------
+    def canary(self) -> CanaryStatus | None:
+        record = self.registry.canary()
+        if record is None:
+            return None
+        gate = self.registry.manifest(record["version"]).gate
+        last = self.analysis.last
+        return CanaryStatus(
+            version=record["version"],
+            fraction=record["fraction"],
+            started_at=record["started_at"],
+            changed_at=record["changed_at"],
+            stable=record.get("stable"),
+            tier=(gate.tier or ("stable" if gate.promote else None)) if gate else None,
+            last_verdict=last if last and last.get("canary") == record["version"] else None,
+        )
+
+    def routing(self) -> dict[str, Any]:
+        return self.registry.routing()
+
+    def change_canary(
+        self,
+        action: CanaryAction,
+        *,
+        actor: str,
+        reason: str,
+        version: str | None = None,
+        fraction: float | None = None,
+        force: bool = False,
+        expect_revision: str | None = None,
+    ) -> CanaryChanged:
+        """An operator's canary action. ``start`` needs ``version`` (``fraction`` defaults to
+        the first of ``rollout.steps``), ``widen`` a ``fraction`` (default: the next step);
+        ``promote`` and ``abort`` act on the running canary (``version``, if given, must be it)."""
+        promotions, steps = self.promotions, self.analysis.config
+        common: dict[str, Any] = {"trigger": ActivationTrigger.OPERATOR, "actor": actor,
+                                  "reason": reason, "expect_revision": expect_revision}  # fmt: skip
+        failures: list[str] = []
+        if action == "start":
+            if version is None:
+                raise RegistryConflict("start needs the version to expose")
+            promotions.start_canary(version, fraction or steps.steps[0], force=force, **common)
+        else:
+            running = self.registry.canary()
+            if running is None:
+                raise RegistryConflict("no canary is running")
+            version = version or str(running["version"])
+            if action == "widen":
+                wider = fraction or steps.next_step(float(running["fraction"]))
+                if wider is None:
+                    raise RegistryConflict("at the last step already: promote, or give a fraction")
+                promotions.widen_canary(wider, expect_version=version, **common)
+            elif action == "promote":
+                _, failures = promotions.promote_canary(expect_version=version, force=force,
+                                                        **common)  # fmt: skip
+            else:
+                promotions.abort_canary(expect_version=version, **common)
+        return CanaryChanged(action=action, version=version, canary=self.canary(),
+                             routing=self.routing(), serving_hook_failures=failures)  # fmt: skip

@@ -60,6 +60,10 @@ class GateRecord(_Record):
     promote: bool
     checks: list[GateCheckRecord] = []
     reasons: list[str] = []
+    tier: Literal["stable", "canary", "none"] | None = Field(
+        None, description="the widest exposure allowed; None in manifests before tiers"
+    )
+    tier_reason: str = ""
 
 
 class TrainingData(_Record):
@@ -70,6 +74,11 @@ class TrainingData(_Record):
     base_version: str | None = Field(None, description="incremental: the warm-start version")
     new: dict[str, int] = {}
     replayed: dict[str, int] = {}
+    corrections: dict[str, int] = Field(
+        {},
+        description="agents' edits that changed a draft, in the snapshot's events, per adapter "
+        "that served the draft (sft: none named); a canary's are its own mistakes next to the fix",
+    )
 
 
 class TrainingSummary(_Record):

@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,10 +41,12 @@ from daemon.records import (
     TrainingSummary,
     VersionManifest,
 )
-from daemon.registry import Registry, atomic_write_json
+from daemon.registry import Registry, RegistryError, atomic_write_json
 from daemon.runners import LocalRunner, RunEnd, RunExit, Runner
 from daemon.scheduler import Due, MethodChoice, RefreshState, choose_method, refresh_due
 from daemon.states import SUCCESSFUL, ActivationTrigger, Outcome, RefreshTrigger
+from feedback.dataset import unchanged_send
+from feedback.events import EditEvent
 from feedback.increment import incremental_view
 from feedback.manifest import SnapshotManifest
 from feedback.snapshot import build_snapshot
@@ -260,12 +263,21 @@ class Refresher:
 
         active = self.registry.active()
         active_dir = self.registry.version_dir(active) if active else None
+        # warm start from the canary when one runs: the new feedback holds agents' corrections
+        # of its own drafts (the incumbent the gate compares with stays the stable adapter)
+        base = self.registry.canary_version() or active
+        base_dir = self.registry.version_dir(base) if base else None
         data, outcome.training_data = self._training_data(
-            snapshot, manifest, active, choice.method, run_dir, full=outcome.full
+            snapshot, manifest, base, choice.method, run_dir, full=outcome.full
+        )
+        outcome.training_data = outcome.training_data.model_copy(
+            update={"corrections": self._corrections(manifest, base)}
         )
         log.info("refresh %s trains on %s", outcome.run_id, outcome.training_data.reason)
         incremental = outcome.training_data.mode == "incremental"
-        spec = self._run_spec(data, run_dir / "train", choice, sha, active_dir, incremental)
+        spec = self._run_spec(
+            data, run_dir / "train", choice, sha, active_dir, incremental, warm_from=base_dir
+        )
         spec_path = run_dir / "run.json"
         spec_path.write_text(spec.model_dump_json(indent=1))
         refused = job_plan_refusal(spec, self.config.training)
@@ -282,9 +294,11 @@ class Refresher:
             return outcome.end(*failure)
         assert result is not None and result.adapter_dir is not None
 
+        rollout = self.config.rollout
         decision = decide_promotion(
-            result.eval, result.detectors, self.config.gate, manifest.actors
-        )
+            result.eval, result.detectors, self.config.gate, manifest.actors,
+            reviewed=rollout.reviewed_canary(),
+        )  # fmt: skip
         outcome.gate = GateRecord.model_validate(decision.as_dict())
         self.metrics.gate_decisions.labels(
             outcome="promote" if decision.promote else "reject"
@@ -304,23 +318,63 @@ class Refresher:
                 # counts and hashes only: the replies stay in the run directory (retention)
                 eval=result.eval.without_text(),
                 gate=outcome.gate,
-                parent=active,
+                parent=base,
                 method=choice.method,
             ),
         )
         outcome.version = version
-        if not decision.promote:
-            outcome.end(Outcome.REJECTED, "; ".join(decision.reasons))
-        elif self.config.gate.policy == "manual":
-            outcome.end(Outcome.HELD, f"{version} passed the gate; waiting for an operator")
-        else:
-            self.promotions.activate(
-                version,
-                trigger=ActivationTrigger.GATE,
-                actor="alignd-gate",
-                reason=f"gate passed (run {outcome.run_id})",
+        self._expose(outcome, version, decision.tier, decision.tier_reason)
+
+    def _expose(self, outcome: RunStatus, version: str, tier: str, why: str) -> None:
+        """As far as the gate's tier allows: all traffic, a canary (the gate's ``canary`` tier,
+        or every tier with ``rollout.canary``), or none."""
+        rollout, run = self.config.rollout, outcome.run_id
+        if tier == "none":
+            return outcome.end(
+                Outcome.REJECTED, "; ".join(outcome.gate.reasons if outcome.gate else [why])
             )
-            outcome.end(Outcome.PROMOTED, f"{version} passed the gate and is active")
+        if self.config.gate.policy == "manual":
+            return outcome.end(
+                Outcome.HELD, f"{version} reached the {tier} tier; waiting for an operator"
+            )
+        if tier == "stable" and not rollout.canary:
+            self.promotions.activate(version, trigger=ActivationTrigger.GATE, actor="alignd-gate",
+                                     reason=f"gate passed (run {run})")  # fmt: skip
+            running = self.registry.canary_version()
+            if running is not None:
+                self.promotions.abort_canary(trigger=ActivationTrigger.GATE, actor="alignd-gate",
+                                             reason=f"superseded: {version} passed every check",
+                                             expect_version=running)  # fmt: skip
+            return outcome.end(Outcome.PROMOTED, f"{version} passed the gate and is active")
+        fraction = rollout.steps[0]
+        try:
+            self.promotions.start_canary(
+                version, fraction, trigger=ActivationTrigger.GATE, actor="alignd-gate",
+                reason=f"gate tier {tier} (run {run}): {why}", supersede=True,
+            )  # fmt: skip
+        except RegistryError as e:
+            return outcome.end(Outcome.FAILED, f"{version} reached the {tier} tier, but: {e}")
+        outcome.end(
+            Outcome.CANARY,
+            f"{version} serves a canary on {fraction:.0%} of traffic ({tier} tier: {why})",
+        )
+
+    def _corrections(self, manifest: SnapshotManifest, base: str | None) -> dict[str, int]:
+        """Agents' edits in this snapshot that changed a draft, per adapter that served it
+        (``sft``: no adapter named): those of ``base`` show its own mistakes next to the fix."""
+        first = manifest.events.first_seq
+        last = manifest.events.last_seq
+        if first is None or last is None:
+            return {}
+        prefix = f"{self.registry.adapter_prefix}-"
+        found: Counter[str] = Counter()
+        for stored in self.store.iter_events(since_seq=first - 1):
+            if stored.seq > last:
+                break
+            event = stored.event
+            if isinstance(event, EditEvent) and not unchanged_send(event):
+                found[(event.served_adapter or "sft").removeprefix(prefix)] += 1
+        return dict(sorted(found.items()))
 
     def _training_data(
         self,
@@ -384,7 +438,11 @@ class Refresher:
         sha: str,
         active_dir: Path | None,
         incremental: bool,
+        *,
+        warm_from: Path | None = None,
     ) -> RunSpec:
+        """``warm_from``: the adapter training starts from (a running canary), else the active."""
+        init_dir = warm_from or active_dir
         training = self.config.training
         later = [{"hyper": choice.overrides}] if choice.overrides else []
         if incremental and training.incremental_epochs is not None:
@@ -398,7 +456,7 @@ class Refresher:
                 "data_kind": "kto_union" if choice.data_kind == "kto_union" else "auto",
                 "incumbent_adapter": str(active_dir) if active_dir else None,
                 "reference_cache": str(self.data_dir / "cache" / "reference.sqlite"),
-                "init_adapter": str(active_dir) if active_dir and training.warm_start else None,
+                "init_adapter": str(init_dir) if init_dir and training.warm_start else None,
                 "eval": {"curated_pairs": _path(self.config.gate.curated_heldout)},
             },
             *later,

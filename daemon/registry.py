@@ -4,6 +4,9 @@ Layout under ``root``::
 
     adapters/v0001/      adapter_config.json, adapter_model.safetensors, manifest.json
     active.json          {"version": "v0002", "history": ["v0001", "v0002"], "changed_at": ...}
+    canary.json          {"version": "v0003", "fraction": 0.1, "started_at": ..., "changed_at": ...}
+                         (absent: no canary; at most one beside the stable adapter)
+    routing.json         which adapter name answers which share of conversations (daemon.routing)
     audit.jsonl          one JSON object per change: who, what, when, why
     current -> adapters/v0002   (serving hook: a symlink a model server can watch)
 
@@ -23,9 +26,13 @@ model server does not stop operators, the gate or the watch changing the registr
 outage is audited once, not on every retry. Each version's
 manifest records its files' sha256 (``files``), checked before the version is activated.
 
-Past 400 lines on purpose: every change of the registry and both of its locks in one file, so
-its atomicity argument (what is written, under which lock, in which order) can be checked in
-one reading.
+A canary is loaded into the model servers (``canary_hooks``, under the serving lock) *before*
+it is recorded, so the routing document never names an adapter no server has: a canary that
+cannot be loaded is refused and the registry stays as it was.
+
+Past 400 lines on purpose: every change of the registry (the stable pointer, the canary, the
+routing document) and both of its locks in one file, so its atomicity argument (what is
+written, under which lock, in which order) can be checked in one reading.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.records import ManifestError, VersionManifest
+from daemon.routing import routing_document
 from feedback.base import file_sha256
 
 log = logging.getLogger("alignd.registry")
@@ -83,6 +91,10 @@ class InvalidManifest(RegistryError):
 
 class InvalidAdapter(RegistryError):
     """The adapter files are missing, corrupted, or not servable."""
+
+
+class CanaryNotServed(RegistryConflict):
+    """The model servers did not load the canary; nothing was recorded."""
 
 
 def _now() -> str:
@@ -162,16 +174,28 @@ class VersionInfo:
 
 
 ServingHook = Callable[[str, Path, str | None], None]
+CanaryHook = Callable[[str, Path], None]  # load a canary version beside the stable one
 
 
 class Registry:
-    def __init__(self, root: Path, hooks: list[ServingHook] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        hooks: list[ServingHook] | None = None,
+        *,
+        canary_hooks: list[CanaryHook] | None = None,
+        adapter_prefix: str = "alignd",
+    ) -> None:
         self.root = root
         self.adapters = root / "adapters"
         self.adapters.mkdir(parents=True, exist_ok=True)
         self.active_path = root / "active.json"
+        self.canary_path = root / "canary.json"
+        self.routing_path = root / "routing.json"
         self.audit_path = root / "audit.jsonl"
         self.hooks = hooks or []
+        self.canary_hooks = canary_hooks or []
+        self.adapter_prefix = adapter_prefix
         self.lock_path = root / ".lock"
         self.serving_lock_path = root / ".serving-lock"
         self._thread_lock = threading.RLock()
@@ -233,6 +257,30 @@ class Registry:
         rollback; absent in files written before 0.3), ``history``, ``serving``."""
         return self._active_record()
 
+    def canary(self) -> dict[str, Any] | None:
+        """The running canary: ``version``, ``fraction``, ``started_at``, ``changed_at`` (of
+        its last widening), ``stable`` (the stable version when it started); None when none."""
+        if not self.canary_path.exists():
+            return None
+        data: dict[str, Any] = json.loads(self.canary_path.read_text())
+        return data or None
+
+    def canary_version(self) -> str | None:
+        record = self.canary()
+        return str(record["version"]) if record else None
+
+    def routing(self) -> dict[str, Any]:
+        """The routing document (:mod:`daemon.routing`) for the registry as it is now."""
+        if self.routing_path.exists():
+            data: dict[str, Any] = json.loads(self.routing_path.read_text())
+            return data
+        return routing_document(self.active(), self.canary(), self.adapter_prefix, "")
+
+    def _write_routing(self) -> None:
+        """Under the lock, after every change of the stable version or the canary."""
+        document = routing_document(self.active(), self.canary(), self.adapter_prefix, _now())
+        atomic_write_json(self.routing_path, document)
+
     def history(self) -> list[str]:
         return [str(v) for v in self._active_record().get("history", [])]
 
@@ -287,6 +335,8 @@ class Registry:
     def state(self, version: str) -> str:
         if version == self.active():
             return "active"
+        if version == self.canary_version():
+            return "canary"
         actions = [e.get("action") for e in self.audit() if e.get("version") == version]
         if actions and actions[-1] == "reject":
             return "rejected"
@@ -395,6 +445,11 @@ class Registry:
         }
         atomic_write_json(self.active_path, record)
         self._append_audit(action, actor, reason, version=version, previous=previous)
+        if version == self.canary_version():  # the canary became stable: no canary now
+            self.canary_path.unlink()
+            self._append_audit("canary_end", actor, f"{version} now serves all traffic",
+                               version=version)  # fmt: skip
+        self._write_routing()
         return record
 
     @contextmanager
@@ -522,6 +577,11 @@ class Registry:
         state = self.state(version)
         if state == "active":
             raise RegistryConflict(f"{version} is already active")
+        if state == "canary" and not force and not self.manifest(version).gate_passed:
+            raise RegistryConflict(
+                f"{version} serves a canary on the reviewed tier: all traffic needs every gate "
+                "check; use force to override"
+            )
         if state == "rejected" and not force:
             raise RegistryConflict(
                 f"{version} was rejected by the gate or an operator; use force to override"
@@ -579,13 +639,133 @@ class Registry:
             )
         return to, self._serve_answering(record, actor)
 
+    # --- the canary ---------------------------------------------------------------------------
+    def start_canary(
+        self,
+        version: str,
+        fraction: float,
+        *,
+        actor: str,
+        reason: str,
+        force: bool = False,
+        supersede: bool = False,
+        expect_revision: str | None = None,
+    ) -> None:
+        """Serve ``version`` to ``fraction`` of conversations beside the stable adapter. Needs
+        the gate's ``canary`` or ``stable`` tier (or ``force``); a running canary is refused
+        unless ``supersede`` (the gate's newer candidate), which ends it first. The model
+        servers load the canary before it is recorded (:class:`CanaryNotServed` if not)."""
+        if not 0 < fraction < 1:
+            raise RegistryConflict(f"a canary's fraction is between 0 and 1, not {fraction:g}")
+        with self._locked():
+            self._check_revision(expect_revision)
+            self._may_start_canary(version, force=force, supersede=supersede)
+            revision = self.revision()
+        path = self.version_dir(version)
+        with self._serving(SERVING_WAIT_S) as free:
+            failures = [] if free else [f"the serving lock stayed busy for {SERVING_WAIT_S:g} s"]
+            for hook in self.canary_hooks if free else []:
+                try:
+                    hook(version, path)
+                except Exception as e:
+                    failures.append(f"{getattr(hook, '__name__', type(hook).__name__)}: {e}")
+        if failures:
+            raise CanaryNotServed(f"{version} was not loaded: {'; '.join(failures)}")
+        with self._locked():
+            if self.revision() != revision:  # something changed while the servers loaded it
+                self._may_start_canary(version, force=force, supersede=supersede)
+            running = self.canary()
+            if running is not None:
+                self._append_audit("canary_abort", actor, f"superseded by {version}",
+                                   version=running["version"])  # fmt: skip
+            now = _now()
+            record = {"version": version, "fraction": fraction, "started_at": now,
+                      "changed_at": now, "stable": self.active()}  # fmt: skip
+            atomic_write_json(self.canary_path, record)
+            self._append_audit("canary_start", actor, reason, version=version, fraction=fraction)
+            self._write_routing()
+
+    def _may_start_canary(self, version: str, *, force: bool, supersede: bool) -> None:
+        state = self.state(version)
+        if state in {"active", "canary"}:
+            raise RegistryConflict(f"{version} is already {state}")
+        running = self.canary_version()
+        if running is not None and not supersede:
+            raise RegistryConflict(f"{running} is the canary; abort or promote it first")
+        if force:
+            return
+        if self._operator_rejected(version):
+            raise RegistryConflict(f"{version} was rejected; use force to override")
+        gate = self.manifest(version).gate
+        tier = gate.tier if gate is not None else None
+        if tier is None and gate is not None and gate.promote:
+            tier = "stable"  # a manifest from before tiers that passed every check
+        if tier not in {"canary", "stable"}:
+            why = gate.tier_reason if gate is not None and gate.tier_reason else "no exposure"
+            raise RegistryConflict(f"the gate allows {version} no canary ({why}); use force")
+
+    def widen_canary(
+        self,
+        fraction: float,
+        *,
+        actor: str,
+        reason: str,
+        expect_version: str | None = None,
+        expect_revision: str | None = None,
+    ) -> None:
+        """Give the canary a larger share (never a smaller one: abort instead)."""
+        with self._locked():
+            self._check_revision(expect_revision)
+            record = self._expect_canary(expect_version)
+            if not record["fraction"] < fraction < 1:
+                raise RegistryConflict(
+                    f"widening goes above {record['fraction']:g} and below 1, not {fraction:g}"
+                )
+            atomic_write_json(
+                self.canary_path, {**record, "fraction": fraction, "changed_at": _now()}
+            )
+            self._append_audit("canary_widen", actor, reason, version=record["version"],
+                               fraction=fraction)  # fmt: skip
+            self._write_routing()
+
+    def abort_canary(
+        self,
+        *,
+        actor: str,
+        reason: str,
+        reject: bool = False,
+        expect_version: str | None = None,
+        expect_revision: str | None = None,
+    ) -> str:
+        """Send all traffic back to stable; with ``reject``, the version is rejected too (never
+        exposed again without a force). Returns the version aborted."""
+        with self._locked():
+            self._check_revision(expect_revision)
+            version = str(self._expect_canary(expect_version)["version"])
+            self.canary_path.unlink()
+            self._append_audit("canary_abort", actor, reason, version=version)
+            if reject:
+                self._append_audit("reject", actor, reason, version=version)
+            self._write_routing()
+        return version
+
+    def _expect_canary(self, expected: str | None) -> dict[str, Any]:
+        record = self.canary()
+        if record is None:
+            raise RegistryConflict("no canary is running")
+        if expected is not None and record["version"] != expected:
+            raise RegistryConflict(f"the canary is {record['version']}, not {expected}")
+        return record
+
     def reject(
         self, version: str, *, actor: str, reason: str, expect_revision: str | None = None
     ) -> None:
         with self._locked():
             self._check_revision(expect_revision)
-            if self.state(version) == "active":
-                raise RegistryConflict(f"{version} is active; roll back first")
+            if self.state(version) in {"active", "canary"}:
+                raise RegistryConflict(
+                    f"{version} is {self.state(version)}; roll back or abort first"
+                )
             self.version_dir(version)
             self._append_audit("reject", actor, reason, version=version)
 

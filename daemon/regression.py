@@ -13,6 +13,7 @@ from typing import Any
 from daemon.metrics import Metrics
 from daemon.promotion import Promotions
 from daemon.registry import Registry, RegistryError
+from daemon.routing import served_names
 from daemon.states import ActivationTrigger
 from daemon.watch import Verdict, WatchConfig, judge
 from feedback.production import AdapterFeedback, summarize
@@ -44,13 +45,6 @@ class RegressionWatch:
         self.promotions, self.stopping = promotions, stopping
         self.last: dict[str, Any] | None = None  # the latest verdict, for status
 
-    def served_names(self, version: str | None) -> list[str | None]:
-        """What events call a version in ``served_adapter``: its name and its vLLM LoRA name;
-        None (no adapter: the SFT model) for no version."""
-        if version is None:
-            return [None]
-        return [version, f"{self.vllm_prefix}-{version}"]
-
     def production_feedback(self, version: str | None, since: datetime) -> AdapterFeedback:
         """The version's window, counting only feedback it could have caused: events dated
         inside one of its service windows (``Registry.service_windows``), from
@@ -58,7 +52,7 @@ class RegressionWatch:
         it stopped. An event that names the version at another time is not its evidence
         (``outside`` counts them)."""
         recent = self.store.recent_served(
-            self.served_names(version), since=since, limit=self.config.max_events
+            served_names(version, self.vllm_prefix), since=since, limit=self.config.max_events
         )
         skew = timedelta(seconds=self.config.clock_skew_s)
         lag = timedelta(hours=self.config.feedback_lag_hours)

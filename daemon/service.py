@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from daemon.api import make_app
 from daemon.auth import Tokens
+from daemon.canary import CanaryVerdict
 from daemon.config import AligndConfig, with_absolute_paths, with_split_salt
 from daemon.console import mount_console
 from daemon.drift import DriftProbe
@@ -34,9 +35,10 @@ from daemon.metrics import Metrics
 from daemon.operations import Desk
 from daemon.promotion import Promotions
 from daemon.refresh import Refresher
-from daemon.registry import Registry, ServingHook, current_pointer_hook
+from daemon.registry import CanaryHook, Registry, ServingHook, current_pointer_hook
 from daemon.regression import RegressionWatch
-from daemon.serving import vllm_hook
+from daemon.rollout import CanaryAnalysis
+from daemon.serving import vllm_hook, vllm_load_hook
 from daemon.states import RefreshTrigger
 from daemon.watch import Verdict
 from feedback.attribution import Verifier
@@ -64,11 +66,17 @@ class Service:
         hooks: list[ServingHook] = []
         if config.serving.current_pointer:
             hooks.append(current_pointer_hook(data / "registry"))
-        if config.serving.vllm_endpoints:
-            hooks.append(
-                vllm_hook(config.serving.vllm_endpoints, config.serving.vllm_adapter_prefix)
-            )
-        self.registry = Registry(data / "registry", hooks)
+        canary_hooks: list[CanaryHook] = []
+        serving = config.serving
+        if serving.vllm_endpoints:
+            hooks.append(vllm_hook(serving.vllm_endpoints, serving.vllm_adapter_prefix))
+            canary_hooks.append(vllm_load_hook(serving.vllm_endpoints, serving.vllm_adapter_prefix))
+        self.registry = Registry(
+            data / "registry",
+            hooks,
+            canary_hooks=canary_hooks,
+            adapter_prefix=serving.vllm_adapter_prefix,
+        )
         self.metrics = Metrics(CollectorRegistry())
         self.promotions = Promotions(self.registry, self.metrics)
         self.refresher = Refresher(config, self.store, self.registry, self.metrics, self.promotions)
@@ -76,6 +84,18 @@ class Service:
         self.watcher = RegressionWatch(
             config.watch,
             vllm_prefix=config.serving.vllm_adapter_prefix,
+            store=self.store,
+            registry=self.registry,
+            metrics=self.metrics,
+            promotions=self.promotions,
+            stopping=self.stopping,
+            max_actor_share=config.gate.max_actor_share,
+        )
+        evaluation = config.training.spec().eval  # the gate's detectors, for served drafts
+        self.canary = CanaryAnalysis(
+            config.rollout,
+            grounding=evaluation.grounding,
+            rules=evaluation.policy_rules,
             store=self.store,
             registry=self.registry,
             metrics=self.metrics,
@@ -111,6 +131,7 @@ class Service:
             registry=self.registry,
             refresher=self.refresher,
             watcher=self.watcher,
+            analysis=self.canary,
             promotions=self.promotions,
             store=self.store,
             consumer=self.consumer,
@@ -165,6 +186,13 @@ class Service:
                 id="regression-watch",
                 next_run_time=datetime.now(UTC),
             )
+        self.scheduler.add_job(
+            self.canary_check,
+            "interval",
+            seconds=self.config.rollout.interval_s,
+            id="canary-analysis",
+            next_run_time=datetime.now(UTC),
+        )
         if schedule.drift_probe_cron:
             self.scheduler.add_job(
                 self.drift_probe,
@@ -294,6 +322,10 @@ class Service:
     def watch(self, now: datetime | None = None) -> Verdict | None:
         """One judgement of the regression watch (``daemon.regression``)."""
         return self.watcher.check(now)
+
+    def canary_check(self, now: datetime | None = None) -> CanaryVerdict | None:
+        """One judgement of the canary analysis (``daemon.rollout``); nothing without a canary."""
+        return self.canary.check(now)
 
     def drift_probe(self) -> float | None:
         """KL(active ‖ reference) on recent production replies (``daemon.drift``)."""

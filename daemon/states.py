@@ -23,6 +23,7 @@ class Outcome(StrEnum):
 
     RUNNING = "running"  # only while it runs (status.json); never counted
     PROMOTED = "promoted"
+    CANARY = "canary"  # serves a canary beside the stable adapter (rollout)
     HELD = "held"  # passed the gate; gate.policy is manual
     REJECTED = "rejected"
     FAILED = "failed"
@@ -32,7 +33,9 @@ class Outcome(StrEnum):
 
 FINISHED = tuple(o for o in Outcome if o is not Outcome.RUNNING)
 # A refresh that ended like this did its job (the daemon is healthy), whatever the gate said.
-SUCCESSFUL = frozenset({Outcome.PROMOTED, Outcome.HELD, Outcome.REJECTED, Outcome.SKIPPED})
+SUCCESSFUL = frozenset(
+    {Outcome.PROMOTED, Outcome.CANARY, Outcome.HELD, Outcome.REJECTED, Outcome.SKIPPED}
+)
 
 
 class ActivationTrigger(StrEnum):
@@ -41,3 +44,4 @@ class ActivationTrigger(StrEnum):
     GATE = "gate"
     OPERATOR = "operator"
     WATCH = "watch"  # the regression watch rolled a promoted adapter back
+    CANARY = "canary"  # the canary analysis widened, promoted or aborted a canary

@@ -132,7 +132,9 @@ def p_worse(x_a: int, n_a: int, x_p: int, n_p: int, margin: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-class _Signal(NamedTuple):
+class Signal(NamedTuple):
+    """One proportion compared between two windows (the canary analysis tests its own)."""
+
     name: str
     x_a: int  # events of the kind watched (edited, thumbs down) in the active window
     n_a: int  # events counted in the active window
@@ -142,9 +144,8 @@ class _Signal(NamedTuple):
     actors: tuple[int, int]  # distinct actors counted: active, previous
     top_share: float  # the largest single actor's share of either window
 
-    def testable(self, config: WatchConfig) -> bool:
-        enough_events = min(self.n_a, self.n_p) >= config.min_events
-        return enough_events and min(self.actors) >= config.min_actors
+    def testable(self, min_events: int, min_actors: int) -> bool:
+        return min(self.n_a, self.n_p) >= min_events and min(self.actors) >= min_actors
 
     def counts(self) -> str:
         return (f"{self.name.replace('_', ' ')}: {self.n_a:,} vs {self.n_p:,} from "
@@ -165,12 +166,12 @@ def judge(
     """Compare the active adapter's window with its predecessor's (see the module doc)."""
     a, p = active, previous
     signals = (
-        _Signal("edit_rate", a.edited, a.handled, p.edited, p.handled, config.edit_rate_margin,
+        Signal("edit_rate", a.edited, a.handled, p.edited, p.handled, config.edit_rate_margin,
                 (a.editors, p.editors), max(a.top_edit_share, p.top_edit_share)),
-        _Signal("thumbs_down_rate", a.down, a.rated, p.down, p.rated, config.thumbs_down_margin,
+        Signal("thumbs_down_rate", a.down, a.rated, p.down, p.rated, config.thumbs_down_margin,
                 (a.raters, p.raters), max(a.top_rating_share, p.top_rating_share)),
     )  # fmt: skip
-    testable = [s for s in signals if s.testable(config)]
+    testable = [s for s in signals if s.testable(config.min_events, config.min_actors)]
     if not testable:
         return Verdict(
             "waiting",

@@ -83,38 +83,52 @@ class AdapterFeedback:
         return self.down / self.rated if self.rated else None
 
 
-def _top_share(counts: Counter[str]) -> float:
+def top_share(counts: Counter[str]) -> float:
     total = sum(counts.values())
     return max(counts.values()) / total if total else 0.0
 
 
+def counted(
+    events: Iterable[Event], per_actor: PerActor = PerActor()
+) -> tuple[list[EditEvent | RatingEvent], int]:
+    """The ratings and edits that count, each actor's newest up to ``per_actor`` per signal
+    (``events`` newest first, as :meth:`feedback.store.FeedbackStore.recent_served` reads
+    them), and how many were past their actor's cap."""
+    kept: list[EditEvent | RatingEvent] = []
+    capped = 0
+    seen: dict[type, Counter[str]] = {EditEvent: Counter(), RatingEvent: Counter()}
+    for event in events:
+        if not isinstance(event, EditEvent | RatingEvent):
+            continue
+        cap = per_actor.edits if isinstance(event, EditEvent) else per_actor.ratings
+        who, counts = actor_key(event), seen[type(event)]
+        if cap is not None and counts[who] >= cap:
+            capped += 1
+            continue
+        counts[who] += 1
+        kept.append(event)
+    return kept, capped
+
+
 def summarize(events: Iterable[Event], per_actor: PerActor = PerActor()) -> AdapterFeedback:
-    """``events`` newest first (as :meth:`feedback.store.FeedbackStore.recent_served` reads
-    them), so an actor's cap keeps their newest."""
-    handled = edited = rated = down = capped = 0
+    """``events`` newest first, so an actor's cap keeps their newest (:func:`counted`)."""
+    kept, capped = counted(events, per_actor)
+    handled = edited = rated = down = 0
     size = 0.0
     edits: Counter[str] = Counter()
     ratings: Counter[str] = Counter()
-    for event in events:
+    for event in kept:
         if isinstance(event, EditEvent):
-            who = actor_key(event)
-            if per_actor.edits is not None and edits[who] >= per_actor.edits:
-                capped += 1
-                continue
-            edits[who] += 1
+            edits[actor_key(event)] += 1
             handled += 1
             if not unchanged_send(event):
                 edited += 1
                 size += edit_size(event.completion, event.edited_completion)
-        elif isinstance(event, RatingEvent):
-            who = actor_key(event)
-            if per_actor.ratings is not None and ratings[who] >= per_actor.ratings:
-                capped += 1
-                continue
-            ratings[who] += 1
+        else:
+            ratings[actor_key(event)] += 1
             rated += 1
             down += event.rating == "down"
     return AdapterFeedback(
         handled, edited, size, rated, down, editors=len(edits), raters=len(ratings),
-        top_edit_share=_top_share(edits), top_rating_share=_top_share(ratings), capped=capped,
+        top_edit_share=top_share(edits), top_rating_share=top_share(ratings), capped=capped,
     )  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from trainer.claims import unsupported_claims
 from trainer.spec import GroundingSpec, PolicyRule
@@ -28,6 +29,41 @@ def is_repetitive(text: str) -> bool:
     return len(set(grams)) / len(grams) < 0.4
 
 
+@dataclass(frozen=True)
+class Findings:
+    """What the detectors found in one reply."""
+
+    unsupported: tuple[str, ...]  # the specifics stated that the conversation does not hold
+    ruled: bool  # a policy rule applies to the reply's tags
+    violations: tuple[str, ...]  # ``<rule>: <violation>``
+    degenerate: bool
+
+    def flags(self) -> list[str]:
+        return (
+            [f"unsupported: {u}" for u in self.unsupported]
+            + [f"policy: {v}" for v in self.violations]
+            + (["degenerate"] if self.degenerate else [])
+        )
+
+
+def check_reply(
+    reply: str,
+    context: Sequence[str],
+    tags: dict[str, str],
+    grounding: GroundingSpec,
+    rules: Sequence[PolicyRule],
+) -> Findings:
+    """The detectors on ``reply`` to a conversation whose messages are ``context``."""
+    applying = [rule for rule in rules if rule.applies(tags)]
+    claims = unsupported_claims(reply, context, grounding.entities, grounding.ignore)
+    return Findings(
+        unsupported=tuple(c.text for c in claims),
+        ruled=bool(applying),
+        violations=tuple(f"{rule.name}: {v}" for rule in applying for v in rule.violations(reply)),
+        degenerate=len(WORD.findall(reply)) < SHORT_WORDS or is_repetitive(reply),
+    )
+
+
 def flags(
     reply: str,
     context: Sequence[str],
@@ -38,16 +74,4 @@ def flags(
     """What the gate's detectors find wrong with ``reply`` to a conversation whose messages are
     ``context``: ``unsupported: <text>``, ``policy: <rule>: <violation>``, ``degenerate``;
     empty when nothing."""
-    found = [
-        f"unsupported: {c.text}"
-        for c in unsupported_claims(reply, context, grounding.entities, grounding.ignore)
-    ]
-    found += [
-        f"policy: {rule.name}: {v}"
-        for rule in rules
-        if rule.applies(tags)
-        for v in rule.violations(reply)
-    ]
-    if len(WORD.findall(reply)) < SHORT_WORDS or is_repetitive(reply):
-        found.append("degenerate")
-    return found
+    return check_reply(reply, context, tags, grounding, rules).flags()

@@ -208,6 +208,22 @@ def perform(ops: Operations, session: Session, action: str, fields: dict[str, st
             ops.reject(version, actor=session.actor, reason=reason or "operator request",
                        expect_revision=revision)  # fmt: skip
             message, failures = f"{version} is rejected.", []
+        elif action == "canary":
+            change = fields.get("change", "")
+            if change not in {"start", "widen", "promote", "abort"}:
+                return refused(session, "Unknown action", f"canary {change}", 404)
+            try:
+                fraction = float(fields["fraction"]) if fields.get("fraction") else None
+            except ValueError:
+                return refused(session, "Refused", "The share is a number between 0 and 1.", 400)
+            changed = ops.change_canary(
+                change, actor=session.actor, reason=reason or f"operator canary {change}",  # type: ignore[arg-type]
+                version=version or None, fraction=fraction, expect_revision=revision,
+            )  # fmt: skip
+            failures = changed.serving_hook_failures
+            message = (f"canary {changed.version}: {change} done; "
+                       + (f"{changed.canary.fraction:.0%} of conversations" if changed.canary
+                          else "the stable adapter answers every conversation"))  # fmt: skip
         elif action == "refresh":
             accepted, message = ops.request_refresh(session.actor, full=fields.get("full") == "1")
             if not accepted:

@@ -56,6 +56,13 @@ class VersionView:
         return not self.detail.manifest.gate_passed or self.detail.state == "rejected"
 
     @property
+    def can_canary(self) -> bool:
+        """The gate allows it a canary (its tier), and it is not serving."""
+        gate = self.detail.manifest.gate
+        return (self.detail.state in {"candidate", "rejected", "retired"} and gate is not None
+                and gate.tier in {"canary", "stable"})  # fmt: skip
+
+    @property
     def can_reject(self) -> bool:
         return self.detail.state in {"candidate", "retired"}
 
