@@ -1,4 +1,9 @@
-"""The ``alignd`` command line."""
+"""The ``alignd`` command line.
+
+Past 400 lines on purpose: every command's arguments are declared here, one parser, so
+``alignd --help`` and this file say the same thing; the commands' work lives elsewhere
+(``daemon.client`` for those that talk to the daemon).
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ into the registry, the refresher or the store.
 :class:`Operations` is the protocol (the API's tests implement it in memory); :class:`Desk`
 implements it over a running daemon's parts. Every answer is a typed model, so the API's
 OpenAPI document describes it and the console's templates read named fields.
+
+Past 400 lines on purpose: the whole operator surface (reads, activations, the canary) and its
+answer models in one place, so what an operator can do is read in one file.
 """
 
 from __future__ import annotations
