@@ -167,3 +167,35 @@ def test_the_console_refuses_the_daemons_own_names(service: Service) -> None:
     page = client.post("/ui/login", data={"token": TOKEN, "actor": "alignd-watch",
                                           "login_csrf": nonce.group(1)}, follow_redirects=False)  # fmt: skip
     assert page.status_code == 400 and "alignd_console=" not in page.headers.get("set-cookie", "")
+
+
+def test_the_canary_from_the_console_and_the_api(service: Service, tmp_path: Path) -> None:
+    """A version the gate allows a reviewed canary: started from its page, shown on the
+    overview with its share, widened by the API, aborted from the overview; each audited under
+    the operator's name. A version the gate allows nothing offers no canary form."""
+    gate = {"promote": False, "tier": "canary", "tier_reason": "only unsupported_claims failed",
+            "reasons": ["unsupported_claims: 0.14 > 0.05"]}  # fmt: skip
+    version = service.registry.register(make_adapter(tmp_path / "c", seed=9), {"gate": gate})
+    client = signed_in(service, TOKEN)
+    assert 'name="change" value="start"' not in client.get("/ui/versions/v0003").text
+    fields = form_of(client, f"/ui/versions/{version}")
+    started = client.post("/ui/actions/canary", data={**fields, "change": "start",
+                          "version": version, "fraction": "0.1", "reason": "collect fixes"})  # fmt: skip
+    assert started.status_code == 200, started.text
+    overview = client.get("/ui").text
+    assert f"/ui/versions/{version}" in overview and "10%" in overview and "Abort" in overview
+    api = {"authorization": f"Bearer {TOKEN}", "x-alignd-actor": "bob"}
+    widened = client.post("/v1/canary", json={"action": "widen"}, headers=api)
+    assert widened.status_code == 200 and widened.json()["canary"]["fraction"] == 0.25
+    assert client.get("/v1/routing", headers=api).json()["canary"]["adapter"] == f"alignd-{version}"
+    refused = client.post("/v1/canary", json={"action": "promote"}, headers=api)
+    assert refused.status_code == 409 and "needs every gate check" in refused.text
+    fields = form_of(client, "/ui")
+    aborted = client.post("/ui/actions/canary", data={**fields, "change": "abort",
+                          "version": version, "reason": "enough"})  # fmt: skip
+    assert aborted.status_code == 200 and service.registry.canary() is None
+    assert "No canary" in client.get("/ui").text
+    audit = [
+        (e["action"], e["actor"]) for e in service.registry.audit() if e.get("version") == version
+    ]
+    assert audit[1:] == [("canary_start", "ann"), ("canary_widen", "bob"), ("canary_abort", "ann")]
