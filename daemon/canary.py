@@ -159,7 +159,8 @@ class Window:
             f"policy {_rate(d.policy_compliance)} of {d.ruled:,}",
         ]
         if self.left_out:
-            parts.append(f"{self.left_out:,} events of its loudest actor left out")
+            events = "event" if self.left_out == 1 else "events"
+            parts.append(f"{self.left_out:,} {events} of its loudest actor left out")
         return ", ".join(parts)
 
 

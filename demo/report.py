@@ -327,7 +327,8 @@ def rounds_png(rounds: list[Round]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.number}{'' if r.refresh else '+'}\n{r.production.served}" for r in rounds]
+    labels = [f"{r.number}{'' if r.refresh else '+'}\n{r.production.served}"
+              + (f" | {r.canary.served}" if r.canary else "") for r in rounds]  # fmt: skip
     x = list(range(len(rounds)))
     fig, (rates, cost) = plt.subplots(1, 2, figsize=(12, 3.8))
     for name, values in (
@@ -337,6 +338,14 @@ def rounds_png(rounds: list[Round]) -> str:
         ("unsupported-claim rate", [r.production.unsupported_rate for r in rounds]),
     ):
         rates.plot(x, [float("nan") if v is None else v for v in values], marker="o", label=name)
+    for name, style, values in (  # the canary's share of the same hours, beside stable's
+        ("canary: edit rate", "C0--", [r.canary.edit_rate if r.canary else None for r in rounds]),
+        ("canary: unsupported", "C3--",
+         [r.canary.unsupported_rate if r.canary else None for r in rounds]),
+    ):  # fmt: skip
+        if any(v is not None for v in values):
+            rates.plot(x, [float("nan") if v is None else v for v in values], style, marker="s",
+                       label=name)  # fmt: skip
     rates.set_xticks(x, labels)
     rates.set_ylim(0, 1.05)
     rates.set_title("production on each round's fresh requests (served by)")
@@ -346,13 +355,14 @@ def rounds_png(rounds: list[Round]) -> str:
     xs = list(range(len(refreshed)))
     seconds = [(r.refresh.train_s or 0) if r.refresh else 0 for r in refreshed]
     colors = [
-        "#2a7" if r.refresh and r.refresh.outcome == "promoted" else "#b55" for r in refreshed
+        "#2a7" if r.refresh and r.refresh.outcome in {"promoted", "canary"} else "#b55"
+        for r in refreshed
     ]
     cost.bar(xs, seconds, color=colors)
     cost.set_xticks(
         xs, [f"round {r.number}\n{r.refresh.mode if r.refresh else ''}" for r in refreshed]
     )
-    cost.set_ylabel("training seconds (green: promoted, red: not)")
+    cost.set_ylabel("training seconds (green: exposed, red: not)")
     kl = cost.twinx()
     kl.plot(xs, [(r.refresh.drift if r.refresh else None) or 0 for r in refreshed], "k^--")
     kl.set_ylabel("drift: KL per retain reply (nats)")

@@ -5,8 +5,10 @@ the first promotion), plays the desk around its real replies (``demo.simulate``)
 ingest the feedback and refresh, and records the production numbers and the refresh's outcome.
 The production numbers are computed from the round's own events with the daemon's definitions
 (``feedback.production.summarize``: an unchanged send is handled, not edited), plus what the
-rubric reads in the served replies. The regression the last round injects is recorded as its
-own row, with what the regression watch did.
+rubric reads in the served replies. With a canary running, its share of the round's requests
+is served by the canary and recorded beside the stable adapter's, over the same hours, as the
+canary analysis sees them. The regression the last round injects is recorded as its own row,
+with what the canary analysis did.
 """
 
 from __future__ import annotations
@@ -97,10 +99,12 @@ def refresh(run: dict[str, Any], result: RunResult | None) -> Refresh:
 @dataclass
 class Round:
     number: int
-    production: Production
+    production: Production  # the stable adapter's share of the round
     refresh: Refresh | None = None
     active_after: str | None = None
     events: list[str] = field(default_factory=list)  # what happened to the registry, in words
+    canary: Production | None = None  # the canary's share, served in the same hours
+    canary_after: str | None = None  # the canary after the round's refresh
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,29 +137,30 @@ COLUMNS = (
 )
 
 
+def _served(p: Production) -> list[str]:
+    return [str(p.requests), _pct(p.edit_rate), _pct(p.thumbs_down_rate), _pct(p.apology_rate),
+            _num(p.median_words, "{:.0f}"), _pct(p.unsupported_rate)]  # fmt: skip
+
+
 def table_rows(rounds: list[Round]) -> list[list[str]]:
+    """A row per round (the stable adapter's share), and beneath it the canary's share of the
+    same hours when one served; the refresh's columns on the stable row."""
     rows = []
     for r in rounds:
         p, f = r.production, r.refresh
-        rows.append(
-            [
-                str(r.number) if f is not None else f"{r.number}+",
-                p.served,
-                str(p.requests),
-                _pct(p.edit_rate),
-                _pct(p.thumbs_down_rate),
-                _pct(p.apology_rate),
-                _num(p.median_words, "{:.0f}"),
-                _pct(p.unsupported_rate),
-                (f.candidate or "—") if f else "—",
-                (f.mode or "—") if f else "—",
-                _num(f.train_rows, "{:d}") if f else "—",
-                _num(f.train_s, "{:.0f}") if f else "—",
-                _num(f.drift, "{:.1f}") if f else "—",
-                f.outcome if f else "—",
-                r.active_after or "SFT",
-            ]
+        after = (r.active_after or "SFT") + (
+            f" + {r.canary_after} canary" if r.canary_after else ""
         )
+        label = str(r.number) if f is not None else f"{r.number}+"
+        rows.append([
+            label, p.served + (" stable" if r.canary else ""), *_served(p),
+            (f.candidate or "—") if f else "—", (f.mode or "—") if f else "—",
+            _num(f.train_rows, "{:d}") if f else "—", _num(f.train_s, "{:.0f}") if f else "—",
+            _num(f.drift, "{:.1f}") if f else "—", f.outcome if f else "—", after,
+        ])  # fmt: skip
+        if r.canary is not None:
+            rows.append([label, f"{r.canary.served} canary", *_served(r.canary),
+                         *["" for _ in range(7)]])  # fmt: skip
     return rows
 
 

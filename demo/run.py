@@ -5,9 +5,13 @@ Start a local Kafka-protocol broker (unless ``ALIGND_KAFKA__BOOTSTRAP_SERVERS`` 
 requests answered by the *active* adapter (the SFT model before the first promotion; its real
 greedy replies, ``served_adapter`` set) → the simulated desk's feedback → ingestion → a refresh
 (incremental once an adapter is active): snapshot, train, evaluate, gate against the
-incumbent. After the last round the demo injects a regression in production (an operator
-force-promotes the last candidate if the gate rejected it, and agents rewrite half of its
-drafts they would have sent) and waits for the regression watch. It prints the before/after
+incumbent. The desk reviews every draft (``rollout.reviewed``), so a candidate the gate allows
+goes to a canary on half of the next round's conversations first (routed by the daemon's
+routing document), judged by the canary analysis against the stable adapter over the same
+hours; the next refresh warm-starts from the canary and learns from agents' corrections of its
+drafts. After the last round the demo injects a regression as a canary (an operator starts the
+last candidate as one, forced if the gate allowed it nothing, and agents rewrite half of its
+drafts they would have sent) and waits for the analysis to judge it. It prints the before/after
 table of the refresh whose adapter serves at the end (the last refresh if none was
 promoted) and a table per round, and writes ``<workdir>/report.html``.
 Nothing is downloaded; replies are cached in ``<workdir>/cache``.
@@ -20,6 +24,7 @@ import os
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,9 +33,10 @@ import httpx
 import yaml
 
 from daemon.child import start_child, stop_child
+from daemon.routing import route
 from demo import report
 from demo.broker import EmbeddedBroker, free_port, produce_events
-from demo.rounds import Round, production, refresh, text_table
+from demo.rounds import Production, Round, production, refresh, text_table
 from demo.scenario import CARRIERS, POLICY_RULES, Case, Records, make_cases
 from demo.simulate import Agent, Simulation, build_events, served_replies
 from feedback.manifest import SnapshotManifest
@@ -142,6 +148,18 @@ def _config(
         "training": {"base_model": base_model, "pair_method": method, "run_spec": spec},
         # The demo's days are minutes: judge every few seconds, on a round's worth of events.
         "watch": {"interval_s": 3, "min_events": 40, "window_hours": 720, "watch_hours": 720},
+        # Harbor's agents read every draft before it is sent: a candidate that fails only what a
+        # reviewer catches may serve a canary (never all traffic); every candidate serves one
+        # first, on half of a round's conversations, judged against stable in the same hours.
+        "rollout": {
+            "canary": True,
+            "reviewed": True,
+            "steps": [0.5],
+            "interval_s": 3,
+            "min_events": 20,
+            "min_actors": 3,
+            "min_step_hours": 0,
+        },
         "admin": {"port": port},
     }
     path = workdir / "alignd-demo.yaml"
@@ -197,6 +215,27 @@ class Daemon:
             json={"force": True, "reason": reason},
             timeout=60,
         ).raise_for_status()
+
+    def routing(self) -> dict[str, Any]:
+        """The routing document a gateway reads; waits for the daemon to answer (first round)."""
+        found: list[dict[str, Any]] = []
+
+        def answered() -> bool:
+            try:
+                found.append(httpx.get(f"{self.url}/v1/routing", headers=self.auth,
+                                       timeout=10).raise_for_status().json())  # fmt: skip
+            except httpx.HTTPError:
+                return False
+            return True
+
+        if not _wait(answered, 120):
+            raise RuntimeError(f"alignd serve did not answer on {self.url}")
+        return found[0]
+
+    def start_canary(self, version: str, reason: str) -> None:
+        body = {"action": "start", "version": version, "force": True, "reason": reason}
+        httpx.post(f"{self.url}/v1/canary", headers=self.auth, json=body,
+                   timeout=60).raise_for_status()  # fmt: skip
 
     def run(self, run_id: str) -> dict[str, Any]:
         data: dict[str, Any] = httpx.get(
@@ -259,7 +298,11 @@ def _report(
     now (the last promoted; the last refresh if none was), the last refresh's gate if it is
     another; the table per round; ``report.html``."""
     rows = report.before_after(result)
-    what = "the adapter serving now" if run["outcome"] == "promoted" else "the last refresh"
+    what = (
+        "the adapter serving now"
+        if run["outcome"] in {"promoted", "canary"}
+        else "the last refresh"
+    )
     print(f"\n{what} ({run['run_id']}, candidate {run.get('version')}):")
     print("\n" + report.text_table(rows))
     _gate_lines(run)
@@ -295,6 +338,20 @@ def _report(
     print(f"\nreport: {workdir / 'report.html'}   demo wall time: {wall / 60:.1f} min")
 
 
+@dataclass(frozen=True)
+class Served:
+    """One adapter's share of a batch of requests: what served, the requests, its replies and
+    the desk's events on them."""
+
+    version: str | None  # None: the SFT model
+    cases: list[Case]
+    replies: list[str]
+    sim: Simulation
+
+    def production(self) -> Production:
+        return production(self.version, self.cases, self.replies, self.sim.messages)
+
+
 def _serve(
     daemon: Daemon,
     workdir: Path,
@@ -307,31 +364,65 @@ def _serve(
     id_prefix: str,
     noise: bool,
     rewrite_share: float = 0.0,
-) -> tuple[str | None, list[str], Simulation]:
-    """Production for one batch of requests: the active adapter's replies, the desk's feedback,
-    produced to the broker; returns what served, its replies and the simulation."""
-    active = daemon.status().get("active_adapter")
-    # what a model server loads: the registry's serving pointer (serving.current_pointer)
-    adapter = (workdir / "data" / "registry" / "current").resolve() if active else None
+) -> tuple[Served, Served | None]:
+    """Production for one batch of requests, each conversation routed as a gateway would
+    (``daemon.routing.route`` over the daemon's routing document): the stable adapter's and
+    the canary's replies, the desk's feedback on each, produced to the broker in the same hours.
+    ``rewrite_share`` (the injected regression) applies to the canary's drafts when one serves."""
+    status = daemon.status()
+    active, canary = status.get("active_adapter"), (status.get("canary") or {}).get("version")
+    routing = daemon.routing()
+    roles = [route(routing, f"{id_prefix}-conversation-{i}")[0] for i in range(len(cases))]
+    registry = workdir / "data" / "registry"
+    # what a model server loads: the registry's serving pointer, and the canary's version
+    adapters = {"stable": (registry / "current").resolve() if active else None,
+                "canary": registry / "adapters" / canary if canary else None}  # fmt: skip
     serving_from = datetime.now(UTC)  # after the activation: the watch counts feedback only
-    replies = served_replies(  # on replies a version could have served (its service window)
-        cases, base_model=base_model, cache_dir=workdir / "cache", adapter=adapter
-    )
+    picked: dict[str, tuple[list[Case], list[str]]] = {}  # on replies a version could serve
+    for role in ("stable", "canary") if canary else ("stable",):
+        mine = [c for c, r in zip(cases, roles, strict=True) if r == role]
+        picked[role] = mine, served_replies(mine, base_model=base_model,
+                                            cache_dir=workdir / "cache", adapter=adapters[role])  # fmt: skip
     spacing = (datetime.now(UTC) - serving_from) / (len(cases) + 1)  # one request after another
-    sim = build_events(
-        cases,
-        replies,
-        seed=seed,
-        agent=agent,
-        served_adapter=active,
-        id_prefix=id_prefix,
-        start=serving_from + spacing,
-        spacing=spacing,
-        noise=noise,
-        rewrite_share=rewrite_share,
-    )
-    produce_events(bootstrap, "alignd.feedback", sim.messages)
-    return active, replies, sim
+    out: dict[str, Served] = {}
+    for role, (mine, replies) in picked.items():
+        version = active if role == "stable" else canary
+        sim = build_events(
+            mine, replies, seed=seed + (500 if role == "canary" else 0), agent=agent,
+            served_adapter=version, id_prefix=id_prefix + ("-canary" if role == "canary" else ""),
+            start=serving_from + spacing, spacing=spacing * len(cases) / max(len(mine), 1),
+            noise=noise and role == "stable",
+            rewrite_share=rewrite_share if role == "canary" or not canary else 0.0,
+        )  # fmt: skip
+        out[role] = Served(version, mine, replies, sim)
+    produce_events(bootstrap, "alignd.feedback",
+                   [m for served in out.values() for m in served.sim.messages])  # fmt: skip
+    return out["stable"], out.get("canary")
+
+
+def _canary_verdict(daemon: Daemon, workdir: Path, version: str, since: str) -> str:
+    """What the canary analysis said of ``version`` on the round's evidence (served from
+    ``since``): what it did (the audit log, actor alignd-canary; it may act while the round is
+    still being stored), else its first verdict once everything is stored."""
+    stored_at = datetime.now(UTC).isoformat()
+
+    def judged() -> bool:
+        canary = daemon.status().get("canary")
+        if canary is None or canary["version"] != version:
+            return True  # promoted, aborted or superseded
+        return str((canary.get("last_verdict") or {}).get("at", "")) >= stored_at
+
+    _wait(judged, 90)
+    audit = workdir / "data" / "registry" / "audit.jsonl"
+    entries = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+    acted = [e for e in entries if e.get("actor") == "alignd-canary"
+             and e.get("version") == version and e.get("at", "") >= since]  # fmt: skip
+    if acted:
+        return f"the canary analysis: {acted[0]['action']} {version}: {acted[0]['reason']}"
+    verdict = (daemon.status().get("canary") or {}).get("last_verdict")
+    if not verdict:
+        return f"no canary verdict on {version} within 90 s"
+    return f"the canary analysis on {version}: {verdict['reason']}"
 
 
 def _ingested(daemon: Daemon, events: int, workdir: Path) -> None:
@@ -352,48 +443,66 @@ def _inject_regression(
     progress: Progress,
     **serve: Any,
 ) -> tuple[Round, int]:
-    """The injected regression after the last round, and what the regression watch did."""
+    """The injected regression after the last round, as a canary, and what the canary analysis
+    did with it."""
     candidate = last.refresh.candidate if last.refresh else None
     if candidate is None:
         raise RuntimeError("the last refresh registered no candidate to inject a regression with")
     events = []
-    if last.refresh and last.refresh.outcome != "promoted":
-        daemon.force_promote(candidate, "demo: an operator overrides the gate (injected)")
-        events.append(f"an operator force-promoted {candidate}, which the gate rejected")
-    before = daemon.status().get("watch") or {}
+    if (daemon.status().get("canary") or {}).get("version") != candidate:
+        daemon.start_canary(candidate, "demo: an operator exposes the last candidate (injected)")
+        forced = " past the gate's tier (forced)" if last.refresh and last.refresh.outcome not in {
+            "promoted", "canary"} else ""  # fmt: skip
+        events.append(f"an operator started {candidate} as a canary{forced}")
     progress.note(
-        f"{candidate} is active; agents now rewrite {INJECTED_REWRITE_SHARE:.0%} of the drafts "
-        "they would have sent unchanged"
+        f"{candidate} is the canary; agents now rewrite {INJECTED_REWRITE_SHARE:.0%} of its "
+        "drafts they would have sent unchanged"
     )
-    served, replies, sim = _serve(
+    since = datetime.now(UTC).isoformat()
+    stable, canary = _serve(
         daemon, workdir, cases, rewrite_share=INJECTED_REWRITE_SHARE, noise=False, **serve
     )
-    stored += sim.valid_events
+    stored += stable.sim.valid_events + (canary.sim.valid_events if canary else 0)
     _ingested(daemon, stored, workdir)
-    ingested_at = datetime.now(UTC).isoformat()
-    progress.note(f"stored {sim.valid_events} events on {served}'s replies; waiting for the watch")
-
-    verdict: dict[str, Any] = {}
-
-    def judged() -> bool:  # keeps the first judgement: the next one sees the rollback, not why
-        now = daemon.status().get("watch") or {}
-        if now != before and str(now.get("at", "")) >= ingested_at:
-            verdict.update(now)
-            return True
-        return False
-
-    _wait(judged, 120)
-    active = daemon.status().get("active_adapter")
-    events.append(
-        f"injected regression on {served}: the watch says {verdict.get('status', 'nothing')} — "
-        f"{verdict.get('reason', 'no verdict within 2 min')}"
-    )
-    if active != served:
-        events.append(f"the watch rolled {served} back to {active or 'the SFT model'}")
+    progress.note("stored the events on both adapters' replies; waiting for the canary analysis")
+    events.append(f"injected regression on the canary {candidate}: "
+                  + _canary_verdict(daemon, workdir, candidate, since))  # fmt: skip
     progress.note(events[-1])
-    injected = Round(last.number, production(served, cases, replies, sim.messages))
-    injected.active_after, injected.events = active, events
+    status = daemon.status()
+    injected = Round(
+        last.number, stable.production(), canary=canary.production() if canary else None
+    )
+    injected.active_after, injected.events = status.get("active_adapter"), events
+    injected.canary_after = (status.get("canary") or {}).get("version")
     return injected, stored
+
+
+def _production(
+    daemon: Daemon,
+    workdir: Path,
+    number: int,
+    cases: list[Case],
+    stored: int,
+    progress: Progress,
+    **serve: Any,
+) -> tuple[Round, int]:
+    """A round's production: serve (stable and canary), ingest, and the canary analysis's word."""
+    served_at = datetime.now(UTC).isoformat()
+    stable, canary = _serve(daemon, workdir, cases, id_prefix="sim" if number == 1 else f"sim{number}",
+                            noise=number == 1, **serve)  # fmt: skip
+    for share in (stable, canary) if canary else (stable,):
+        progress.note(f"{share.version or 'the SFT model'} served {len(share.cases)} requests; "
+                      f"produced {share.sim.counts}")  # fmt: skip
+    progress.begin(ROUND_STAGES[1], "alignd stores the round's events")
+    stored += stable.sim.valid_events + (canary.sim.valid_events if canary else 0)
+    _ingested(daemon, stored, workdir)
+    dead = daemon.status()["consumer"]["dead_lettered"]
+    progress.note(f"{stored} events stored in all, {dead} dead-lettered with reasons")
+    current = Round(number, stable.production(), canary=canary.production() if canary else None)
+    if canary is not None and canary.version is not None:
+        current.events.append(_canary_verdict(daemon, workdir, canary.version, served_at))
+        progress.note(current.events[-1])
+    return current, stored
 
 
 def run_demo(
@@ -448,34 +557,22 @@ def run_demo(
             cases = make_cases(n, seed if number == 1 else seed + 1000 * number, records)
             progress.begin(
                 ROUND_STAGES[0],
-                f"{n} fresh support requests with lookup records, the active adapter's real "
+                f"{n} fresh support requests with lookup records, the stable adapter's (and a canary's) real "
                 f"replies, {agent} agent edits, thumbs{', noise' if number == 1 else ''}",
             )
-            served, replies, sim = _serve(
-                daemon,
-                workdir,
-                cases,
-                seed=seed + number - 1,
-                id_prefix="sim" if number == 1 else f"sim{number}",
-                noise=number == 1,
-                **serve,
-            )
-            progress.note(f"{served or 'the SFT model'} served; produced {sim.counts}")
-            progress.begin(ROUND_STAGES[1], "alignd stores the round's events")
-            stored += sim.valid_events
-            _ingested(daemon, stored, workdir)
-            dead = daemon.status()["consumer"]["dead_lettered"]
-            progress.note(f"{stored} events stored in all, {dead} dead-lettered with reasons")
-            current = Round(number, production(served, cases, replies, sim.messages))
+            current, stored = _production(daemon, workdir, number, cases, stored, progress,
+                                          seed=seed + number - 1, **serve)  # fmt: skip
             progress.begin(ROUND_STAGES[2], "snapshot → train the LoRA adapter in a child process")
             run_id, run_dir = _train(daemon, workdir, progress)
             run = daemon.run(run_id)
             result_path = run_dir / "train" / "result.json"
             result = RunResult.load(result_path) if result_path.exists() else None
             current.refresh = refresh(run, result)
-            if run["outcome"] == "promoted" and result is not None:
+            if run["outcome"] in {"promoted", "canary"} and result is not None:
                 serving = run, result
-            current.active_after = daemon.status().get("active_adapter")
+            status = daemon.status()
+            current.active_after = status.get("active_adapter")
+            current.canary_after = (status.get("canary") or {}).get("version")
             history.append(current)
             mode = (run.get("training_data") or {}).get("mode")
             progress.note(f"refresh {run['outcome']} ({mode}): {run['reason']}")
@@ -486,8 +583,8 @@ def run_demo(
             progress.round = 0
             progress.begin(
                 "injected regression",
-                "the last candidate goes live (forced if the gate rejected it) and the desk "
-                "distrusts it; the regression watch judges it against its predecessor",
+                "the last candidate serves a canary (forced if the gate allowed it nothing) and "
+                "the desk distrusts it; the canary analysis judges it against stable",
             )
             injected, stored = _inject_regression(
                 daemon,
@@ -505,7 +602,7 @@ def run_demo(
         assert result is not None
         shown_run, shown_result = serving or (run, result)
         _report(shown_run, shown_result, run, workdir, progress, history)
-        decided = {"promoted", "held", "rejected"}
+        decided = {"promoted", "canary", "held", "rejected"}
         return 0 if all(r.refresh.outcome in decided for r in history if r.refresh) else 1
     finally:
         if daemon is not None:

@@ -1,13 +1,14 @@
 """The demo's loop in rounds, end to end on a tiny random model: the real broker (Tansu), the
 real ``alignd serve`` in its own process, real training and reply generation in child
-processes. Round 2 must be served by the adapter round 1 promoted (its events name it), refresh
+processes. Round 1's candidate must serve a canary on half of round 2's conversations beside
+the SFT model (the events name each), the canary analysis must judge it, round 2 must refresh
 incrementally from it (its candidate is rejected by design), and the injected regression (the
-operator force-promotes that candidate, the desk distrusts it) must reach the regression watch.
+operator starts that candidate as a canary, forced; the desk distrusts it) must reach the
+analysis.
 
 The tiny model's replies are noise, so every reply gets edited whichever adapter served it:
-the watch must judge the injected adapter and find no regression beyond the margin (the
-rollback itself is tested on designed feedback in tests/daemon/test_watch_e2e.py). The gate's
-quality checks are off here for the same reason.
+the analysis finds no regression (the abort itself is tested on designed feedback in
+tests/daemon/test_canary_e2e.py). The gate's quality checks are off here for the same reason.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ OVERRIDES = {
     "training": {"min_pairs": 4},
     "dataset": {"max_length_ratio": 1000.0},  # a reply of noise is one long "word"
     "watch": {"min_events": 10},
+    "rollout": {"min_events": 5, "min_actors": 2},  # a tiny round's worth of evidence
     "gate": {
         # round 2's candidate cannot beat its incumbent by this much: the gate rejects it and
         # the injected regression goes through the operator's force-promotion
@@ -75,29 +77,37 @@ def test_two_rounds_and_an_injected_regression(
     assert [r["number"] for r in rounds] == [1, 2, 2]  # two rounds, then the injected regression
     first, second, injected = rounds
     assert first["production"]["served"] == "SFT" and first["refresh"]["mode"] == "full"
-    assert first["refresh"]["outcome"] == "promoted" and first["active_after"] == "v0001"
-    assert second["production"]["served"] == "v0001"  # the active adapter's replies
-    assert second["refresh"]["mode"] == "incremental"
-    assert second["refresh"]["candidate"] == "v0002"
-    assert second["refresh"]["outcome"] == "rejected" and second["active_after"] == "v0001"
-    assert injected["refresh"] is None and injected["production"]["served"] == "v0002"
-    assert injected["production"]["edit_rate"] > 0.9  # noise replies: every draft rewritten
-    assert "an operator force-promoted v0002, which the gate rejected" in injected["events"]
-    verdicts = [e for e in injected["events"] if "the watch says" in e]
-    assert verdicts and "no verdict" not in verdicts[0], injected["events"]
-    assert injected["active_after"] == "v0002"  # not worse than v0001 beyond the margin
+    assert first["refresh"]["outcome"] == "canary" and first["canary"] is None
+    assert first["active_after"] is None and first["canary_after"] == "v0001"
+    # round 2: the canary's share beside the SFT model's, over the same hours
+    assert second["production"]["served"] == "SFT" and second["canary"]["served"] == "v0001"
+    assert second["production"]["requests"] + second["canary"]["requests"] == 30
+    assert any(e.startswith("the canary analysis") for e in second["events"]), second["events"]
+    assert second["refresh"]["mode"] == "incremental" and second["refresh"]["candidate"] == "v0002"
+    assert second["refresh"]["outcome"] == "rejected"
+    assert injected["refresh"] is None and injected["canary"]["served"] == "v0002"
+    assert injected["canary"]["edit_rate"] > 0.9  # noise replies: every draft rewritten
+    assert (
+        "an operator started v0002 as a canary past the gate's tier (forced)" in injected["events"]
+    )
+    verdicts = [e for e in injected["events"] if "the canary analysis" in e]
+    assert verdicts and "no canary verdict" not in verdicts[0], injected["events"]
+    assert injected["canary_after"] == "v0002"  # not worse than stable, and never promoted
 
     with sqlite3.connect(tmp_path / "data" / "feedback.db") as db:
         served = dict(db.execute("select coalesce(served_adapter, 'SFT'), count(*) from feedback_events "
                                  "where type in ('edit', 'rating') group by 1").fetchall())  # fmt: skip
     assert set(served) == {"SFT", "v0001", "v0002"}  # every round's events stored, attributed
-    assert served["v0001"] == second["production"]["handled"] + second["production"]["rated"]
+    shares = [p for r in rounds for p in (r["production"], r["canary"]) if p]
+    assert served["v0001"] == sum(
+        p["handled"] + p["rated"] for p in shares if p["served"] == "v0001"
+    )
     page = (tmp_path / "report.html").read_text()
     assert "Round by round" in page and "v0002" in page
     # the gate table is the console's (daemon/console/templates/macros.html)
     assert "<th>check</th><th>result</th><th>value</th><th>threshold</th>" in page
     # the before/after is the adapter that serves (v0001), the rejected last refresh its gate
-    assert "Before / after on held-out prompts (v0001, promoted)" in page
+    assert "Before / after on held-out prompts (v0001, canary)" in page
     out = capsys.readouterr().out
     assert "the adapter serving now (" in out and "candidate v0001):" in out
     assert "candidate v0002):\ngate: REJECTED" in out
