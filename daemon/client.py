@@ -84,6 +84,12 @@ def _client(args: argparse.Namespace) -> int:
         human = "\n".join(
             [
                 f"active adapter:   {data['active_adapter'] or 'none (serving the SFT base)'}",
+                "canary:           "
+                + (
+                    f"{data['canary']['version']} on {data['canary']['fraction']:.0%}"
+                    if data.get("canary")
+                    else "none"
+                ),
                 f"refresh running:  {data['refresh_running']}",
                 f"last run:         {last.get('run_id', '-')} {last.get('outcome', '')} "
                 f"{last.get('reason', '')}",

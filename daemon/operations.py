@@ -58,6 +58,7 @@ class AdapterSummary(BaseModel):
     drift: float | None = Field(description="KL per retain reply: the gate's drift budget")
     factuality: float | None
     gate_passed: bool | None
+    gate_tier: str | None = Field(None, description="stable | canary | none; None before tiers")
 
     @classmethod
     def of(cls, info: VersionInfo) -> AdapterSummary:
@@ -76,6 +77,7 @@ class AdapterSummary(BaseModel):
             drift=candidate.retain_kl.nats_per_reply if candidate.retain_kl else None,
             factuality=candidate.factuality,
             gate_passed=m.gate.promote if m.gate else None,
+            gate_tier=m.gate.tier if m.gate else None,
         )
 
 
