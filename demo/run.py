@@ -293,16 +293,13 @@ def _report(
     workdir: Path,
     progress: Progress,
     rounds: list[Round],
+    stable: bool,
 ) -> None:
-    """The before/after table, gate, targets and examples of the refresh whose adapter serves
-    now (the last promoted; the last refresh if none was), the last refresh's gate if it is
-    another; the table per round; ``report.html``."""
+    """The before/after table, gate, targets and examples of the refresh whose adapter is stable
+    at the end (the last refresh if none is), the last refresh's gate if it is another; the
+    table per round; ``report.html``."""
     rows = report.before_after(result)
-    what = (
-        "the adapter serving now"
-        if run["outcome"] in {"promoted", "canary"}
-        else "the last refresh"
-    )
+    what = "the stable adapter now" if stable else "the last refresh (no adapter is stable)"
     print(f"\n{what} ({run['run_id']}, candidate {run.get('version')}):")
     print("\n" + report.text_table(rows))
     _gate_lines(run)
@@ -319,7 +316,7 @@ def _report(
         ):
             flag = f"  ⚠ unsupported: {', '.join(claims)}" if claims else ""
             print(f"    {label + ':':<7} {reply[:220]}{flag}")
-    if last["run_id"] != run["run_id"]:
+    if last is not run:
         print(f"\nthe last refresh ({last['run_id']}, candidate {last.get('version')}):", end="")
         _gate_lines(last)
     print("\nround by round (production numbers on each round's fresh requests):")
@@ -549,7 +546,7 @@ def run_demo(
         stored = 0
         run: dict[str, Any] = {}
         result: RunResult | None = None
-        serving: tuple[dict[str, Any], RunResult] | None = None  # the last promoted refresh
+        trained: dict[str, tuple[dict[str, Any], RunResult]] = {}  # each version's refresh
         for number in range(1, rounds + 1):
             progress.round = number
             n = prompts if number == 1 else round_prompts
@@ -568,8 +565,8 @@ def run_demo(
             result_path = run_dir / "train" / "result.json"
             result = RunResult.load(result_path) if result_path.exists() else None
             current.refresh = refresh(run, result)
-            if run["outcome"] in {"promoted", "canary"} and result is not None:
-                serving = run, result
+            if run.get("version") and result is not None:
+                trained[run["version"]] = run, result
             status = daemon.status()
             current.active_after = status.get("active_adapter")
             current.canary_after = (status.get("canary") or {}).get("version")
@@ -600,8 +597,10 @@ def run_demo(
             history.append(injected)
         progress.begin("report", "before/after of the serving adapter, the rounds, report.html")
         assert result is not None
-        shown_run, shown_result = serving or (run, result)
-        _report(shown_run, shown_result, run, workdir, progress, history)
+        stable = daemon.status().get("active_adapter")
+        shown_run, shown_result = trained.get(stable or "") or (run, result)
+        _report(shown_run, shown_result, run, workdir, progress, history,
+                stable=stable in trained)  # fmt: skip
         decided = {"promoted", "canary", "held", "rejected"}
         return 0 if all(r.refresh.outcome in decided for r in history if r.refresh) else 1
     finally:

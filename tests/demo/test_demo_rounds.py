@@ -109,5 +109,5 @@ def test_two_rounds_and_an_injected_regression(
     # the before/after is the adapter that serves (v0001), the rejected last refresh its gate
     assert "Before / after on held-out prompts (v0001, canary)" in page
     out = capsys.readouterr().out
-    assert "the adapter serving now (" in out and "candidate v0001):" in out
+    assert "the stable adapter now (" in out and "candidate v0001):" in out
     assert "candidate v0002):\ngate: REJECTED" in out
