@@ -50,7 +50,7 @@ class AdapterSummary(BaseModel):
     state: str = Field(description="active | canary | candidate | retired | rejected")
     created_at: str
     method: str | None
-    parent: str | None = Field(description="the version active when it was trained")
+    parent: str | None = Field(description="the version it was trained from")
     run_id: str | None
     dataset_sha256: str | None
     heldout_accuracy: float | None
@@ -408,21 +408,21 @@ class Desk:
         """An operator's canary action. ``start`` needs ``version`` (``fraction`` defaults to
         the first of ``rollout.steps``), ``widen`` a ``fraction`` (default: the next step);
         ``promote`` and ``abort`` act on the running canary (``version``, if given, must be it)."""
-        promotions, steps = self.promotions, self.analysis.config
+        promotions, rollout = self.promotions, self.analysis.config
         common: dict[str, Any] = {"trigger": ActivationTrigger.OPERATOR, "actor": actor,
                                   "reason": reason, "expect_revision": expect_revision}  # fmt: skip
         failures: list[str] = []
         if action == "start":
             if version is None:
                 raise RegistryConflict("start needs the version to expose")
-            promotions.start_canary(version, fraction or steps.steps[0], force=force, **common)
+            promotions.start_canary(version, fraction or rollout.steps[0], force=force, **common)
         else:
             running = self.registry.canary()
             if running is None:
                 raise RegistryConflict("no canary is running")
             version = version or str(running["version"])
             if action == "widen":
-                wider = fraction or steps.next_step(float(running["fraction"]))
+                wider = fraction or rollout.next_step(float(running["fraction"]))
                 if wider is None:
                     raise RegistryConflict("at the last step already: promote, or give a fraction")
                 promotions.widen_canary(wider, expect_version=version, **common)

@@ -111,7 +111,9 @@ class VersionManifest(_Record):
     created_at: str = Field("", description="set by the registry (UTC, ISO 8601)")
     files: dict[str, str] = Field({}, description="sha256 per adapter file; empty before 0.2")
     run_id: str | None = None
-    parent: str | None = Field(None, description="the version active when it was trained")
+    parent: str | None = Field(
+        None, description="the version it was trained from: the canary if one ran, else the active"
+    )
     method: str | None = None
     dataset_sha256: str | None = None
     snapshot: SnapshotSummary | None = None

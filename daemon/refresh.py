@@ -45,8 +45,6 @@ from daemon.registry import Registry, RegistryError, atomic_write_json
 from daemon.runners import LocalRunner, RunEnd, RunExit, Runner
 from daemon.scheduler import Due, MethodChoice, RefreshState, choose_method, refresh_due
 from daemon.states import SUCCESSFUL, ActivationTrigger, Outcome, RefreshTrigger
-from feedback.dataset import unchanged_send
-from feedback.events import EditEvent
 from feedback.increment import incremental_view
 from feedback.manifest import SnapshotManifest
 from feedback.snapshot import build_snapshot
@@ -271,7 +269,7 @@ class Refresher:
             snapshot, manifest, base, choice.method, run_dir, full=outcome.full
         )
         outcome.training_data = outcome.training_data.model_copy(
-            update={"corrections": self._corrections(manifest, base)}
+            update={"corrections": self._corrections(manifest)}
         )
         log.info("refresh %s trains on %s", outcome.run_id, outcome.training_data.reason)
         incremental = outcome.training_data.mode == "incremental"
@@ -359,21 +357,13 @@ class Refresher:
             f"{version} serves a canary on {fraction:.0%} of traffic ({tier} tier: {why})",
         )
 
-    def _corrections(self, manifest: SnapshotManifest, base: str | None) -> dict[str, int]:
-        """Agents' edits in this snapshot that changed a draft, per adapter that served it
-        (``sft``: no adapter named): those of ``base`` show its own mistakes next to the fix."""
-        first = manifest.events.first_seq
-        last = manifest.events.last_seq
-        if first is None or last is None:
-            return {}
-        prefix = f"{self.registry.adapter_prefix}-"
-        found: Counter[str] = Counter()
-        for stored in self.store.iter_events(since_seq=first - 1):
-            if stored.seq > last:
-                break
-            event = stored.event
-            if isinstance(event, EditEvent) and not unchanged_send(event):
-                found[(event.served_adapter or "sft").removeprefix(prefix)] += 1
+    def _corrections(self, manifest: SnapshotManifest) -> dict[str, int]:
+        """Agents' edits in the snapshot that changed a draft, per version that served it
+        (``sft``: none named; vLLM's names read as the version): a canary's are its own
+        mistakes next to the fix."""
+        prefix, found = f"{self.registry.adapter_prefix}-", Counter[str]()
+        for served, n in manifest.events.corrections.items():
+            found[served.removeprefix(prefix) or "sft"] += n
         return dict(sorted(found.items()))
 
     def _training_data(

@@ -100,9 +100,12 @@ class EventStats:
     last_seq: int | None = None
     first_occurred: datetime | None = None
     last_occurred: datetime | None = None
+    corrections: Counter[str] = field(default_factory=Counter)  # changed drafts per served_adapter
 
     def add(self, seq: int, event: Event) -> None:
         self.count += 1
+        if isinstance(event, EditEvent) and not unchanged_send(event):
+            self.corrections[event.served_adapter or ""] += 1
         self.first_seq = seq if self.first_seq is None else min(self.first_seq, seq)
         self.last_seq = seq if self.last_seq is None else max(self.last_seq, seq)
         at = event.occurred_at

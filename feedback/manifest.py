@@ -47,6 +47,11 @@ class EventRange(FrozenModel):
     last_seq: int | None
     first_occurred_at: str | None
     last_occurred_at: str | None
+    corrections: dict[str, int] = Field(
+        {},
+        description="agents' edits that changed a draft, per served_adapter as the events name "
+        "it ('': none named, the SFT model); empty in manifests before it was counted",
+    )
 
 
 class ActorShare(FrozenModel):

@@ -238,6 +238,7 @@ def build_snapshot(
                 if stats.first_occurred
                 else None,
                 last_occurred_at=stats.last_occurred.isoformat() if stats.last_occurred else None,
+                corrections=dict(sorted(stats.corrections.items())),
             )
             return write_rows(
                 out_dir,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import pytest
 from dataset_support import build_examples, write_snapshot
 
 from feedback.config import DatasetConfig
-from feedback.events import Event, parse_event
+from feedback.dataset import unchanged_send
+from feedback.events import EditEvent, Event, parse_event
 from feedback.manifest import EventRange
 from feedback.snapshot import build_snapshot
 from feedback.store import FeedbackStore, Incoming
@@ -110,6 +112,15 @@ def test_streaming_equals_in_memory(
             last_seq=stored[-1].seq,
             first_occurred_at=occurred[0].isoformat(),
             last_occurred_at=occurred[-1].isoformat(),
+            corrections=dict(
+                sorted(
+                    Counter(
+                        s.event.served_adapter or ""
+                        for s in stored
+                        if isinstance(s.event, EditEvent) and not unchanged_send(s.event)
+                    ).items()
+                )
+            ),
         ),
         built_at=NOW,
     )
