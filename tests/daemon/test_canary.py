@@ -94,6 +94,20 @@ def test_a_traffic_shift_that_moves_both_adapters_alike_does_not_abort() -> None
     assert verdict.action == "widen" and verdict.to_fraction == 0.25
 
 
+def test_the_sequential_watch_reads_the_same_shift_as_a_regression() -> None:
+    """Why the canary needs a concurrent control: the watch compares the new adapter with its
+    predecessor's *earlier* window, so a shift from 25% to 60% in every adapter's edit rate
+    reads as the new adapter's doing."""
+    from daemon.watch import WatchConfig, judge
+
+    before_the_shift, after_it = window(200, 50).feedback, window(200, 120).feedback
+    watch = WatchConfig(min_events=100, min_actors=5)
+    assert judge(after_it, before_the_shift, watch).status == "regressed"
+    concurrent = analyse(window(200, 120), window(200, 120), CONFIG, fraction=0.1,
+                         step_hours=2, tier="stable")  # fmt: skip
+    assert concurrent.action == "widen"
+
+
 def test_too_little_evidence_or_time_continues() -> None:
     few = analyse(window(50, 40), window(50, 5), CONFIG, fraction=0.1, step_hours=5, tier="stable")
     assert few.action == "continue" and "waiting for evidence" in few.reason
