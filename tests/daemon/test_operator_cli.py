@@ -72,3 +72,24 @@ def test_operator_errors_are_clear(url: str, capsys: pytest.CaptureFixture[str])
     assert "no such version" in capsys.readouterr().err
     assert main(["status", "--url", "http://127.0.0.1:9"]) == 1
     assert "cannot reach alignd" in capsys.readouterr().err
+
+
+def test_operator_canary_commands(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`alignd canary …`: start (v0002, the gate passed it), show with the routing document,
+    widen to the next step, abort; `alignd status` names the canary."""
+    auth = ["--url", url, "--token", TOKEN]
+    assert main(["adapters", "promote", "v0001", *auth]) == 0
+    assert main(["canary", "start", "v0002", "--fraction", "0.1", *auth]) == 0
+    assert "canary v0002 on 10%" in capsys.readouterr().out
+    assert main(["status", *auth]) == 0
+    assert "canary:           v0002 on 10%" in capsys.readouterr().out
+    assert main(["canary", "widen", *auth]) == 0  # the next of rollout.steps
+    assert "canary v0002 on 25%" in capsys.readouterr().out
+    assert main(["canary", "show", *auth, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["routing"]["canary"] == {"version": "v0002", "adapter": "alignd-v0002",
+                                          "fraction": 0.25}  # fmt: skip
+    assert main(["canary", "abort", *auth, "--reason", "enough"]) == 0
+    assert "no canary" in capsys.readouterr().out
+    assert main(["canary", "abort", *auth]) == 1
+    assert "no canary is running" in capsys.readouterr().err
