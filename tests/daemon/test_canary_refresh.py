@@ -51,7 +51,8 @@ class StandInTrainer:
 
 
 def edits(start: int, stop: int, served: str | None) -> list[Incoming]:
-    """Agents' corrections of drafts ``served`` wrote, from eight agents."""
+    """Agents' corrections of drafts ``served`` wrote, from twenty agents (so none supplies
+    more than the gate's actor share of the held-out rows)."""
     out = []
     for n in range(start, stop):
         raw = {"schema_version": 1, "event_id": f"e{n}", "type": "edit",
@@ -59,7 +60,7 @@ def edits(start: int, stop: int, served: str | None) -> list[Incoming]:
                "prompt": [{"role": "user", "content": f"Where is my order {n}?"}],
                "completion": f"So sorry! Order {n} is delayed.",
                "edited_completion": f"Order {n} ships today.",
-               "actor": {"kind": "agent", "id": f"agent-{n % 8}"}}  # fmt: skip
+               "actor": {"kind": "agent", "id": f"agent-{n % 20}"}}  # fmt: skip
         out.append(Incoming(parse_event(json.dumps(raw).encode())))  # type: ignore[arg-type]
     return out
 
@@ -67,7 +68,7 @@ def edits(start: int, stop: int, served: str | None) -> list[Incoming]:
 @pytest.fixture()
 def service(tmp_path: Path) -> Iterator[Service]:
     config = {"training": {"min_pairs": 4}, "rollout": {"reviewed": True},
-              "dataset": {"heldout_fraction": 0.2}}  # fmt: skip
+              "dataset": {"heldout_fraction": 0.2, "split_salt": "reviewed-refresh"}}  # fmt: skip
     with in_process_service(tmp_path, **config) as svc:
         yield svc
 
