@@ -49,12 +49,13 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 # Every tier (tests/tiers.py), in two runs. Unit, process (broker, daemon, CLI) and integration
-# (PostgreSQL, Prometheus, Chromium, kubectl) on two workers: most of these tests wait on
-# brokers, daemons and timers, so a second worker nearly halves them (606 -> 366 s measured for
-# process + integration). Then the model tier (the real SmolLM2) alone: each of its tests trains
-# on both cores, and the timing-bound fault tests must never share the CPU with it.
+# (PostgreSQL, Prometheus, Chromium, kubectl) on three workers: most of these tests wait on
+# brokers, daemons and timers, so workers beyond the two cores still help (606 -> 366 s measured
+# for process + integration with a second worker; all non-model tiers 441-526 s on two workers,
+# 366 s on three, 2026-12-07). Then the model tier (the real SmolLM2) alone: each of its tests
+# trains on both cores, and the timing-bound fault tests must never share the CPU with it.
 test: lint typecheck system-deps
-	$(PY) -m pytest -n 2 -m "not model"
+	$(PY) -m pytest -n 3 -m "not model"
 	$(PY) -m pytest -m model
 
 # The unit tier (tests/tiers.py): pure functions and tiny random models, no child process and
