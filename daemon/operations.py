@@ -387,7 +387,7 @@ class Desk:
             started_at=record["started_at"],
             changed_at=record["changed_at"],
             stable=record.get("stable"),
-            tier=(gate.tier or ("stable" if gate.promote else None)) if gate else None,
+            tier=gate.reached if gate else None,
             last_verdict=last if last and last.get("canary") == record["version"] else None,
         )
 

@@ -65,6 +65,11 @@ class GateRecord(_Record):
     )
     tier_reason: str = ""
 
+    @property
+    def reached(self) -> str | None:
+        """The tier reached; a manifest from before tiers that passed every check is stable."""
+        return self.tier or ("stable" if self.promote else None)
+
 
 class TrainingData(_Record):
     """What the run trained on: the whole snapshot, or new rows plus a replay sample."""

@@ -697,9 +697,7 @@ class Registry:
         if self._operator_rejected(version):
             raise RegistryConflict(f"{version} was rejected; use force to override")
         gate = self.manifest(version).gate
-        tier = gate.tier if gate is not None else None
-        if tier is None and gate is not None and gate.promote:
-            tier = "stable"  # a manifest from before tiers that passed every check
+        tier = gate.reached if gate is not None else None
         if tier not in {"canary", "stable"}:
             why = gate.tier_reason if gate is not None and gate.tier_reason else "no exposure"
             raise RegistryConflict(f"the gate allows {version} no canary ({why}); use force")

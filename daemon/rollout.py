@@ -107,7 +107,7 @@ class CanaryAnalysis:
             self.config,
             fraction=fraction,
             step_hours=(now - since) / timedelta(hours=1),
-            tier=(gate.tier or ("stable" if gate.promote else None)) if gate else None,
+            tier=gate.reached if gate else None,
             max_actor_share=self.max_actor_share,
         )
         self._publish(version, stable, verdict)
