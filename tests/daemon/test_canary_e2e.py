@@ -67,7 +67,10 @@ def test_canary_judged_against_the_concurrent_control(
             produce_events(broker.bootstrap, "alignd.feedback",
                            served("alignd-v0002", 1.0, "flood", agent="mallory")
                            + served("v0002", 0.6, "shift-c") + served("v0001", 0.6, "shift-s"))  # fmt: skip
-            assert wait_until(lambda: (daemon.get("/v1/canary") or {}).get("fraction") == 0.25, 60)
+            # the registry writes the state, then the audit entry, the routing document, the gauge:
+            # wait for the last, so everything before it is there to read
+            assert wait_until(lambda: daemon.metric("alignd_canary_fraction") == 0.25, 60)
+            assert daemon.get("/v1/routing")["canary"]["fraction"] == 0.25
             widened = next(e for e in registry.audit() if e["action"] == "canary_widen")
             assert widened["actor"] == "alignd-canary", widened
             assert "edit rate 0.60 vs 0.60" in widened["reason"]
@@ -75,12 +78,12 @@ def test_canary_judged_against_the_concurrent_control(
             # 2. a regression against stable over the same hours
             produce_events(broker.bootstrap, "alignd.feedback",
                            served("v0002", 0.8, "bad-c") + served("v0001", 0.6, "ok-s"))  # fmt: skip
-            assert wait_until(lambda: daemon.get("/v1/canary") is None, 60)
+            assert wait_until(lambda: daemon.metric("alignd_canary_fraction") == 0, 60)
+            assert daemon.get("/v1/canary") is None
             assert daemon.get("/v1/adapters/v0002")["state"] == "rejected"
             assert daemon.get("/v1/routing")["canary"] is None
             assert daemon.get("/v1/status")["active_adapter"] == "v0001"
             assert daemon.metric("alignd_canary_verdicts_total", verdict="abort") == 1
-            assert daemon.metric("alignd_canary_fraction") == 0
         finally:
             assert daemon.stop() == 0
     aborted = [e for e in Registry(tmp_path / "data" / "registry").audit()
