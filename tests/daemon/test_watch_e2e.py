@@ -59,11 +59,15 @@ def test_daemon_rolls_back_a_regressed_adapter(child_processes: None, tmp_path: 
                               == "waiting", 10)  # fmt: skip
             assert daemon.get("/v1/status")["active_adapter"] == "v0002"
             produce_events(broker.bootstrap, "alignd.feedback", served("v0002", 0.55, "new"))
-            assert wait_until(lambda: daemon.get("/v1/status")["active_adapter"] == "v0001", 60)
+            # the rollback writes the active version, then the reject, then the counter: wait for
+            # the last, so everything before it is there to read
+            assert wait_until(
+                lambda: daemon.metric("alignd_rollbacks_total", trigger="watch") == 1, 60
+            )
             status = daemon.get("/v1/status")
+            assert status["active_adapter"] == "v0001"
             assert status["store"]["last_seq"] == 2 * PER_ADAPTER
             assert status["watch"]["status"] == "regressed", status["watch"]
-            assert daemon.metric("alignd_rollbacks_total", trigger="watch") == 1
             assert daemon.get("/v1/adapters/v0002")["state"] == "rejected"
         finally:
             assert daemon.stop() == 0
