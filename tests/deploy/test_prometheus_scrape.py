@@ -92,7 +92,10 @@ def test_prometheus_scrapes_alignd(tmp_path: Path, prometheus_binary: str) -> No
             assert wait_until(lambda: query(url, 'up{job="alignd"} == 1'), 60), (
                 "Prometheus never scraped alignd"
             )
-            assert wait_until(lambda: query(url, "alignd_events_dead_lettered_total > 0"), 60)
+            # both reasons scraped (a scrape may land between the two dead-letterings)
+            assert wait_until(
+                lambda: len(query(url, "alignd_events_dead_lettered_total > 0")) >= 2, 60
+            )
             dead = {
                 r["metric"]["reason"]: float(r["value"][1])
                 for r in query(url, "alignd_events_dead_lettered_total > 0")
