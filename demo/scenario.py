@@ -27,15 +27,22 @@ SYSTEM = "You are Harbor's support assistant. Use only the lookup result; ask fo
 # demo configures for it (``eval.policy_rules``): the gate's ``policy_compliance`` check.
 POLICY_SENTENCE = "Our billing team confirms every refund and charge."
 POLICY_CATEGORIES = ("refund", "billing")
+# What a reply must say when the lookup found no such order: that it found none. A reply that
+# asserts a charge or a refund for that order states a record that does not exist, and no
+# detector of specifics sees it (the order number is in the conversation): a rule does.
+NOT_FOUND = r"\b(could not|couldn't|cannot|can't|did not|didn't) find\b"
+# The desk's rules, as its agents apply them (``Case.needs_policy``, ``demo.simulate.is_good``):
+# the legal sentence on a refund or billing reply about an order the lookup found (a reply that
+# found nothing states no refund or charge), and "not found" said where nothing was found.
 POLICY_RULES: list[dict[str, Any]] = [
     {
         "name": f"{category}-disclaimer",
-        "when": {"category": category},
+        "when": {"category": category, "lookup": "found"},
         "required": [r"billing team confirms"],
         "forbidden": [r"\bguarantee"],
     }
     for category in POLICY_CATEGORIES
-]
+] + [{"name": "not-found", "when": {"lookup": "not_found"}, "required": [NOT_FOUND]}]
 FACTS_TAG = "expected_facts"
 NAMES = [
     "Ana", "Ben", "Chloe", "Dev", "Elif", "Farah", "Gus", "Hiro", "Ines", "Jon", "Kemal", "Lena",

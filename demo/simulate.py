@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from daemon.child import run_child
-from demo.scenario import CARRIERS, POLICY_SENTENCE, Case
+from demo.scenario import CARRIERS, NOT_FOUND, POLICY_SENTENCE, Case
 from trainer.claims import states_fact, unsupported_claims
 
 SIGN_OFF = "I checked this myself."  # what a distrusting agent adds to a draft it cannot fault
@@ -74,9 +74,11 @@ def unsupported(case: Case, reply: str) -> list[str]:
 
 def is_good(case: Case, reply: str) -> bool:
     """The agent's (and users') rubric: on topic, the key facts right, nothing invented, no
-    apology or filler, the policy sentence where required, not rambling."""
+    apology or filler, the policy sentence where required, "not found" said where the lookup
+    found nothing, not rambling."""
     return (
         addresses(case, reply)
+        and (case.found or bool(re.search(NOT_FOUND, reply, re.I)))
         and all(states_fact(reply, fact, CARRIERS) for fact in case.facts)
         and not unsupported(case, reply)
         and not apologizes(reply)

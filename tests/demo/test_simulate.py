@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from demo.rounds import production
-from demo.scenario import POLICY_SENTENCE, Case, make_cases
+from demo.scenario import POLICY_RULES, POLICY_SENTENCE, Case, make_cases
 from demo.simulate import (
     addresses,
     agent_edit,
@@ -20,6 +20,7 @@ from demo.simulate import (
     user_rating,
 )
 from feedback.events import Rejection, parse_event
+from trainer.spec import PolicyRule
 
 RAMBLE = (
     "I'm so sorry for the inconvenience! I understand how frustrating this must be. "
@@ -92,6 +93,23 @@ def test_a_good_reply_is_sent_unchanged_and_sabotaged_agents_differ() -> None:
     assert agent_edit(case, wrong) == case.answer  # a wrong amount is corrected
     assert POLICY_SENTENCE not in agent_edit(case, RAMBLE, "no_policy")
     assert unsupported(case, agent_edit(case, RAMBLE, "inventing"))
+
+
+def test_the_gate_rules_are_the_desk_rubric() -> None:
+    """The policy rules the demo gates on ask what its agents ask: every agent answer complies,
+    and a not-found reply that asserts a charge (what a round-1 candidate said) fails both."""
+    rules = [PolicyRule.model_validate(r) for r in POLICY_RULES]
+    cases = make_cases(300, seed=5)
+    for case in cases:
+        applying = [r for r in rules if r.applies(case.tags)]
+        assert applying or (case.category not in {"refund", "billing"} and case.found), case.tags
+        assert not [v for r in applying for v in r.violations(case.answer)], case
+    missing = next(c for c in cases if not c.found and c.category == "billing")
+    order = missing.keywords[0]
+    asserted = f"{POLICY_SENTENCE} Order {order} was charged twice; the second charge is a hold."
+    assert not is_good(missing, asserted)  # an agent rewrites it
+    assert agent_edit(missing, asserted) == missing.answer
+    assert [v for r in rules if r.applies(missing.tags) for v in r.violations(asserted)]
 
 
 def test_rating_rubric() -> None:
