@@ -97,7 +97,7 @@ def before_after(result: RunResult) -> list[Row]:
             "{:.0%}",
         ),
         Row(
-            "policy compliance (refund and billing replies with the required sentence)",
+            'policy compliance (the refund/billing sentence; "not found" said where it was)',
             ref_gen.policy_compliance,
             cand_gen.policy_compliance,
             "{:.0%}",
@@ -175,7 +175,7 @@ def targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
     _, new = get("policy compliance")
     out.append(
         (
-            "policy compliance ≥ 95% (refund/billing)",
+            "policy compliance ≥ 95% (the desk's rules)",
             new is not None and new >= 0.95,
             f"{new or 0:.0%}",
         )
