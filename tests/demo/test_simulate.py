@@ -110,6 +110,9 @@ def test_the_gate_rules_are_the_desk_rubric() -> None:
     assert not is_good(missing, asserted)  # an agent rewrites it
     assert agent_edit(missing, asserted) == missing.answer
     assert [v for r in rules if r.applies(missing.tags) for v in r.violations(asserted)]
+    copied = f"No order {order} found for this customer. Please send the order number."
+    assert is_good(missing, copied)  # the lookup's own words say it as well
+    assert not [v for r in rules if r.applies(missing.tags) for v in r.violations(copied)]
 
 
 def test_rating_rubric() -> None:
