@@ -30,7 +30,10 @@ POLICY_CATEGORIES = ("refund", "billing")
 # What a reply must say when the lookup found no such order: that it found none. A reply that
 # asserts a charge or a refund for that order states a record that does not exist, and no
 # detector of specifics sees it (the order number is in the conversation): a rule does.
-NOT_FOUND = r"\b(could not|couldn't|cannot|can't|did not|didn't) find\b|\bno (such )?order\b[\w ]{0,12}\bfound\b"
+NOT_FOUND = (
+    r"\b(could not|couldn't|cannot|can't|did not|didn't) find\b"
+    r"|\bno (such )?order\b[\w ]{0,12}\bfound\b"  # the lookup's words: "No order 5 found"
+)
 # The desk's rules, as its agents apply them (``Case.needs_policy``, ``demo.simulate.is_good``):
 # the legal sentence on a refund or billing reply about an order the lookup found (a reply that
 # found nothing states no refund or charge), and "not found" said where nothing was found.
