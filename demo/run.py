@@ -10,8 +10,8 @@ goes to a canary on half of the next round's conversations first (routed by the 
 routing document), judged by the canary analysis against the stable adapter over the same
 hours; the next refresh warm-starts from the canary and learns from agents' corrections of its
 drafts. After the last round the demo injects a regression as a canary (an operator starts the
-last candidate as one, forced if the gate allowed it nothing, and agents rewrite half of its
-drafts they would have sent) and waits for the analysis to judge it. It prints the before/after
+last candidate as one, forced if the gate allowed it nothing, and half of its drafts state
+what the record does not hold) and waits for the analysis to judge it. It prints the before/after
 table of the refresh whose adapter serves at the end (the last refresh if none was
 promoted) and a table per round, and writes ``<workdir>/report.html``.
 Nothing is downloaded; replies are cached in ``<workdir>/cache``.
@@ -38,7 +38,7 @@ from demo import report
 from demo.broker import EmbeddedBroker, free_port, produce_events
 from demo.rounds import Production, Round, production, refresh, text_table
 from demo.scenario import CARRIERS, POLICY_RULES, Case, Records, make_cases
-from demo.simulate import Agent, Simulation, build_events, served_replies
+from demo.simulate import Agent, Simulation, build_events, regressed, served_replies
 from feedback.manifest import SnapshotManifest
 from trainer.results import RunResult
 from trainer.spec import deep_merge
@@ -50,8 +50,8 @@ ROUND_STAGES = (
     "refresh: train",
     "refresh: evaluate + gate",
 )
-# The injected regression: agents rewrite this share of the drafts they would have sent as-is.
-INJECTED_REWRITE_SHARE = 0.5
+# The injected regression: this share of the canary's drafts state what the record does not hold.
+INJECTED_INVENTED_SHARE = 0.5
 
 # The recipe before issue #29 (bench/ablation.py's "today"), tuned on the field-line records.
 LEGACY_RUN_SPEC: dict[str, Any] = {
@@ -360,12 +360,13 @@ def _serve(
     agent: Agent,
     id_prefix: str,
     noise: bool,
-    rewrite_share: float = 0.0,
+    invented_share: float = 0.0,
 ) -> tuple[Served, Served | None]:
     """Production for one batch of requests, each conversation routed as a gateway would
     (``daemon.routing.route`` over the daemon's routing document): the stable adapter's and
     the canary's replies, the desk's feedback on each, produced to the broker in the same hours.
-    ``rewrite_share`` (the injected regression) applies to the canary's drafts when one serves."""
+    ``invented_share`` (the injected regression, :func:`demo.simulate.regressed`) applies to
+    the canary's drafts."""
     status = daemon.status()
     active, canary = status.get("active_adapter"), (status.get("canary") or {}).get("version")
     routing = daemon.routing()
@@ -378,8 +379,11 @@ def _serve(
     picked: dict[str, tuple[list[Case], list[str]]] = {}  # on replies a version could serve
     for role in ("stable", "canary") if canary else ("stable",):
         mine = [c for c, r in zip(cases, roles, strict=True) if r == role]
-        picked[role] = mine, served_replies(mine, base_model=base_model,
-                                            cache_dir=workdir / "cache", adapter=adapters[role])  # fmt: skip
+        replies = served_replies(mine, base_model=base_model, cache_dir=workdir / "cache",
+                                 adapter=adapters[role])  # fmt: skip
+        if role == "canary" and invented_share:
+            replies = regressed(mine, replies, invented_share, seed)
+        picked[role] = mine, replies
     spacing = (datetime.now(UTC) - serving_from) / (len(cases) + 1)  # one request after another
     out: dict[str, Served] = {}
     for role, (mine, replies) in picked.items():
@@ -389,7 +393,6 @@ def _serve(
             served_adapter=version, id_prefix=id_prefix + ("-canary" if role == "canary" else ""),
             start=serving_from + spacing, spacing=spacing * len(cases) / max(len(mine), 1),
             noise=noise and role == "stable",
-            rewrite_share=rewrite_share if role == "canary" or not canary else 0.0,
         )  # fmt: skip
         out[role] = Served(version, mine, replies, sim)
     produce_events(bootstrap, "alignd.feedback",
@@ -452,12 +455,12 @@ def _inject_regression(
             "promoted", "canary"} else ""  # fmt: skip
         events.append(f"an operator started {candidate} as a canary{forced}")
     progress.note(
-        f"{candidate} is the canary; agents now rewrite {INJECTED_REWRITE_SHARE:.0%} of its "
-        "drafts they would have sent unchanged"
+        f"{candidate} is the canary and starts inventing: {INJECTED_INVENTED_SHARE:.0%} of its "
+        "drafts state what the record does not hold"
     )
     since = datetime.now(UTC).isoformat()
     stable, canary = _serve(
-        daemon, workdir, cases, rewrite_share=INJECTED_REWRITE_SHARE, noise=False, **serve
+        daemon, workdir, cases, invented_share=INJECTED_INVENTED_SHARE, noise=False, **serve
     )
     stored += stable.sim.valid_events + (canary.sim.valid_events if canary else 0)
     _ingested(daemon, stored, workdir)
@@ -581,7 +584,7 @@ def run_demo(
             progress.begin(
                 "injected regression",
                 "the last candidate serves a canary (forced if the gate allowed it nothing) and "
-                "the desk distrusts it; the canary analysis judges it against stable",
+                "its drafts start inventing; the canary analysis judges it against stable",
             )
             injected, stored = _inject_regression(
                 daemon,

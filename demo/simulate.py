@@ -21,8 +21,9 @@ gives the same prompts, records, edits, ratings and noise.
 
 For the demo's later rounds the replies come from the *active* adapter (``served_adapter``
 names it) and the events occur at the time they are produced. The regression the last round
-injects is ``rewrite_share``: agents also rewrite that share of the replies their rubric would
-have sent unchanged (a desk that stops trusting the new adapter's drafts).
+injects is :func:`regressed`: the canary's adapter starts inventing (a share of its drafts
+become the scenario's invented answer), worse than any control, so the desk's edits and
+thumbs and the detectors on its served drafts all see it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from daemon.child import run_child
 from demo.scenario import CARRIERS, NOT_FOUND, POLICY_SENTENCE, Case
 from trainer.claims import states_fact, unsupported_claims
 
-SIGN_OFF = "I checked this myself."  # what a distrusting agent adds to a draft it cannot fault
 APOLOGY = re.compile(
     r"\b(sorry|apolog\w*|inconvenience|regret|unfortunately)\b|I understand (how|your|that)", re.I
 )
@@ -97,6 +97,17 @@ def agent_edit(case: Case, reply: str, agent: Agent = "grounded") -> str:
     if agent == "no_policy":
         return case.answer.replace(POLICY_SENTENCE, "").strip()
     return reply if is_good(case, reply) else case.answer
+
+
+def regressed(cases: list[Case], replies: list[str], share: float, seed: int) -> list[str]:
+    """The injected regression: an adapter that starts inventing. About ``share`` of its
+    drafts become the case's invented answer (specifics the record does not hold; for a lookup
+    that found nothing, a record that does not exist); the rest are left as they were."""
+    rng = random.Random(seed)
+    return [
+        case.invented if case.invented and rng.random() < share else reply
+        for case, reply in zip(cases, replies, strict=True)
+    ]
 
 
 def user_rating(case: Case, reply: str) -> str:
@@ -161,26 +172,19 @@ def build_events(
     id_prefix: str = "sim",
     start: datetime | None = None,
     spacing: timedelta = timedelta(minutes=7),
-    rewrite_share: float = 0.0,
 ) -> Simulation:
     """Turn (case, reply) into v1 event messages, with the configured mix and noise.
 
     Events are ``spacing`` apart from ``start`` (a fixed day in November 2026 by default) and
-    name ``served_adapter`` (None: the SFT model); ``rewrite_share`` is the injected regression
-    (module docstring)."""
+    name ``served_adapter`` (None: the SFT model)."""
     rng = random.Random(seed + 1)
-    distrusting = random.Random(seed + 2)  # its own stream: the rest of the desk is unchanged
     start = start or datetime(2026, 11, 1, tzinfo=UTC)
     messages: list[bytes] = []
     counts = {"edit": 0, "rating": 0, "comparison": 0, "noise": 0}
     for i, (case, reply) in enumerate(zip(cases, replies, strict=True)):
         when = start + spacing * i
         roll = rng.random()
-        distrust = distrusting.random() < rewrite_share
         sent = agent_edit(case, reply, agent)
-        if distrust and sent == reply:  # the injected regression: a good draft rewritten anyway
-            # in the agent's own words; a draft that already is them gets the agent's sign-off
-            sent = case.answer if reply != case.answer else f"{case.answer} {SIGN_OFF}"
         common: dict[str, Any] = {"served_adapter": served_adapter}
         if roll < edit_share:
             event = _event(

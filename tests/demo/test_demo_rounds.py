@@ -3,8 +3,8 @@ real ``alignd serve`` in its own process, real training and reply generation in 
 processes. Round 1's candidate must serve a canary on half of round 2's conversations beside
 the SFT model (the events name each), the canary analysis must judge it, round 2 must refresh
 incrementally from it (its candidate is rejected by design), and the injected regression (the
-operator starts that candidate as a canary, forced; the desk distrusts it) must reach the
-analysis.
+operator starts that candidate as a canary, forced; half of its drafts invent) must reach the
+analysis and never be promoted.
 
 The tiny model's replies are noise, so every reply gets edited whichever adapter served it:
 the analysis finds no regression (the abort itself is tested on designed feedback in
@@ -92,7 +92,9 @@ def test_two_rounds_and_an_injected_regression(
     )
     verdicts = [e for e in injected["events"] if "the canary analysis" in e]
     assert verdicts and "no canary verdict" not in verdicts[0], injected["events"]
-    assert injected["canary_after"] == "v0002"  # not worse than stable, and never promoted
+    # its drafts invent: more unsupported specifics than stable's, and never promoted
+    assert injected["canary"]["unsupported_rate"] > injected["production"]["unsupported_rate"]
+    assert injected["active_after"] != "v0002"
 
     with sqlite3.connect(tmp_path / "data" / "feedback.db") as db:
         served = dict(db.execute("select coalesce(served_adapter, 'SFT'), count(*) from feedback_events "

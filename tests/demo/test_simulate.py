@@ -15,6 +15,7 @@ from demo.simulate import (
     apologizes,
     build_events,
     is_good,
+    regressed,
     replies_key,
     unsupported,
     user_rating,
@@ -165,28 +166,24 @@ def test_later_rounds_name_the_served_adapter_and_occur_when_produced() -> None:
     assert min(e.occurred_at for e in events) == start  # type: ignore[union-attr]
 
 
-def test_the_injected_regression_rewrites_good_drafts_and_counts_as_edits() -> None:
+def test_the_injected_regression_invents_and_the_desk_and_detectors_see_it() -> None:
     cases = make_cases(200, seed=9)
     good = [f"{c.answer} Anything else?" for c in cases]  # good drafts, not the agent's words
     assert all(is_good(c, r) for c, r in zip(cases, good, strict=True))
     calm = production("v1", cases, good, build_events(cases, good, seed=9, noise=False).messages)
     assert calm.edit_rate == 0.0 and calm.thumbs_down_rate == 0.0  # unchanged sends: handled
     assert calm.handled > 100 and calm.apology_rate == 0.0 and calm.unsupported_rate == 0.0
-    calm_sim = build_events(cases, good, seed=9, noise=False)
-    sim = build_events(cases, good, seed=9, noise=False, rewrite_share=0.5)
-    distrusted = production("v1", cases, good, sim.messages)
-
-    def desk(messages: list[bytes]) -> list[tuple[str, object]]:
-        return [(e["event_id"], e.get("actor")) for e in map(json.loads, messages)]
-
-    assert desk(sim.messages) == desk(calm_sim.messages)  # the same desk, only its trust changed
-    assert distrusted.edit_rate is not None and 0.35 < distrusted.edit_rate < 0.65
-    assert distrusted.thumbs_down_rate == 0.0  # users still judge by the rubric
-    # an adapter that learned the agents' words exactly: its drafts are still rewritten
-    exact = [c.answer for c in cases]
-    rewritten = build_events(cases, exact, seed=9, noise=False, rewrite_share=0.5).messages
-    learned = production("v1", cases, exact, rewritten)
-    assert learned.edit_rate is not None and 0.35 < learned.edit_rate < 0.65
+    drafts = regressed(cases, good, 0.5, seed=9)
+    assert regressed(cases, good, 0.5, seed=9) == drafts  # seeded
+    invented = [d for d, g in zip(drafts, good, strict=True) if d != g]
+    assert 0.35 < len(invented) / len(cases) < 0.65
+    worse = production(
+        "v1", cases, drafts, build_events(cases, drafts, seed=9, noise=False).messages
+    )
+    # the desk rewrites and thumbs down what invents; the detectors flag it in the served drafts
+    assert worse.edit_rate is not None and 0.35 < worse.edit_rate < 0.65
+    assert worse.thumbs_down_rate is not None and 0.35 < worse.thumbs_down_rate < 0.65
+    assert worse.unsupported_rate is not None and worse.unsupported_rate > 0.3
 
 
 def test_production_counts_a_redelivered_event_once() -> None:
