@@ -105,7 +105,7 @@ def regressed(cases: list[Case], replies: list[str], share: float, seed: int) ->
     that found nothing, a record that does not exist); the rest are left as they were."""
     rng = random.Random(seed)
     return [
-        case.invented if case.invented and rng.random() < share else reply
+        case.invented if rng.random() < share else reply
         for case, reply in zip(cases, replies, strict=True)
     ]
 
